@@ -1,0 +1,165 @@
+"""Command line: parse, dispatch, turn known failures into one-line errors. No logic here."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .config import PRESETS, TrainConfig
+
+EXIT_USAGE = 2
+
+
+def _preset_default(key: str) -> str:
+    base = TrainConfig()
+    vals = []
+    for name, p in PRESETS.items():
+        v = p.get(key, getattr(base, key, None))
+        vals.append(f"{name} {v}")
+    return "; ".join(vals)
+
+
+def _add_data_dir(p):
+    p.add_argument("--data-dir", default=None,
+                   help="directory holding the four Fashion-MNIST IDX files (.gz or raw). Default: search "
+                        "$FMNIST_DATA, /usr/share/datasets/fashion-mnist, ~/.cache/fmnist, else download")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="fmnist", description="Train, evaluate, serve and export Fashion-MNIST CNNs.")
+    sub = ap.add_subparsers(dest="command", metavar="COMMAND")
+
+    # ---- data
+    p = sub.add_parser("data", help="find (or download) and verify the dataset; print counts per class",
+                       description="Locate the Fashion-MNIST files, verify their SHA-256, print counts per class.")
+    _add_data_dir(p)
+    p.add_argument("--download", action="store_true",
+                   help="download into the cache (~/.cache/fmnist) even if a copy exists elsewhere (default: off)")
+
+    # ---- train
+    p = sub.add_parser("train", help="train a model (default preset: fast)",
+                       description="Train a preset recipe. Flags left out take the preset's value. Results go to "
+                                   "OUT_DIR/<timestamp>-<preset>/ (config, history.csv, best.pt, last.pt, report).",
+                       )
+    p.add_argument("--model", "--preset", dest="preset", default="fast", choices=list(PRESETS),
+                   help="recipe: seed = the lab assignment's Keras CNN unchanged; fast = best time-to-accuracy "
+                        "on a CPU; best-cpu = highest accuracy within ~30 min on 2 cores")
+    p.add_argument("--arch", dest="model", default=None,
+                   help="override the preset's architecture (a name in fmnist.models.REGISTRY)")
+    p.add_argument("--epochs", type=int, default=None, help=f"epochs ({_preset_default('epochs')})")
+    p.add_argument("--batch-size", type=int, default=None, help=f"batch size ({_preset_default('batch_size')})")
+    p.add_argument("--lr", type=float, default=None, help=f"peak learning rate ({_preset_default('lr')})")
+    p.add_argument("--weight-decay", type=float, default=None, help=f"({_preset_default('weight_decay')})")
+    p.add_argument("--optimizer", choices=["adam", "adamw", "sgd"], default=None,
+                   help=f"({_preset_default('optimizer')})")
+    p.add_argument("--schedule", choices=["constant", "onecycle", "cosine"], default=None,
+                   help=f"learning-rate schedule ({_preset_default('schedule')})")
+    p.add_argument("--label-smoothing", type=float, default=None, help=f"({_preset_default('label_smoothing')})")
+    p.add_argument("--ema", type=float, default=None, help=f"weight EMA decay, 0 = off ({_preset_default('ema')})")
+    p.add_argument("--translate", type=int, default=None, help="max random shift in pixels, 0 = off (preset's)")
+    p.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
+                   help="random horizontal flips (preset's)")
+    p.add_argument("--erase", type=float, default=None, help="random-erasing probability, 0 = off (preset's)")
+    p.add_argument("--tta-flip", action=argparse.BooleanOptionalAction, default=None,
+                   help=f"average with mirrored images at evaluation ({_preset_default('tta_flip')})")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the model (default: off; measured slower end to end on 2 CPU cores)")
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                   help="channels-last memory format (default: on; measured faster on CPU)")
+    p.add_argument("--val-fraction", type=float, default=None,
+                   help="stratified validation hold-out from the training set (default: 0.1)")
+    p.add_argument("--seed", type=int, default=None, help="random seed (default: 0)")
+    p.add_argument("--device", default=None, help="auto, cpu, cuda, cuda:N or mps (default: auto = cuda, mps, cpu)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: 0 = all cores)")
+    p.add_argument("--subset", type=int, default=None,
+                   help="train on N training images only, for smoke tests (default: 0 = all)")
+    p.add_argument("--out-dir", default=None, help="where run directories go (default: runs)")
+    p.add_argument("--resume", default=None, metavar="RUN_DIR",
+                   help="continue RUN_DIR from its last complete epoch (default: start a new run)")
+    _add_data_dir(p)
+    p.add_argument("--quiet", action="store_true", help="no progress bars or per-epoch lines")
+
+    # ---- evaluate
+    p = sub.add_parser("evaluate", help="test-set report for a run directory or checkpoint",
+                       description="Evaluate RUN_DIR/best.pt (or a checkpoint file) on the 10,000 test images; "
+                                   "write report.md, metrics.json and pictures next to it (or into --out).")
+    p.add_argument("checkpoint", metavar="RUN_DIR|CHECKPOINT")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default: auto)")
+    p.add_argument("--out", default=None, help="directory for the report (default: the checkpoint's directory)")
+    p.add_argument("--tta-flip", action=argparse.BooleanOptionalAction, default=None,
+                   help="flip test-time augmentation (default: as the model was trained)")
+    _add_data_dir(p)
+
+    return ap
+
+
+def cmd_data(args) -> int:
+    from . import data
+    from .classes import CLASS_NAMES
+
+    if args.download:
+        root = data.fetch_all(data.cache_dir())
+    else:
+        root = data.locate(args.data_dir)
+    arrays = data.load_arrays(root)  # verifies every SHA-256, raises on any mismatch
+    print(f"Fashion-MNIST in {root}: all 4 files verified (SHA-256 of decompressed content)")
+    import torch
+
+    tr = data.class_counts(torch.from_numpy(arrays["train-labels"].astype("int64")))
+    te = data.class_counts(torch.from_numpy(arrays["t10k-labels"].astype("int64")))
+    print(f"\n{'label':>5}  {'class':<12} {'train':>6} {'test':>6}")
+    for i, name in enumerate(CLASS_NAMES):
+        print(f"{i:>5}  {name:<12} {tr[i]:>6} {te[i]:>6}")
+    print(f"{'':>5}  {'total':<12} {sum(tr):>6} {sum(te):>6}")
+    return 0
+
+
+def cmd_train(args) -> int:
+    from . import config
+    from .train import train
+
+    overrides = {k: getattr(args, k) for k in (
+        "model", "epochs", "batch_size", "lr", "weight_decay", "optimizer", "schedule", "label_smoothing", "ema",
+        "translate", "flip", "erase", "tta_flip", "compile", "channels_last", "val_fraction", "seed", "device",
+        "threads", "subset", "out_dir", "data_dir", "resume")}
+    cfg = config.resolve(args.preset, overrides)
+    try:
+        train(cfg, quiet=args.quiet)
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from .evaluate import evaluate_checkpoint
+
+    ds = None
+    if args.data_dir:
+        from . import data
+        ds = data.load(args.data_dir)
+    evaluate_checkpoint(args.checkpoint, device=args.device, dataset=ds, out_dir=args.out, tta_flip=args.tta_flip)
+    return 0
+
+
+def main(argv=None) -> int:
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    if not args.command:
+        ap.print_help()
+        return EXIT_USAGE
+    from .checkpoint import CheckpointError
+    from .data import DataError
+
+    handlers = {"data": cmd_data, "train": cmd_train, "evaluate": cmd_evaluate}
+    try:
+        return handlers[args.command](args)
+    except (DataError, CheckpointError, ValueError, FileNotFoundError) as e:
+        print(f"fmnist {args.command}: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,262 @@
+"""Fashion-MNIST on disk: find, download, verify and parse the four IDX files.
+
+Nothing here trains on data it has not verified: every file is checked against the
+SHA-256 of its *decompressed* bytes (gzip wrappers differ between mirrors and Debian's
+package, the content does not), and every header is checked before a byte is used.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+import struct
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .atomic import atomic_path
+from .classes import CLASS_NAMES, IMAGE_SIZE
+
+
+class DataError(Exception):
+    """A dataset file is missing, corrupt or unreachable; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class IdxFile:
+    stem: str  # canonical name without .gz
+    kind: str  # "images" or "labels"
+    count: int
+    sha256: str  # of the decompressed bytes
+
+
+FILES: dict[str, IdxFile] = {
+    "train-images": IdxFile("train-images-idx3-ubyte", "images", 60_000,
+                            "c59f468a2f672dc815687fe0f83887768d799fd8a3f3276145d20f83aa44d888"),
+    "train-labels": IdxFile("train-labels-idx1-ubyte", "labels", 60_000,
+                            "bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9"),
+    "t10k-images": IdxFile("t10k-images-idx3-ubyte", "images", 10_000,
+                           "5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b"),
+    "t10k-labels": IdxFile("t10k-labels-idx1-ubyte", "labels", 10_000,
+                           "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34"),
+}
+
+# IDX magic: two zero bytes, type code 0x08 (unsigned byte), number of dimensions.
+MAGIC = {"images": 0x00000803, "labels": 0x00000801}
+
+MIRRORS = (
+    "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
+    "https://raw.githubusercontent.com/zalandoresearch/fashion-mnist/master/data/fashion/",
+)
+DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
+FIX_HINT = "run `fmnist data --download` to fetch a fresh copy into the cache, or point --data-dir elsewhere"
+
+
+def cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "fmnist"
+
+
+# ---------------------------------------------------------------------------- parsing
+
+def read_bytes(path: Path) -> bytes:
+    """Whole file, decompressed if it is gzip (decided by content, not by name)."""
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror}); {FIX_HINT}") from None
+    if raw[:2] == b"\x1f\x8b":
+        try:
+            return gzip.decompress(raw)
+        except (OSError, EOFError, gzip.BadGzipFile) as e:
+            raise DataError(f"{path}: gzip stream is corrupt or truncated ({e}); {FIX_HINT}") from None
+    return raw
+
+
+def parse_idx(data: bytes, kind: str, expected_count: int | None, name: str = "<bytes>") -> np.ndarray:
+    """Parse an IDX ubyte file: images -> (N, 28, 28) uint8, labels -> (N,) uint8."""
+    want_dims = 3 if kind == "images" else 1
+    header = 4 + 4 * want_dims
+    if len(data) < header:
+        raise DataError(f"{name}: only {len(data)} bytes, too short for an IDX {kind} header; {FIX_HINT}")
+    (magic,) = struct.unpack(">I", data[:4])
+    if magic != MAGIC[kind]:
+        raise DataError(f"{name}: bad magic number 0x{magic:08x}, expected 0x{MAGIC[kind]:08x} "
+                        f"(IDX unsigned-byte {kind}); is this the right file? {FIX_HINT}")
+    dims = struct.unpack(">" + "I" * want_dims, data[4:header])
+    if kind == "images" and dims[1:] != (IMAGE_SIZE, IMAGE_SIZE):
+        raise DataError(f"{name}: images are {dims[1]}x{dims[2]}, expected {IMAGE_SIZE}x{IMAGE_SIZE}; {FIX_HINT}")
+    if expected_count is not None and dims[0] != expected_count:
+        raise DataError(f"{name}: header says {dims[0]} items, expected {expected_count}; {FIX_HINT}")
+    n_bytes = int(np.prod(dims))
+    body = len(data) - header
+    if body != n_bytes:
+        what = "truncated" if body < n_bytes else "has trailing bytes"
+        raise DataError(f"{name}: {what}: {body} data bytes, header promises {n_bytes}; {FIX_HINT}")
+    arr = np.frombuffer(data, dtype=np.uint8, offset=header).reshape(dims)
+    if kind == "labels" and arr.size and arr.max() >= len(CLASS_NAMES):
+        raise DataError(f"{name}: label {arr.max()} out of range 0..{len(CLASS_NAMES) - 1}; {FIX_HINT}")
+    return arr
+
+
+def read_idx(path: Path, kind: str, expected_count: int | None = None, sha256: str | None = None) -> np.ndarray:
+    data = read_bytes(path)
+    if sha256 is not None:
+        got = hashlib.sha256(data).hexdigest()
+        if got != sha256:
+            raise DataError(f"{path}: checksum mismatch: SHA-256 of the decompressed content is {got[:16]}…, "
+                            f"expected {sha256[:16]}…; the file is corrupt or not Fashion-MNIST; {FIX_HINT}")
+    return parse_idx(data, kind, expected_count, name=str(path))
+
+
+# ---------------------------------------------------------------------------- locating
+
+def find_file(directory: Path, stem: str) -> Path | None:
+    for name in (stem + ".gz", stem):
+        p = directory / name
+        if p.is_file():
+            return p
+    return None
+
+
+def has_dataset(directory: Path) -> bool:
+    return all(find_file(directory, f.stem) is not None for f in FILES.values())
+
+
+def candidate_dirs(data_dir: str | Path | None = None) -> list[tuple[str, Path]]:
+    """Where to look, in order: --data-dir, $FMNIST_DATA, Debian's package, the user cache."""
+    out = []
+    if data_dir:
+        out.append(("--data-dir", Path(data_dir)))
+    if os.environ.get("FMNIST_DATA"):
+        out.append(("$FMNIST_DATA", Path(os.environ["FMNIST_DATA"])))
+    out.append(("Debian package dataset-fashion-mnist", DEBIAN_DIR))
+    out.append(("user cache", cache_dir()))
+    return out
+
+
+def locate(data_dir: str | Path | None = None, download: bool = True, mirrors=None, quiet: bool = False) -> Path:
+    """Return the first directory holding all four files; download into the cache if none does."""
+    skipped = []
+    for label, d in candidate_dirs(data_dir):
+        if has_dataset(d):
+            if skipped and not quiet:
+                print(f"note: {'; '.join(skipped)}; using {d} ({label})", file=sys.stderr)
+            return d
+        if label in ("--data-dir", "$FMNIST_DATA"):
+            skipped.append(f"{label} {d} has no complete Fashion-MNIST set")
+    if not download:
+        raise DataError("Fashion-MNIST not found in " + ", ".join(str(d) for _, d in candidate_dirs(data_dir))
+                        + "; run `fmnist data --download`, or `apt-get install dataset-fashion-mnist` on Debian")
+    target = cache_dir()
+    if not quiet:
+        print(f"Fashion-MNIST not found locally; downloading into {target}", file=sys.stderr)
+    fetch_all(target, mirrors=mirrors, quiet=quiet)
+    return target
+
+
+# ---------------------------------------------------------------------------- download
+
+def _fetch(url: str, dest: Path, timeout: float, quiet: bool) -> None:
+    """Stream url to dest through a temp file; the progress bar shows bytes."""
+    from tqdm import tqdm
+
+    with urllib.request.urlopen(url, timeout=timeout) as resp, atomic_path(dest) as tmp:
+        total = int(resp.headers.get("Content-Length") or 0) or None
+        with open(tmp, "wb") as f, tqdm(total=total, unit="B", unit_scale=True, desc=dest.name,
+                                         disable=quiet, leave=False) as bar:
+            while chunk := resp.read(1 << 16):
+                f.write(chunk)
+                bar.update(len(chunk))
+            if total is not None and bar.n != total:
+                raise DataError(f"{url}: connection closed after {bar.n} of {total} bytes")
+
+
+def fetch_file(spec: IdxFile, dest_dir: Path, mirrors=None, retries: int = 3, timeout: float = 30.0,
+               quiet: bool = False) -> Path:
+    """Download one file, trying each mirror `retries` times; keep it only if its content verifies."""
+    mirrors = list(mirrors or MIRRORS)
+    dest_dir.mkdir(parents=True, exist_ok=True)
+    dest = dest_dir / (spec.stem + ".gz")
+    errors = []
+    for mirror in mirrors:
+        url = mirror.rstrip("/") + "/" + spec.stem + ".gz"
+        for attempt in range(1, retries + 1):
+            staging = dest.with_name(dest.name + ".download")
+            try:
+                _fetch(url, staging, timeout, quiet)
+                read_idx(staging, spec.kind, spec.count, spec.sha256)  # verify before it becomes visible
+                os.replace(staging, dest)
+                return dest
+            except (urllib.error.URLError, OSError, DataError, TimeoutError) as e:
+                errors.append(f"{url} (try {attempt}): {getattr(e, 'reason', None) or e}")
+                staging.unlink(missing_ok=True)
+                if isinstance(e, DataError) and "checksum" in str(e):
+                    break  # a mirror serving wrong bytes will not fix itself; next mirror
+                time.sleep(min(2 ** (attempt - 1), 4) * 0.25)
+    raise DataError(f"could not download {spec.stem}.gz:\n  " + "\n  ".join(errors)
+                    + "\nCheck your network, or install the files by hand (Debian: apt-get install "
+                      "dataset-fashion-mnist) and pass --data-dir.")
+
+
+def fetch_all(dest_dir: Path, mirrors=None, quiet: bool = False, **kw) -> Path:
+    for spec in FILES.values():
+        if find_file(dest_dir, spec.stem) is None:
+            fetch_file(spec, dest_dir, mirrors=mirrors, quiet=quiet, **kw)
+    return dest_dir
+
+
+# ---------------------------------------------------------------------------- loading
+
+@dataclass
+class FashionMNIST:
+    """The whole dataset as uint8 tensors: images (N, 28, 28), labels (N,) int64."""
+    train_images: torch.Tensor
+    train_labels: torch.Tensor
+    test_images: torch.Tensor
+    test_labels: torch.Tensor
+    root: Path
+
+
+def load_arrays(directory: Path, verify: bool = True) -> dict[str, np.ndarray]:
+    out = {}
+    for key, spec in FILES.items():
+        path = find_file(directory, spec.stem)
+        if path is None:
+            raise DataError(f"{directory / (spec.stem + '.gz')}: missing; {FIX_HINT}")
+        out[key] = read_idx(path, spec.kind, spec.count, spec.sha256 if verify else None)
+    return out
+
+
+def load(data_dir: str | Path | None = None, download: bool = True, quiet: bool = False) -> FashionMNIST:
+    root = locate(data_dir, download=download, quiet=quiet)
+    a = load_arrays(root)
+    t = lambda x: torch.from_numpy(x.copy())  # noqa: E731 - frombuffer arrays are read-only
+    return FashionMNIST(t(a["train-images"]), t(a["train-labels"]).long(),
+                        t(a["t10k-images"]), t(a["t10k-labels"]).long(), root)
+
+
+def stratified_split(labels: torch.Tensor, val_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices (train, val): val takes round(val_fraction * n_c) of each class c, chosen by seed."""
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    g = torch.Generator().manual_seed(seed)
+    train_idx, val_idx = [], []
+    for c in range(int(labels.max()) + 1):
+        idx = (labels == c).nonzero().flatten()
+        idx = idx[torch.randperm(len(idx), generator=g)]
+        k = round(val_fraction * len(idx))
+        val_idx.append(idx[:k])
+        train_idx.append(idx[k:])
+    return torch.cat(train_idx).sort().values, torch.cat(val_idx).sort().values
+
+
+def class_counts(labels: torch.Tensor) -> list[int]:
+    return torch.bincount(labels, minlength=len(CLASS_NAMES)).tolist()

@@ -1,0 +1,125 @@
+"""Test-set evaluation: accuracy, loss, the classification report, the confusion matrix,
+saved as report.md + metrics.json + pictures next to the checkpoint."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import checkpoint, data
+from .atomic import write_json, write_text
+from .classes import CLASS_NAMES
+from .runinfo import pick_device
+from .train import predict_logits
+
+
+def compute_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict:
+    from sklearn.metrics import classification_report, confusion_matrix
+
+    y = labels.cpu().numpy()
+    pred = logits.argmax(1).cpu().numpy()
+    report = classification_report(y, pred, labels=list(range(len(CLASS_NAMES))), target_names=list(CLASS_NAMES),
+                                   digits=4, output_dict=True, zero_division=0)
+    return {
+        "test_acc": float((pred == y).mean()),
+        "test_loss": F.cross_entropy(logits.float().cpu(), labels.cpu()).item(),
+        "n": int(len(y)),
+        "classification_report": report,
+        "confusion_matrix": confusion_matrix(y, pred, labels=list(range(len(CLASS_NAMES)))).tolist(),
+    }
+
+
+def report_text(metrics: dict) -> str:
+    """The classification report as sklearn prints it (readable in a terminal and in Markdown)."""
+    rep = metrics["classification_report"]
+    w = max(len(n) for n in CLASS_NAMES) + 2
+    lines = [f"{'':>{w}} {'precision':>9} {'recall':>9} {'f1-score':>9} {'support':>9}", ""]
+    for name in CLASS_NAMES:
+        r = rep[name]
+        lines.append(f"{name:>{w}} {r['precision']:9.4f} {r['recall']:9.4f} {r['f1-score']:9.4f} {r['support']:9.0f}")
+    lines.append("")
+    lines.append(f"{'accuracy':>{w}} {'':>9} {'':>9} {rep['accuracy']:9.4f} {metrics['n']:9d}")
+    for avg in ("macro avg", "weighted avg"):
+        r = rep[avg]
+        lines.append(f"{avg:>{w}} {r['precision']:9.4f} {r['recall']:9.4f} {r['f1-score']:9.4f} {r['support']:9.0f}")
+    return "\n".join(lines)
+
+
+def confusion_text(cm: list[list[int]]) -> str:
+    short = [n.split("/")[0][:7] for n in CLASS_NAMES]
+    head = "| true \\ pred | " + " | ".join(short) + " |"
+    sep = "|---" * (len(short) + 1) + "|"
+    rows = [f"| {short[i]} | " + " | ".join(str(v) for v in row) + " |" for i, row in enumerate(cm)]
+    return "\n".join([head, sep, *rows])
+
+
+def evaluate_checkpoint(path, device="auto", dataset=None, out_dir=None, quiet=False, tta_flip=None) -> dict:
+    """Evaluate a checkpoint (or a run directory's best.pt) on the test set and write the report."""
+    device = pick_device(device) if isinstance(device, str) else device
+    ckpt_path = checkpoint.resolve_path(path)
+    model, ckpt = checkpoint.load_model(ckpt_path, device)
+    cfg = ckpt.get("train_config", {})
+    tta = cfg.get("tta_flip", False) if tta_flip is None else tta_flip
+    ds = dataset or data.load(quiet=quiet)
+    x, y = ds.test_images.to(device), ds.test_labels.to(device)
+    logits = predict_logits(model, x, 1024, tta_flip=tta, channels_last=cfg.get("channels_last", True))
+    m = compute_metrics(logits, y)
+    m.update({"checkpoint": str(ckpt_path), "model": ckpt["model"], "epoch": ckpt.get("epoch"),
+              "tta_flip": tta, "val_acc": ckpt.get("metrics", {}).get("val_acc")})
+    out = Path(out_dir) if out_dir else ckpt_path.parent
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "metrics.json", m)
+    _write_pictures(out, m, logits.cpu(), ds.test_images, ds.test_labels)
+    write_text(out / "report.md", _markdown(m, out))
+    if not quiet:
+        print(f"\ntest accuracy {m['test_acc']:.4f}  loss {m['test_loss']:.4f}  ({m['n']} images, "
+              f"{ckpt['model']} epoch {m['epoch']}{', flip TTA' if tta else ''})\n")
+        print(report_text(m))
+        print(f"\nreport: {out / 'report.md'}")
+    return m
+
+
+def evaluate_run(run_dir, device="auto", dataset=None, quiet=False) -> dict:
+    return evaluate_checkpoint(Path(run_dir) / "best.pt", device=device, dataset=dataset, quiet=quiet)
+
+
+def _write_pictures(out: Path, m: dict, logits, images, labels) -> None:
+    from . import plots
+
+    plots.confusion_matrix(np.array(m["confusion_matrix"]), out / "confusion_matrix.png")
+    plots.mistakes(images.numpy(), labels.numpy(), torch.softmax(logits, 1).numpy(), out / "mistakes.png")
+    if (out / "history.csv").exists():
+        plots.curves(out / "history.csv", out / "curves.png")
+
+
+def _markdown(m: dict, out: Path) -> str:
+    parts = [
+        f"# Test report: {m['model']}",
+        "",
+        f"- checkpoint: `{m['checkpoint']}` (epoch {m['epoch']}, validation accuracy "
+        f"{m['val_acc']:.4f})" if m.get("val_acc") is not None else f"- checkpoint: `{m['checkpoint']}`",
+        f"- test accuracy: **{m['test_acc']:.4f}**, test loss {m['test_loss']:.4f}, {m['n']} images"
+        f"{', flip test-time augmentation' if m['tta_flip'] else ''}",
+        "",
+        "## Classification report",
+        "",
+        "```",
+        report_text(m),
+        "```",
+        "",
+        "## Confusion matrix (rows: true class, columns: predicted)",
+        "",
+        confusion_text(m["confusion_matrix"]),
+        "",
+        "![confusion matrix](confusion_matrix.png)",
+        "",
+        "## Most confident mistakes",
+        "",
+        "![most confident mistakes](mistakes.png)",
+    ]
+    if (out / "curves.png").exists():
+        parts += ["", "## Training curves", "", "![training curves](curves.png)"]
+    return "\n".join(parts) + "\n"

@@ -1,0 +1,182 @@
+"""Model registry. Every model takes float images in [0, 1] shaped (B, 1, 28, 28),
+normalises inside, and returns logits (B, 10). Softmax belongs to the loss and the UI.
+
+A model is rebuilt from (name, config dict) alone, which is what checkpoints store.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .classes import MEAN, NUM_CLASSES, STD
+
+
+class Normalize(nn.Module):
+    def __init__(self, mean: float = MEAN, std: float = STD):
+        super().__init__()
+        # Buffers, so they travel with .to(device) and into exported graphs.
+        self.register_buffer("mean", torch.tensor(mean), persistent=False)
+        self.register_buffer("std", torch.tensor(std), persistent=False)
+
+    def forward(self, x):
+        return (x - self.mean) / self.std
+
+
+# ---------------------------------------------------------------------------- seed
+
+@dataclass
+class SeedConfig:
+    leak: float = 0.1  # LeakyReLU(alpha=0.1), as in the assignment
+    dropout: tuple[float, float, float, float] = (0.25, 0.25, 0.4, 0.3)
+    hidden: int = 128
+
+
+class SeedNet(nn.Module):
+    """The assignment's Keras CNN, layer for layer (356,234 parameters, as model.summary() says).
+
+    Keras MaxPooling2D(padding='same') pads bottom/right; with kernel = stride = 2 that is
+    exactly ceil_mode=True: 28 -> 14 -> 7 -> 4.
+    """
+
+    def __init__(self, cfg: SeedConfig = SeedConfig()):
+        super().__init__()
+        d1, d2, d3, d4 = cfg.dropout
+        act = lambda: nn.LeakyReLU(cfg.leak)  # noqa: E731
+        pool = lambda: nn.MaxPool2d(2, ceil_mode=True)  # noqa: E731
+        self.norm = Normalize()
+        self.features = nn.Sequential(
+            nn.Conv2d(1, 32, 3, padding=1), act(), pool(), nn.Dropout(d1),     # (B, 32, 14, 14)
+            nn.Conv2d(32, 64, 3, padding=1), act(), pool(), nn.Dropout(d2),    # (B, 64, 7, 7)
+            nn.Conv2d(64, 128, 3, padding=1), act(), pool(), nn.Dropout(d3),   # (B, 128, 4, 4)
+        )
+        self.head = nn.Sequential(
+            nn.Flatten(), nn.Linear(128 * 4 * 4, cfg.hidden), act(), nn.Dropout(d4),
+            nn.Linear(cfg.hidden, NUM_CLASSES),
+        )
+        # Keras defaults: glorot_uniform kernels, zero biases.
+        for m in self.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def forward_features(self, x):
+        return self.features(self.norm(x))
+
+    def forward_head(self, f):
+        return self.head(f)
+
+    def forward(self, x):
+        return self.forward_head(self.forward_features(x))
+
+
+# ---------------------------------------------------------------------------- fast
+
+@dataclass
+class FastConfig:
+    # Widths per stage. Stage 0 runs at 28x28, so it stays narrow: on a CPU the cost of a
+    # conv is width_in * width_out * pixels, and 28x28 has 4x the pixels of 14x14.
+    widths: tuple[int, ...] = (32, 64, 128)
+    blocks: int = 1          # extra residual 3x3 convs per stage after the downsampling conv
+    dropout: float = 0.0
+
+
+class ConvBN(nn.Sequential):
+    def __init__(self, cin, cout):
+        super().__init__(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout),
+                         nn.ReLU(inplace=True))
+
+
+class Stage(nn.Module):
+    """conv (cin->cout) -> maxpool/2 -> `blocks` residual convs; pooling right after the first
+    conv keeps the residual convs at the smaller resolution (airbench's layout)."""
+
+    def __init__(self, cin, cout, blocks, pool=True):
+        super().__init__()
+        self.conv = ConvBN(cin, cout)
+        self.pool = nn.MaxPool2d(2, ceil_mode=True) if pool else nn.Identity()
+        self.res = nn.ModuleList(ConvBN(cout, cout) for _ in range(blocks))
+
+    def forward(self, x):
+        x = self.pool(self.conv(x))
+        for r in self.res:
+            x = x + r(x)
+        return x
+
+
+class FastNet(nn.Module):
+    """A small BatchNorm ResNet-style net tuned for time-to-accuracy on CPUs.
+
+    (B,1,28,28) -> stem 3x3 -> stages (pool after each: 28->14->7->4) -> global max+avg -> linear.
+    """
+
+    def __init__(self, cfg: FastConfig = FastConfig()):
+        super().__init__()
+        w = cfg.widths
+        self.norm = Normalize()
+        self.stem = ConvBN(1, w[0])
+        stages, cin = [], w[0]
+        for cout in w:
+            stages.append(Stage(cin, cout, cfg.blocks))
+            cin = cout
+        self.stages = nn.Sequential(*stages)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.fc = nn.Linear(2 * cin, NUM_CLASSES)
+
+    def forward_features(self, x):
+        return self.stages(self.stem(self.norm(x)))
+
+    def forward_head(self, f):
+        f = torch.cat([F.adaptive_max_pool2d(f, 1), F.adaptive_avg_pool2d(f, 1)], 1).flatten(1)
+        return self.fc(self.drop(f))
+
+    def forward(self, x):
+        return self.forward_head(self.forward_features(x))
+
+
+# ---------------------------------------------------------------------------- registry
+
+@dataclass
+class ModelSpec:
+    cls: Callable[..., nn.Module]
+    config: type
+    defaults: dict = field(default_factory=dict)
+
+
+REGISTRY: dict[str, ModelSpec] = {
+    "seed": ModelSpec(SeedNet, SeedConfig),
+    "fast": ModelSpec(FastNet, FastConfig),
+    "wide": ModelSpec(FastNet, FastConfig, {"widths": (64, 128, 256), "blocks": 2, "dropout": 0.1}),
+}
+
+
+def _coerce(cfg_cls, d: dict):
+    """Config dicts come back from JSON/checkpoints with lists where tuples were."""
+    known = set(cfg_cls.__dataclass_fields__)
+    unknown = set(d) - known
+    if unknown:
+        raise ValueError(f"unknown {cfg_cls.__name__} keys {sorted(unknown)}; known: {sorted(known)}")
+    return cfg_cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+
+def model_config(name: str, overrides: dict | None = None) -> dict:
+    if name not in REGISTRY:
+        raise ValueError(f"unknown model {name!r}; choose from {', '.join(REGISTRY)}")
+    spec = REGISTRY[name]
+    cfg = _coerce(spec.config, {**spec.defaults, **(overrides or {})})
+    return asdict(cfg)
+
+
+def create_model(name: str, config: dict | None = None) -> nn.Module:
+    """Build a registered model; `config` is a full or partial config dict."""
+    cfg = model_config(name, config)
+    spec = REGISTRY[name]
+    return spec.cls(_coerce(spec.config, cfg))
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,81 @@
+"""Pictures of a run: training curves, confusion-matrix heat map, most confident mistakes."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+
+from .atomic import atomic_path
+from .classes import CLASS_NAMES
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")  # headless: servers and CI have no display
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: Path) -> None:
+    plt = _plt()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
+def curves(history_csv: Path, path: Path) -> None:
+    plt = _plt()
+    with open(history_csv) as f:
+        rows = list(csv.DictReader(f))
+    ep = [int(r["epoch"]) for r in rows]
+    col = lambda k: [float(r[k]) for r in rows]  # noqa: E731
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.8))
+    a1.plot(ep, col("train_loss"), "o-", label="train")
+    a1.plot(ep, col("val_loss"), "o-", label="validation")
+    a1.set(xlabel="epoch", ylabel="cross-entropy loss", title="Loss")
+    a2.plot(ep, col("train_acc"), "o-", label="train")
+    a2.plot(ep, col("val_acc"), "o-", label="validation")
+    a2.set(xlabel="epoch", ylabel="accuracy", title="Accuracy")
+    for a in (a1, a2):
+        a.grid(alpha=0.3)
+        a.legend()
+    _save(fig, path)
+
+
+def confusion_matrix(cm: np.ndarray, path: Path) -> None:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7.5, 6.5))
+    norm = cm / np.maximum(cm.sum(1, keepdims=True), 1)
+    im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(len(CLASS_NAMES)), CLASS_NAMES, rotation=45, ha="right")
+    ax.set_yticks(range(len(CLASS_NAMES)), CLASS_NAMES)
+    ax.set(xlabel="predicted", ylabel="true", title="Confusion matrix (test set; colour = row fraction)")
+    for i in range(cm.shape[0]):
+        for j in range(cm.shape[1]):
+            ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=8,
+                    color="white" if norm[i, j] > 0.5 else "black")
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    _save(fig, path)
+
+
+def mistakes(images: np.ndarray, labels: np.ndarray, probs: np.ndarray, path: Path, n: int = 24) -> None:
+    """Grid of the test images the model got wrong with the highest confidence."""
+    plt = _plt()
+    pred = probs.argmax(1)
+    wrong = np.flatnonzero(pred != labels)
+    order = wrong[np.argsort(-probs[wrong, pred[wrong]])][:n]
+    cols = 8
+    rows = max(1, int(np.ceil(len(order) / cols)))
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.5, rows * 1.85))
+    for ax in np.atleast_1d(axes).flat:
+        ax.axis("off")
+    for ax, i in zip(np.atleast_1d(axes).flat, order):
+        ax.imshow(images[i], cmap="gray", vmin=0, vmax=255)
+        ax.set_title(f"{CLASS_NAMES[pred[i]]} {probs[i, pred[i]]:.0%}\ntrue: {CLASS_NAMES[labels[i]]}",
+                     fontsize=7, color="firebrick")
+    fig.suptitle("Most confident mistakes (predicted, confidence / true class)", fontsize=10)
+    _save(fig, path)

@@ -1,0 +1,306 @@
+"""Training: data as tensors on the device, batches by index, one function per concern.
+
+Runs single-process, or under torchrun as DistributedDataParallel (see distributed.py):
+every rank draws the same permutation per epoch and takes its slice of each global batch,
+so N ranks make exactly the optimizer steps one process would with the same global batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import csv
+import io
+import math
+import sys
+import time
+from dataclasses import asdict
+from datetime import datetime
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from . import augment as aug
+from . import checkpoint, data
+from .atomic import write_json, write_text
+from .config import TrainConfig, from_dict, validate
+from .distributed import DistInfo
+from .models import count_parameters, create_model, model_config
+from .runinfo import environment, pick_device
+
+
+# ---------------------------------------------------------------------------- pieces
+
+def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
+    """Learning rate as a pure function of the step, so resuming needs only the step count."""
+    if cfg.schedule == "constant":
+        return cfg.lr
+    warm = max(1, int(cfg.warmup * total))
+    if step < warm:  # linear warm-up from lr/10 (onecycle's usual start) or 0 (cosine)
+        lo = cfg.lr / 10 if cfg.schedule == "onecycle" else 0.0
+        return lo + (cfg.lr - lo) * step / warm
+    t = (step - warm) / max(1, total - warm)
+    if cfg.schedule == "onecycle":  # linear decay to 0: simplest anneal that measured as well as cosine
+        return cfg.lr * (1 - t)
+    return cfg.lr * 0.5 * (1 + math.cos(math.pi * t))
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    # No weight decay on BatchNorm and bias parameters: decaying them only hurts (timm's default).
+    decay = [p for p in model.parameters() if p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.ndim <= 1]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if cfg.optimizer == "adam":
+        # eps 1e-7 is Keras's default (torch's is 1e-8); kept for the faithful `seed` recipe.
+        return torch.optim.Adam(groups, lr=cfg.lr, eps=1e-7)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg.lr)
+    return torch.optim.SGD(groups, lr=cfg.lr, momentum=0.9, nesterov=True)
+
+
+class EMA:
+    """Exponential moving average of weights (buffers copied), evaluated in place of the model."""
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        self.decay = decay
+        self.model = copy.deepcopy(model).eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module, step: int):
+        d = min(self.decay, (1 + step) / (10 + step))  # warm-up: early weights are not worth keeping
+        ema_p = list(self.model.parameters())
+        torch._foreach_lerp_(ema_p, [p.detach() for p in model.parameters()], 1 - d)
+        for b_ema, b in zip(self.model.buffers(), model.buffers()):
+            b_ema.copy_(b)
+
+
+def autocast(device: torch.device):
+    """bf16 autocast on GPUs that support it; full fp32 on CPU, where bf16 convs are slower."""
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def to_input(x_uint8: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    """(B, 28, 28) uint8 -> (B, 1, 28, 28) float in [0, 1]."""
+    x = x_uint8.unsqueeze(1).float().div_(255)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+@torch.no_grad()
+def predict_logits(model, images: torch.Tensor, batch_size: int = 1024, tta_flip: bool = False,
+                   channels_last: bool = True) -> torch.Tensor:
+    """Logits (N, 10) on the images' device for uint8 images (N, 28, 28)."""
+    model.eval()
+    out = []
+    for i in range(0, len(images), batch_size):
+        x = to_input(images[i:i + batch_size], channels_last)
+        logits = model(x)
+        if tta_flip:
+            logits = (logits + model(x.flip(3))) / 2
+        out.append(logits.float())
+    return torch.cat(out) if out else torch.empty(0, 10)
+
+
+def evaluate_split(model, images, labels, cfg: TrainConfig) -> dict:
+    logits = predict_logits(model, images, cfg.eval_batch_size, cfg.tta_flip, cfg.channels_last)
+    return {"loss": F.cross_entropy(logits, labels).item(),
+            "acc": (logits.argmax(1) == labels).float().mean().item()}
+
+
+def train_one_epoch(model, opt, ema, images, labels, cfg: TrainConfig, *, epoch: int, step: int,
+                    total_steps: int, gen: torch.Generator, dist: DistInfo, quiet: bool) -> tuple[dict, int]:
+    """One pass over `images` (uint8, on device). Returns (metrics, global step after)."""
+    model.train()
+    n = len(images)
+    # Same permutation on every rank (shared seed); each rank takes its slice of a global batch.
+    perm = torch.randperm(n, generator=gen["perm"]).to(images.device)
+    steps = n // cfg.batch_size + (1 if n % cfg.batch_size >= 2 * dist.world_size else 0)
+    loss_sum = torch.zeros((), device=images.device)
+    correct = torch.zeros((), device=images.device)
+    seen = 0
+    bar = tqdm(range(steps), desc=f"epoch {epoch}/{cfg.epochs}", leave=False, disable=True if (quiet or not dist.is_main) else None,
+               unit="batch", dynamic_ncols=True, file=sys.stderr)
+    for s in bar:
+        idx = perm[s * cfg.batch_size:(s + 1) * cfg.batch_size][dist.rank::dist.world_size]
+        x = to_input(images[idx], cfg.channels_last)
+        y = labels[idx]
+        x = aug.augment(x, cfg.augment, gen["aug"])
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, total_steps, cfg)
+        with autocast(x.device):
+            logits = model(x)
+        loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        step += 1
+        if ema is not None:
+            ema.update(dist.unwrap(model), step)
+        loss_sum += loss.detach() * len(y)
+        correct += (logits.argmax(1) == y).sum()
+        seen += len(y)
+        if s % 20 == 0 or s == steps - 1:  # .item() syncs the device: not every step
+            bar.set_postfix(loss=f"{loss_sum.item() / seen:.4f}", acc=f"{correct.item() / seen:.4f}")
+    stats = dist.all_reduce_sum(torch.stack([loss_sum, correct, torch.tensor(float(seen), device=images.device)]))
+    return {"loss": (stats[0] / stats[2]).item(), "acc": (stats[1] / stats[2]).item()}, step
+
+
+# ---------------------------------------------------------------------------- run directory
+
+HISTORY_FIELDS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds", "elapsed"]
+
+
+def write_history(run_dir: Path, history: list[dict]) -> None:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=HISTORY_FIELDS)
+    w.writeheader()
+    for row in history:
+        w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items() if k in HISTORY_FIELDS})
+    write_text(run_dir / "history.csv", buf.getvalue())
+
+
+def new_run_dir(cfg: TrainConfig) -> Path:
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    base = Path(cfg.out_dir) / f"{stamp}-{cfg.preset}"
+    run_dir, i = base, 1
+    while run_dir.exists():
+        i += 1
+        run_dir = base.with_name(f"{base.name}-{i}")
+    run_dir.mkdir(parents=True)
+    return run_dir
+
+
+def rng_state(gen: dict) -> dict:
+    return {"torch": torch.get_rng_state(), **{k: g.get_state() for k, g in gen.items()}}
+
+
+def set_rng_state(gen: dict, state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    for k, g in gen.items():
+        g.set_state(state[k])
+
+
+# ---------------------------------------------------------------------------- main loop
+
+def train(cfg: TrainConfig, quiet: bool = False, evaluate_at_end: bool = True) -> Path:
+    """Train per `cfg` (or continue cfg.resume); returns the run directory."""
+    dist = DistInfo.from_env()
+    resume_ckpt = None
+    if cfg.resume:
+        run_dir = Path(cfg.resume)
+        resume_ckpt = checkpoint.load(run_dir / "last.pt") if run_dir.is_dir() else checkpoint.load(run_dir)
+        run_dir = run_dir if run_dir.is_dir() else run_dir.parent
+        saved = from_dict(resume_ckpt["train_config"])
+        # Everything but the epoch count comes from the run being continued.
+        saved.epochs = cfg.epochs if cfg.epochs > saved.epochs else saved.epochs
+        saved.resume, saved.device, saved.threads = str(run_dir), cfg.device, cfg.threads
+        cfg = saved
+    validate(cfg)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = pick_device(cfg.device) if not dist.enabled else dist.device(cfg.device)
+    dist.init(device)
+    torch.manual_seed(cfg.seed + dist.rank)  # dropout streams differ per rank, as in any DDP run
+    gen = {"perm": torch.Generator().manual_seed(cfg.seed),  # shared: same permutation on all ranks
+           "aug": torch.Generator(device=device if device.type == "cuda" else "cpu").manual_seed(
+               cfg.seed * 1000 + dist.rank + 1)}
+
+    ds = data.load(cfg.data_dir, quiet=quiet or not dist.is_main)
+    train_idx, val_idx = data.stratified_split(ds.train_labels, cfg.val_fraction, cfg.seed)
+    if cfg.subset:
+        # A stratified-enough subset: the split's first `subset` indices in a seeded order.
+        g = torch.Generator().manual_seed(cfg.seed)
+        train_idx = train_idx[torch.randperm(len(train_idx), generator=g)[:cfg.subset]]
+        val_idx = val_idx[torch.randperm(len(val_idx), generator=g)[:max(cfg.subset // 5, 100)]]
+    tr_x, tr_y = ds.train_images[train_idx].to(device), ds.train_labels[train_idx].to(device)
+    va_x, va_y = ds.train_images[val_idx].to(device), ds.train_labels[val_idx].to(device)
+
+    mcfg = model_config(cfg.model, cfg.model_config)
+    model = create_model(cfg.model, mcfg).to(device)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if dist.enabled:
+        model = dist.wrap(model)
+    opt = make_optimizer(model, cfg)
+    ema = EMA(dist.unwrap(model), cfg.ema) if cfg.ema else None
+    fwd_model = torch.compile(model) if cfg.compile else model
+    steps_per_epoch = len(tr_x) // cfg.batch_size + (1 if len(tr_x) % cfg.batch_size >= 2 * dist.world_size else 0)
+    total_steps = steps_per_epoch * cfg.epochs
+
+    history, step, start_epoch, best_acc, elapsed0 = [], 0, 1, -1.0, 0.0
+    if resume_ckpt is not None:
+        dist.unwrap(model).load_state_dict(resume_ckpt["state_dict"])
+        opt.load_state_dict(resume_ckpt["optimizer"])
+        if ema is not None:
+            ema.model.load_state_dict(resume_ckpt["ema"])
+        set_rng_state(gen, resume_ckpt["rng"])
+        history = list(resume_ckpt["history"])
+        step, start_epoch = resume_ckpt["step"], resume_ckpt["epoch"] + 1
+        best_acc = max((h["val_acc"] for h in history), default=-1.0)
+        elapsed0 = history[-1]["elapsed"] if history else 0.0
+    else:
+        run_dir = new_run_dir(cfg) if dist.is_main else None
+    cfg_dict = asdict(cfg)
+    if dist.is_main:
+        write_json(run_dir / "config.json", {**cfg_dict, "model_config": mcfg})
+        write_json(run_dir / "environment.json", {**environment(device), "world_size": dist.world_size})
+        n_params = count_parameters(model)
+        if not quiet:
+            print(f"run {run_dir}  preset={cfg.preset} model={cfg.model} ({n_params:,} params) device={device}"
+                  f" threads={torch.get_num_threads()} world={dist.world_size}  train/val {len(tr_x)}/{len(va_x)}")
+            if start_epoch > 1:
+                print(f"resuming after epoch {start_epoch - 1} (step {step})")
+
+    # Ctrl-C (KeyboardInterrupt) abandons the epoch in flight; the last complete one is on disk
+    # already, and atomic writes mean an interrupted save leaves the previous file intact.
+    t_start = time.perf_counter() - elapsed0
+    try:
+        for epoch in range(start_epoch, cfg.epochs + 1):
+            t0 = time.perf_counter()
+            tr, step = train_one_epoch(fwd_model, opt, ema, tr_x, tr_y, cfg, epoch=epoch, step=step,
+                                       total_steps=total_steps, gen=gen, dist=dist, quiet=quiet)
+            train_seconds = time.perf_counter() - t0
+            eval_model = ema.model if ema is not None else dist.unwrap(model)
+            va = evaluate_split(eval_model, va_x, va_y, cfg) if len(va_x) else {"loss": float("nan"), "acc": float("nan")}
+            row = {"epoch": epoch, "train_loss": tr["loss"], "train_acc": tr["acc"], "val_loss": va["loss"],
+                   "val_acc": va["acc"], "lr": lr_at(step - 1, total_steps, cfg), "seconds": train_seconds,
+                   "elapsed": time.perf_counter() - t_start}
+            history.append(row)
+            if dist.is_main:
+                weights = eval_model.state_dict()
+                meta = dict(metrics={"val_acc": va["acc"], "val_loss": va["loss"], "epoch": epoch},
+                            epoch=epoch, train_config=cfg_dict)
+                is_best = not (va["acc"] <= best_acc)  # NaN (no validation split) counts as best
+                if is_best:
+                    best_acc = va["acc"]
+                    checkpoint.save(checkpoint.make(cfg.model, mcfg, weights, **meta), run_dir / "best.pt")
+                checkpoint.save(checkpoint.make(
+                    cfg.model, mcfg, dist.unwrap(model).state_dict(), **meta,
+                    optimizer=opt.state_dict(), step=step, history=history, rng=rng_state(gen),
+                    **({"ema": ema.model.state_dict()} if ema is not None else {})), run_dir / "last.pt")
+                write_history(run_dir, history)
+                if not quiet:
+                    print(f"epoch {epoch:3d}/{cfg.epochs}  train loss {tr['loss']:.4f} acc {tr['acc']:.4f}  "
+                          f"val loss {va['loss']:.4f} acc {va['acc']:.4f}  {train_seconds:5.1f}s"
+                          f"{'  *' if is_best else ''}", flush=True)
+    except KeyboardInterrupt:
+        if dist.is_main and not quiet:
+            done = history[-1]["epoch"] if history else 0
+            print(f"stopped: {done} complete epoch(s) saved in {run_dir}; "
+                  f"continue with `fmnist train --resume {run_dir}`", file=sys.stderr)
+        dist.cleanup()
+        raise
+    dist.cleanup()
+    if dist.is_main:
+        write_json(run_dir / "train_summary.json", {
+            "train_seconds": sum(h["seconds"] for h in history), "elapsed": history[-1]["elapsed"],
+            "best_val_acc": best_acc, "epochs": len(history), "steps": step})
+        if evaluate_at_end:
+            from .evaluate import evaluate_run
+            evaluate_run(run_dir, device=device, dataset=ds, quiet=quiet)
+    return run_dir
