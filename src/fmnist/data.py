@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import http.client
 import os
 import struct
 import sys
@@ -170,13 +171,15 @@ def _fetch(url: str, dest: Path, timeout: float, quiet: bool) -> None:
 
     with urllib.request.urlopen(url, timeout=timeout) as resp, atomic_path(dest) as tmp:
         total = int(resp.headers.get("Content-Length") or 0) or None
+        got = 0
         with open(tmp, "wb") as f, tqdm(total=total, unit="B", unit_scale=True, desc=dest.name,
                                          disable=quiet, leave=False) as bar:
             while chunk := resp.read(1 << 16):
                 f.write(chunk)
+                got += len(chunk)
                 bar.update(len(chunk))
-            if total is not None and bar.n != total:
-                raise DataError(f"{url}: connection closed after {bar.n} of {total} bytes")
+            if total is not None and got != total:
+                raise DataError(f"{url}: connection closed after {got} of {total} bytes")
 
 
 def fetch_file(spec: IdxFile, dest_dir: Path, mirrors=None, retries: int = 3, timeout: float = 30.0,
@@ -195,7 +198,7 @@ def fetch_file(spec: IdxFile, dest_dir: Path, mirrors=None, retries: int = 3, ti
                 read_idx(staging, spec.kind, spec.count, spec.sha256)  # verify before it becomes visible
                 os.replace(staging, dest)
                 return dest
-            except (urllib.error.URLError, OSError, DataError, TimeoutError) as e:
+            except (urllib.error.URLError, http.client.HTTPException, OSError, DataError, TimeoutError) as e:
                 errors.append(f"{url} (try {attempt}): {getattr(e, 'reason', None) or e}")
                 staging.unlink(missing_ok=True)
                 if isinstance(e, DataError) and "checksum" in str(e):

@@ -1,0 +1,36 @@
+# The two commands: `make train` and `make test`. Each does all set-up on a fresh machine.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+
+.PHONY: setup train test dataset browser bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+# Debian's dataset-fashion-mnist package where apt and root are available; elsewhere
+# fmnist downloads the files into ~/.cache/fmnist on first use.
+dataset:
+	@sh scripts/install-system-deps.sh dataset-fashion-mnist
+
+# Debian's chromium for the Playwright browser test (Playwright's own download cannot work here).
+browser:
+	@sh scripts/install-system-deps.sh chromium
+
+setup: $(STAMP) dataset
+
+train: setup
+	$(BIN)/fmnist train
+
+test: setup browser
+	$(BIN)/python -m pytest
+
+bench: setup
+	$(BIN)/fmnist bench
+
+clean:
+	rm -rf $(VENV) build src/*.egg-info .pytest_cache

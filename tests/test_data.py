@@ -1,0 +1,140 @@
+import gzip
+import hashlib
+
+import numpy as np
+import pytest
+
+from conftest import idx_bytes, write_idx
+from fmnist import data
+from fmnist.data import DataError, parse_idx, read_idx
+
+rng = np.random.default_rng(0)
+IMAGES = rng.integers(0, 256, (5, 28, 28), dtype=np.uint8)
+LABELS = np.array([0, 3, 9, 1, 2], dtype=np.uint8)
+
+
+def test_parse_valid_images_and_labels():
+    assert np.array_equal(parse_idx(idx_bytes(IMAGES, "images"), "images", 5), IMAGES)
+    assert np.array_equal(parse_idx(idx_bytes(LABELS, "labels"), "labels", 5), LABELS)
+
+
+@pytest.mark.parametrize("gz", [True, False])
+def test_read_gzip_or_raw(tmp_path, gz):
+    p = write_idx(tmp_path / "x", IMAGES, "images", gz=gz)
+    assert np.array_equal(read_idx(p, "images", 5), IMAGES)
+
+
+def test_bad_magic():
+    with pytest.raises(DataError, match="bad magic"):
+        parse_idx(idx_bytes(IMAGES, "images"), "labels", 5)
+
+
+def test_truncated():
+    with pytest.raises(DataError, match="truncated"):
+        parse_idx(idx_bytes(IMAGES, "images")[:-10], "images", 5)
+
+
+def test_trailing_bytes():
+    with pytest.raises(DataError, match="trailing"):
+        parse_idx(idx_bytes(IMAGES, "images") + b"\0", "images", 5)
+
+
+def test_header_too_short():
+    with pytest.raises(DataError, match="too short"):
+        parse_idx(b"\x00\x00\x08", "images", 5)
+
+
+def test_wrong_count():
+    with pytest.raises(DataError, match="header says 5 items, expected 60000"):
+        parse_idx(idx_bytes(IMAGES, "images"), "images", 60000)
+
+
+def test_wrong_image_size():
+    with pytest.raises(DataError, match="expected 28x28"):
+        parse_idx(idx_bytes(np.zeros((2, 32, 32), np.uint8), "images"), "images", 2)
+
+
+def test_label_out_of_range():
+    with pytest.raises(DataError, match="out of range"):
+        parse_idx(idx_bytes(np.array([0, 10], np.uint8), "labels"), "labels", 2)
+
+
+def test_checksum_mismatch_names_file(tmp_path):
+    p = write_idx(tmp_path / "t10k-labels-idx1-ubyte.gz", LABELS, "labels")
+    with pytest.raises(DataError, match="t10k-labels-idx1-ubyte.gz: checksum mismatch"):
+        read_idx(p, "labels", 5, sha256="0" * 64)
+    good = hashlib.sha256(idx_bytes(LABELS, "labels")).hexdigest()
+    assert len(read_idx(p, "labels", 5, sha256=good)) == 5  # checksum is of the decompressed bytes
+
+
+def test_corrupt_gzip(tmp_path):
+    p = tmp_path / "x.gz"
+    p.write_bytes(gzip.compress(idx_bytes(IMAGES, "images"))[:-20])
+    with pytest.raises(DataError, match="gzip stream is corrupt or truncated"):
+        read_idx(p, "images", 5)
+
+
+def test_real_files_verify(dataset):
+    assert dataset.train_images.shape == (60000, 28, 28)
+    assert dataset.test_images.shape == (10000, 28, 28)
+    assert data.class_counts(dataset.train_labels) == [6000] * 10
+
+
+def _fake_set(d, corrupt=None):
+    """Four tiny files under the canonical names (checksums won't match; locate() doesn't read)."""
+    d.mkdir(parents=True, exist_ok=True)
+    for spec in data.FILES.values():
+        arr = IMAGES if spec.kind == "images" else LABELS
+        write_idx(d / (spec.stem + ".gz"), arr, spec.kind)
+    return d
+
+
+def test_locate_order(tmp_path, monkeypatch):
+    a, b, deb, cache = (tmp_path / n for n in ("a", "b", "deb", "cache"))
+    monkeypatch.setattr(data, "DEBIAN_DIR", deb)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(cache))
+    monkeypatch.setenv("FMNIST_DATA", str(b))
+    _fake_set(cache / "fmnist")
+    assert data.locate(None, download=False, quiet=True) == cache / "fmnist"
+    _fake_set(deb)
+    assert data.locate(None, download=False, quiet=True) == deb
+    _fake_set(b)
+    assert data.locate(None, download=False, quiet=True) == b
+    _fake_set(a)
+    assert data.locate(a, download=False, quiet=True) == a
+
+
+def test_locate_incomplete_dir_is_skipped_with_note(tmp_path, monkeypatch, capsys):
+    deb = _fake_set(tmp_path / "deb")
+    monkeypatch.setattr(data, "DEBIAN_DIR", deb)
+    monkeypatch.delenv("FMNIST_DATA", raising=False)
+    partial = _fake_set(tmp_path / "partial")
+    (partial / "t10k-labels-idx1-ubyte.gz").unlink()
+    assert data.locate(partial, download=False) == deb
+    assert "has no complete Fashion-MNIST set" in capsys.readouterr().err
+
+
+def test_locate_nothing_and_no_download(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "DEBIAN_DIR", tmp_path / "none")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.delenv("FMNIST_DATA", raising=False)
+    with pytest.raises(DataError, match="fmnist data --download"):
+        data.locate(None, download=False)
+
+
+def test_corrupt_file_in_found_dir_is_an_error_not_a_fallback(tmp_path):
+    d = _fake_set(tmp_path / "d")
+    with pytest.raises(DataError, match="train-images-idx3-ubyte.gz: checksum mismatch"):
+        data.load_arrays(d)
+
+
+def test_stratified_split():
+    labels = __import__("torch").arange(10).repeat(100)
+    tr, va = data.stratified_split(labels, 0.1, seed=1)
+    assert len(va) == 100 and len(tr) == 900
+    assert data.class_counts(labels[va]) == [10] * 10
+    assert set(tr.tolist()).isdisjoint(va.tolist())
+    tr2, va2 = data.stratified_split(labels, 0.1, seed=1)
+    assert va.equal(va2)
+    _, va3 = data.stratified_split(labels, 0.1, seed=2)
+    assert not va.equal(va3)

@@ -1,0 +1,39 @@
+import pytest
+import torch
+
+from fmnist.models import REGISTRY, count_parameters, create_model, model_config
+
+
+@pytest.mark.parametrize("name", list(REGISTRY))
+def test_shapes_no_nan_every_param_gets_grad(name):
+    torch.manual_seed(0)
+    m = create_model(name)
+    x = torch.rand(4, 1, 28, 28)
+    out = m(x)
+    assert out.shape == (4, 10) and torch.isfinite(out).all()
+    out.logsumexp(1).sum().backward()
+    missing = [n for n, p in m.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert not missing
+
+
+def test_seed_matches_keras_parameter_count():
+    # Keras model.summary() of the assignment's network: 356,234 trainable parameters.
+    assert count_parameters(create_model("seed")) == 356_234
+
+
+def test_seed_feature_map_sizes_follow_keras_same_pooling():
+    m = create_model("seed").eval()
+    f = m.forward_features(torch.rand(2, 1, 28, 28))
+    assert f.shape == (2, 128, 4, 4)  # 28 -> 14 -> 7 -> 4
+
+
+def test_model_normalises_inside():
+    m = create_model("seed").eval()
+    assert torch.allclose(m.norm(torch.full((1, 1, 2, 2), 0.2860)), torch.zeros(1, 1, 2, 2), atol=1e-6)
+
+
+def test_unknown_model_and_config_keys_rejected():
+    with pytest.raises(ValueError, match="unknown model"):
+        create_model("nope")
+    with pytest.raises(ValueError, match="unknown FastConfig keys"):
+        model_config("fast", {"widht": 3})
