@@ -90,7 +90,101 @@ def build_parser() -> argparse.ArgumentParser:
                    help="flip test-time augmentation (default: as the model was trained)")
     _add_data_dir(p)
 
+    # ---- predict
+    p = sub.add_parser("predict", help="classify your own photos (files or folders)",
+                       description="Classify photos: each is converted as the dataset was made (trim, resize to "
+                                   "28, sharpen, centre, negate, grayscale) and classified. Exit status 0 only if "
+                                   "every file succeeded.")
+    p.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders (searched recursively)")
+    p.add_argument("--checkpoint", default=None,
+                   help="checkpoint, run directory or .onnx file (default: the model shipped with fmnist)")
+    p.add_argument("--backend", choices=["torch", "onnx"], default="torch",
+                   help="inference engine (default: torch; onnx needs `pip install 'fmnist[onnx]'`)")
+    p.add_argument("--top-k", type=int, default=3, help="classes to show per image (default: 3)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table (default: table)")
+    p.add_argument("--save-preprocessed", metavar="DIR", default=None,
+                   help="write the 28x28 images the model saw as PNGs into DIR (default: off)")
+
+    # ---- serve
+    p = sub.add_parser("serve", help="HTTP API + web page (FastAPI/uvicorn)",
+                       description="Serve the model: web page at /, POST /v1/predict, GET /v1/model, /healthz, "
+                                   "OpenAPI docs at /docs. Concurrent requests are batched dynamically.")
+    p.add_argument("--checkpoint", default=None, help="checkpoint, run directory or .onnx (default: shipped model)")
+    p.add_argument("--backend", choices=["torch", "onnx"], default="torch", help="inference engine (default: torch)")
+    p.add_argument("--host", default="127.0.0.1", help="interface to bind (default: 127.0.0.1; 0.0.0.0 for all)")
+    p.add_argument("--port", type=int, default=8000, help="TCP port (default: 8000)")
+    p.add_argument("--max-batch", type=int, default=32, help="dynamic batching: max images per forward pass; "
+                                                             "1 disables batching (default: 32)")
+    p.add_argument("--max-wait-ms", type=float, default=2.0,
+                   help="dynamic batching: max wait for a batch to fill (default: 2.0)")
+    p.add_argument("--max-upload-mb", type=int, default=10, help="max request body in MiB (default: 10)")
+    p.add_argument("--log-level", default="info", help="uvicorn log level (default: info)")
+    p.add_argument("--access-log", action="store_true", help="log every request (default: off)")
+
+    # ---- bench
+    p = sub.add_parser("bench", help="measure throughput, hardware efficiency and time-to-accuracy",
+                       description="Benchmark on this machine: fp32 matmul peak, training/inference images/s and "
+                                   "GFLOP/s per model, eager vs torch.compile, and (part 'accuracy') wall time to "
+                                   "92/93/94%% test accuracy per preset and seed. Writes bench.json and a plot.")
+    p.add_argument("parts", nargs="*", default=["throughput", "accuracy"], choices=["throughput", "accuracy"],
+                   help="what to measure (default: both)")
+    p.add_argument("--presets", default="seed,fast,best-cpu",
+                   help="comma-separated presets for the accuracy part (default: seed,fast,best-cpu)")
+    p.add_argument("--seeds", type=int, default=3, help="seeds per preset; results are medians (default: 3)")
+    p.add_argument("--epochs", default=None, help="override epochs per preset, e.g. 'best-cpu=20' (default: preset's)")
+    p.add_argument("--out", default="bench", help="output directory (default: bench)")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: 0 = all cores)")
+    p.add_argument("--device", default="auto", help="recorded device (the throughput part runs on CPU)")
+    p.add_argument("--no-compile-check", action="store_true", help="skip the torch.compile comparison")
+
     return ap
+
+
+def cmd_serve(args) -> int:
+    from .serve import main as serve_main
+
+    return serve_main(args)
+
+
+def cmd_bench(args) -> int:
+    from .bench import run
+
+    return run(args)
+
+
+def cmd_predict(args) -> int:
+    import json
+    from pathlib import Path
+
+    from PIL import Image
+
+    from .atomic import atomic_path
+    from .predict import Predictor, format_table
+    from .preprocess import iter_image_files
+
+    if args.top_k < 1:
+        raise ValueError(f"--top-k must be >= 1, got {args.top_k}")
+    files = iter_image_files(args.paths)
+    if not files:
+        raise ValueError(f"no image files found in {' '.join(args.paths)} "
+                         f"(folders are searched for .png .jpg .jpeg .gif .bmp .webp .tif)")
+    predictor = Predictor(args.checkpoint, backend=args.backend)
+    preds = predictor.predict(files, top_k=args.top_k)
+    if args.save_preprocessed:
+        out = Path(args.save_preprocessed)
+        out.mkdir(parents=True, exist_ok=True)
+        for i, (f, p) in enumerate(zip(files, preds)):
+            if p.ok:
+                with atomic_path(out / f"{i:04d}-{f.stem}.png") as tmp:
+                    Image.fromarray(p.image, "L").save(tmp, format="PNG")
+    if args.json:
+        print(json.dumps([p.to_dict() for p in preds], indent=2))
+    else:
+        print(format_table(preds, min(args.top_k, 10)))
+    failed = sum(not p.ok for p in preds)
+    if failed:
+        print(f"{failed} of {len(preds)} file(s) could not be classified", file=sys.stderr)
+    return 1 if failed else 0
 
 
 def cmd_data(args) -> int:
@@ -150,7 +244,8 @@ def main(argv=None) -> int:
     from .checkpoint import CheckpointError
     from .data import DataError
 
-    handlers = {"data": cmd_data, "train": cmd_train, "evaluate": cmd_evaluate}
+    handlers = {"data": cmd_data, "train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict,
+                "bench": cmd_bench, "serve": cmd_serve}
     try:
         return handlers[args.command](args)
     except (DataError, CheckpointError, ValueError, FileNotFoundError) as e:

@@ -39,6 +39,7 @@ class TrainConfig:
     out_dir: str = "runs"
     data_dir: str | None = None
     resume: str | None = None         # run directory to continue
+    report_test: bool = False         # also log test accuracy per epoch (benchmarks; never used to choose)
 
 
 # Each preset is a complete recipe. `seed` is the lab assignment unchanged: Keras Adam

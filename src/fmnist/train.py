@@ -152,7 +152,8 @@ def train_one_epoch(model, opt, ema, images, labels, cfg: TrainConfig, *, epoch:
 
 # ---------------------------------------------------------------------------- run directory
 
-HISTORY_FIELDS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds", "elapsed"]
+HISTORY_FIELDS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds", "eval_seconds",
+                  "elapsed", "test_acc"]
 
 
 def write_history(run_dir: Path, history: list[dict]) -> None:
@@ -219,6 +220,7 @@ def train(cfg: TrainConfig, quiet: bool = False, evaluate_at_end: bool = True) -
         val_idx = val_idx[torch.randperm(len(val_idx), generator=g)[:max(cfg.subset // 5, 100)]]
     tr_x, tr_y = ds.train_images[train_idx].to(device), ds.train_labels[train_idx].to(device)
     va_x, va_y = ds.train_images[val_idx].to(device), ds.train_labels[val_idx].to(device)
+    te_x, te_y = (ds.test_images.to(device), ds.test_labels.to(device)) if cfg.report_test else (None, None)
 
     mcfg = model_config(cfg.model, cfg.model_config)
     model = create_model(cfg.model, mcfg).to(device)
@@ -266,10 +268,13 @@ def train(cfg: TrainConfig, quiet: bool = False, evaluate_at_end: bool = True) -
                                        total_steps=total_steps, gen=gen, dist=dist, quiet=quiet)
             train_seconds = time.perf_counter() - t0
             eval_model = ema.model if ema is not None else dist.unwrap(model)
+            t1 = time.perf_counter()
             va = evaluate_split(eval_model, va_x, va_y, cfg) if len(va_x) else {"loss": float("nan"), "acc": float("nan")}
             row = {"epoch": epoch, "train_loss": tr["loss"], "train_acc": tr["acc"], "val_loss": va["loss"],
                    "val_acc": va["acc"], "lr": lr_at(step - 1, total_steps, cfg), "seconds": train_seconds,
-                   "elapsed": time.perf_counter() - t_start}
+                   "eval_seconds": time.perf_counter() - t1, "elapsed": time.perf_counter() - t_start}
+            if cfg.report_test and dist.is_main:  # reporting only: nothing is chosen on the test set
+                row["test_acc"] = evaluate_split(eval_model, te_x, te_y, cfg)["acc"]
             history.append(row)
             if dist.is_main:
                 weights = eval_model.state_dict()

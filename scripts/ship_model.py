@@ -1,0 +1,53 @@
+"""Copy a trained run's best.pt into the package as the default model, with its test metrics
+and provenance, and write assets/MODEL_CARD.md beside it.
+
+    python scripts/ship_model.py runs/<run>  [--command "fmnist train ..."]
+"""
+
+import argparse
+import json
+from pathlib import Path
+
+from fmnist import checkpoint
+from fmnist.atomic import write_text
+
+ASSETS = Path(__file__).resolve().parents[1] / "src" / "fmnist" / "assets"
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("run_dir", type=Path)
+    ap.add_argument("--command", default="fmnist train", help="the command that trained it (default: fmnist train)")
+    args = ap.parse_args()
+    ckpt = checkpoint.load(args.run_dir / "best.pt")
+    m = json.loads((args.run_dir / "metrics.json").read_text())
+    env = json.loads((args.run_dir / "environment.json").read_text())
+    summary = json.loads((args.run_dir / "train_summary.json").read_text())
+    ckpt["metrics"] = {**ckpt["metrics"], "test_acc": m["test_acc"], "test_loss": m["test_loss"]}
+    ckpt["provenance"] = {"command": args.command, "run": args.run_dir.name, "environment": env,
+                          "train_seconds": summary["train_seconds"]}
+    checkpoint.save(ckpt, ASSETS / "default.pt")
+    rep = m["classification_report"]
+    rows = "\n".join(f"| {c} | {rep[c]['precision']:.4f} | {rep[c]['recall']:.4f} | {rep[c]['f1-score']:.4f} |"
+                     for c in ckpt["class_names"])
+    card = f"""# The model shipped with fmnist
+
+`default.pt` is what `fmnist predict` and `fmnist serve` use when no `--checkpoint` is given.
+
+- trained by: `{args.command}` (run `{args.run_dir.name}`, fmnist commit `{env.get('git_commit')}`)
+- architecture: `{ckpt['model']}` {json.dumps(ckpt['model_config'])}
+- epochs: {ckpt['epoch']} of {ckpt['train_config']['epochs']} (best validation accuracy), flip TTA: {ckpt['train_config']['tta_flip']}
+- validation accuracy: {ckpt['metrics']['val_acc']:.4f} (5,400... held-out 10% of the training set)
+- **test accuracy: {m['test_acc']:.4f}**, test loss {m['test_loss']:.4f} (10,000 images, `fmnist evaluate`)
+- training time: {summary['train_seconds']:.0f} s on {env['cpu']} ({env['threads']} threads), torch {env['torch']}
+
+| class | precision | recall | F1 |
+|---|---|---|---|
+{rows}
+""".replace("(5,400... held-out 10% of the training set)", "(stratified 10% hold-out of the training set)")
+    write_text(ASSETS / "MODEL_CARD.md", card)
+    print(f"shipped {args.run_dir / 'best.pt'} -> {ASSETS / 'default.pt'} (test acc {m['test_acc']:.4f})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,125 @@
+"""Predict on people's own images, from Python or the CLI.
+
+    from fmnist.predict import Predictor
+    p = Predictor()                       # the model shipped inside the package
+    p.predict(["shoe.jpg", pil_image, array])[0].top[0]   # ('Sneaker', 0.97)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import checkpoint
+from .classes import CLASS_NAMES
+from .preprocess import PreprocessError, Preprocessed, is_dataset_style, preprocess
+
+
+def default_checkpoint() -> Path:
+    """The small pretrained model shipped in the package (see assets/MODEL_CARD.md)."""
+    return Path(str(resources.files("fmnist") / "assets" / "default.pt"))
+
+
+@dataclass
+class Prediction:
+    source: str
+    top: list[tuple[str, float]] = field(default_factory=list)  # (class name, probability), best first
+    probabilities: list[float] | None = None
+    image: np.ndarray | None = None          # the 28x28 uint8 image the model saw
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    def to_dict(self) -> dict:
+        if self.error:
+            return {"source": self.source, "error": self.error}
+        return {"source": self.source, "label": self.top[0][0], "probability": self.top[0][1],
+                "top": [{"label": c, "probability": p} for c, p in self.top]}
+
+
+class Predictor:
+    """A loaded model plus the preprocessing pipeline. backend: 'torch' or 'onnx'."""
+
+    def __init__(self, checkpoint_path: str | Path | None = None, device: str = "cpu", backend: str = "torch"):
+        self.backend = backend
+        if backend == "onnx":
+            from .onnx_backend import OnnxModel
+            self.model = OnnxModel(checkpoint_path)
+            self.meta = self.model.meta
+            self.tta_flip = False
+        elif backend == "torch":
+            path = checkpoint_path or default_checkpoint()
+            self.model, ckpt = checkpoint.load_model(path, device)
+            self.meta = {"model": ckpt["model"], "class_names": ckpt["class_names"],
+                         "metrics": ckpt.get("metrics", {}), "checkpoint": str(checkpoint.resolve_path(path)),
+                         "parameters": sum(p.numel() for p in self.model.parameters())}
+            self.tta_flip = bool(ckpt.get("train_config", {}).get("tta_flip", False))
+        else:
+            raise ValueError(f"unknown backend {backend!r}; use 'torch' or 'onnx'")
+        self.device = torch.device(device)
+        self.class_names = list(self.meta.get("class_names") or CLASS_NAMES)
+
+    # -- core: 28x28 uint8 batch -> probabilities
+    @torch.no_grad()
+    def probabilities(self, images: np.ndarray) -> np.ndarray:
+        """(N, 28, 28) uint8 -> (N, 10) float probabilities."""
+        if len(images) == 0:
+            return np.zeros((0, len(self.class_names)), np.float32)
+        if self.backend == "onnx":
+            return self.model.probabilities(images)
+        x = torch.from_numpy(np.ascontiguousarray(images)).to(self.device).unsqueeze(1).float().div_(255)
+        logits = self.model(x)
+        if self.tta_flip:
+            logits = (logits + self.model(x.flip(3))) / 2
+        return torch.softmax(logits.float(), 1).cpu().numpy()
+
+    def prepare(self, item, name: str | None = None) -> Preprocessed:
+        """Anything accepted by predict() -> the 28x28 image the model will see."""
+        if is_dataset_style(item):
+            a = np.asarray(item, dtype=np.uint8).reshape(28, 28)
+            return Preprocessed(a, "dark", (0, 0, 28, 28))
+        return preprocess(item)
+
+    def predict(self, items, top_k: int = 3) -> list[Prediction]:
+        """Paths, bytes, PIL images or arrays. A bad item gets .error; the others still run."""
+        if isinstance(items, (str, Path, np.ndarray)) or hasattr(items, "size") and hasattr(items, "mode"):
+            items = [items]
+        preds, batch, slots = [], [], []
+        for i, item in enumerate(items):
+            src = str(item) if isinstance(item, (str, Path)) else f"<{type(item).__name__} #{i}>"
+            try:
+                pre = self.prepare(item)
+            except PreprocessError as e:
+                preds.append(Prediction(src, error=str(e)))
+                continue
+            preds.append(Prediction(src, image=pre.image))
+            batch.append(pre.image)
+            slots.append(len(preds) - 1)
+        probs = self.probabilities(np.stack(batch)) if batch else np.zeros((0, 10))
+        k = max(1, min(top_k, len(self.class_names)))
+        for slot, p in zip(slots, probs):
+            order = np.argsort(-p)[:k]
+            preds[slot].top = [(self.class_names[j], float(p[j])) for j in order]
+            preds[slot].probabilities = [float(v) for v in p]
+        return preds
+
+
+def load(checkpoint_path: str | Path | None = None, device: str = "cpu", backend: str = "torch") -> Predictor:
+    return Predictor(checkpoint_path, device, backend)
+
+
+def format_table(preds: list[Prediction], top_k: int) -> str:
+    width = max([len(p.source) for p in preds] + [4])
+    lines = [f"{'file':<{width}}  " + "  ".join(f"{'top-' + str(i + 1):<22}" for i in range(top_k))]
+    for p in preds:
+        if p.error:
+            lines.append(f"{p.source:<{width}}  error: {p.error}")
+        else:
+            lines.append(f"{p.source:<{width}}  " + "  ".join(f"{c + ' ' + format(pr, '.1%'):<22}" for c, pr in p.top))
+    return "\n".join(lines)

@@ -1,0 +1,217 @@
+"""Turn a real photo into what the model saw in training: a centred, light-on-black 28x28
+8-bit grayscale image, by the conversion Fashion-MNIST's authors describe (Xiao, Rasul,
+Vollgraf 2017, section 2):
+
+  1. trim the border whose colour is close (5% of the RGB range) to the corner pixels
+  2. resize the longest edge to 28 by subsampling pixels
+  3. sharpen (Gaussian, radius and sigma 1.0)
+  4. extend the shorter edge to 28, object centred
+  5. negate intensities
+  6. 8-bit grayscale
+
+Around that, what real files need: EXIF orientation, palette / 16-bit / CMYK / animated
+inputs, transparency composited onto the background, and a light-or-dark background test so
+photos that are already light-on-dark are not negated into dark-on-light.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageFile, ImageFilter, ImageOps, UnidentifiedImageError
+
+from .classes import IMAGE_SIZE
+
+MAX_PIXELS = 40_000_000   # ~ a 7,700 x 5,200 photo; larger files are refused, not resampled
+TRIM_FUZZ = 0.05          # the paper's "within 5% of the maximum possible intensity in RGB space"
+IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".gif", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
+
+
+class PreprocessError(Exception):
+    """A file that cannot become a 28x28 image; the message is one line a person can act on."""
+
+
+@dataclass
+class Preprocessed:
+    image: np.ndarray          # (28, 28) uint8, light object on black
+    background: str            # "light" (negated) or "dark" (kept)
+    box: tuple[int, int, int, int]  # trimmed box (left, top, right, bottom) in the oriented input
+
+
+# ---------------------------------------------------------------------------- opening
+
+def open_image(src, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """Open a path, bytes or PIL image: first frame, EXIF orientation applied, fully decoded."""
+    name = str(src) if isinstance(src, (str, Path)) else "image"
+    if isinstance(src, Image.Image):
+        img = src
+    else:
+        try:
+            data = Path(src).read_bytes() if isinstance(src, (str, Path)) else bytes(src)
+        except IsADirectoryError:
+            raise PreprocessError(f"{name}: is a directory") from None
+        except OSError as e:
+            raise PreprocessError(f"{name}: cannot read ({e.strerror})") from None
+        if not data:
+            raise PreprocessError(f"{name}: empty file (0 bytes)")
+        try:
+            img = Image.open(io.BytesIO(data))
+        except UnidentifiedImageError:
+            raise PreprocessError(f"{name}: not an image Pillow can read (PNG, JPEG, GIF, WebP, BMP, TIFF...)") from None
+        except Image.DecompressionBombError:
+            raise PreprocessError(f"{name}: too many pixels (limit {max_pixels:,}); resize it first") from None
+        except (OSError, SyntaxError, ValueError) as e:
+            raise PreprocessError(f"{name}: truncated or corrupt image data ({e})") from None
+    w, h = img.size
+    if w * h > max_pixels:
+        raise PreprocessError(f"{name}: {w}x{h} = {w * h:,} pixels, over the limit of {max_pixels:,}; resize it first")
+    if w == 0 or h == 0:
+        raise PreprocessError(f"{name}: image has no pixels ({w}x{h})")
+    try:
+        if getattr(img, "is_animated", False):
+            img.seek(0)  # first frame of GIF / APNG / WebP animations
+        img.load()
+        fmt = img.format
+        img = ImageOps.exif_transpose(img)
+        img.format = fmt  # the transposed copy forgets it; the server checks it
+    except (OSError, SyntaxError, ValueError) as e:
+        raise PreprocessError(f"{name}: truncated or corrupt image data ({e})") from None
+    return img
+
+
+def _to_rgba_or_rgb(img: Image.Image) -> Image.Image:
+    """Any Pillow mode -> RGB, or RGBA when it carries transparency."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        a = np.asarray(img, dtype=np.float64)
+        hi = 65535.0 if img.mode.startswith("I;16") or a.max() > 255 else 255.0
+        return Image.fromarray(np.clip(a / hi * 255 + 0.5, 0, 255).astype(np.uint8), "L").convert("RGB")
+    if img.mode == "F":
+        a = np.asarray(img, dtype=np.float64)
+        a = (a - a.min()) / max(a.max() - a.min(), 1e-12)
+        return Image.fromarray((a * 255 + 0.5).astype(np.uint8), "L").convert("RGB")
+    if img.mode == "P" and "transparency" in img.info:
+        return img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        return img.convert("RGBA")
+    return img.convert("RGB")  # includes CMYK (Pillow undoes Adobe's inverted CMYK JPEGs on decode)
+
+
+# ---------------------------------------------------------------------------- steps
+
+def corner_colour(rgb: np.ndarray) -> np.ndarray:
+    """Median of the four corner pixels: robust to one corner touching the object."""
+    h, w, _ = rgb.shape
+    corners = rgb[[0, 0, h - 1, h - 1], [0, w - 1, 0, w - 1]].astype(np.float64)
+    return np.median(corners, axis=0)
+
+
+def trim_box(rgb: np.ndarray, bg: np.ndarray, fuzz: float = TRIM_FUZZ) -> tuple[int, int, int, int]:
+    """Bounding box of pixels farther than `fuzz` of the RGB range from the background colour."""
+    dist = np.sqrt(((rgb.astype(np.float64) - bg) ** 2).sum(-1))
+    mask = dist > fuzz * 255 * np.sqrt(3)
+    if not mask.any():
+        return 0, 0, rgb.shape[1], rgb.shape[0]  # uniform image: nothing to trim
+    rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
+    return int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1
+
+
+def resize_longest(img: Image.Image, size: int = IMAGE_SIZE) -> Image.Image:
+    """Longest edge to `size` by subsampling pixels (the paper), other edge in proportion."""
+    w, h = img.size
+    s = size / max(w, h)
+    nw, nh = max(1, round(w * s)), max(1, round(h * s))
+    # Pillow's NEAREST picks the pixel at each sample centre: exactly "skipping rows and columns".
+    return img.resize((nw, nh), Image.Resampling.NEAREST)
+
+
+def sharpen(img: Image.Image) -> Image.Image:
+    """Gaussian sharpening, radius and sigma 1.0 (unsharp mask: stronger near outlines)."""
+    return img.filter(ImageFilter.UnsharpMask(radius=1.0, percent=100, threshold=0))
+
+
+def pad_centre(img: Image.Image, fill, size: int = IMAGE_SIZE) -> Image.Image:
+    canvas = Image.new(img.mode, (size, size), fill)
+    w, h = img.size
+    canvas.paste(img, ((size - w) // 2, (size - h) // 2))
+    return canvas
+
+
+# ---------------------------------------------------------------------------- pipeline
+
+def preprocess(src, max_pixels: int = MAX_PIXELS) -> Preprocessed:
+    """Path, bytes, PIL image or array -> Preprocessed (28x28 uint8, light on black)."""
+    if isinstance(src, np.ndarray):
+        src = array_to_image(src)
+    img = _to_rgba_or_rgb(open_image(src, max_pixels))
+    if img.mode == "RGBA":
+        rgba = np.asarray(img)
+        opaque = rgba[..., 3] > 0
+        # Transparent cut-outs are product shots on no background; composite onto white (the
+        # usual catalogue background), unless the visible border says the background is dark.
+        border = np.concatenate([rgba[0], rgba[-1], rgba[:, 0], rgba[:, -1]])
+        border = border[border[:, 3] > 127][:, :3]
+        fill = (255, 255, 255) if len(border) == 0 or border.mean() > 127 else (0, 0, 0)
+        base = Image.new("RGB", img.size, fill)
+        base.paste(img, mask=img.getchannel("A"))
+        img = base
+        if not opaque.any():
+            raise PreprocessError("image is fully transparent: nothing to classify")
+    rgb = np.asarray(img)
+    bg = corner_colour(rgb)
+    light = float(bg.mean()) > 127.5
+    box = trim_box(rgb, bg)
+    img = img.crop(box)
+    img = resize_longest(img)
+    img = sharpen(img)
+    img = pad_centre(img, tuple(int(round(c)) for c in bg))
+    gray = np.asarray(img.convert("L"), dtype=np.float64)
+    bg_gray = float(np.dot(bg, [0.299, 0.587, 0.114]))
+    if light:
+        gray = 255.0 - gray
+        bg_gray = 255.0 - bg_gray
+    # Real backgrounds are rarely pure white/black: stretch so the background lands on 0, as in
+    # the dataset (its backgrounds are exactly 0). A no-op for the paper's pure-white inputs.
+    if bg_gray > 0:
+        gray = (gray - bg_gray) * 255.0 / max(255.0 - bg_gray, 1.0)
+    out = np.clip(gray + 0.5, 0, 255).astype(np.uint8)
+    return Preprocessed(out, "light" if light else "dark", box)
+
+
+def array_to_image(a: np.ndarray) -> Image.Image:
+    """(H, W), (H, W, 1), (H, W, 3) or (H, W, 4) uint8 / float in [0, 1] -> PIL image."""
+    a = np.asarray(a)
+    if a.ndim == 3 and a.shape[2] == 1:
+        a = a[..., 0]
+    if a.ndim not in (2, 3) or (a.ndim == 3 and a.shape[2] not in (3, 4)):
+        raise PreprocessError(f"array of shape {a.shape}: expected (H, W), (H, W, 3) or (H, W, 4)")
+    if a.dtype != np.uint8:
+        if np.issubdtype(a.dtype, np.floating) and a.size and a.max() <= 1.0:
+            a = a * 255.0
+        a = np.clip(a, 0, 255).astype(np.uint8)
+    return Image.fromarray(a)
+
+
+def is_dataset_style(x) -> bool:
+    """A 28x28 single-channel image is taken to be Fashion-MNIST-style already."""
+    if isinstance(x, np.ndarray):
+        return x.shape in ((28, 28), (28, 28, 1))
+    if isinstance(x, Image.Image):
+        return x.size == (28, 28) and x.mode == "L"
+    return False
+
+
+def iter_image_files(paths) -> list[Path]:
+    """Expand folders (sorted, image extensions only, recursive); files are taken as given."""
+    out = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            out += sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS)
+        else:
+            out.append(p)
+    return out
+
+
+ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, never half a picture

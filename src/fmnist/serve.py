@@ -1,0 +1,216 @@
+"""`fmnist serve`: an HTTP API and a web page in front of a model.
+
+  POST /v1/predict   multipart field `files` (one or several images) -> top-k per image
+  GET  /v1/model     name, classes, parameters, accuracy
+  GET  /v1/samples   random test images for the page's strip
+  GET  /healthz      liveness
+  GET  /docs         OpenAPI (Swagger UI, served locally)
+  GET  /             the web page (every asset served by this app: no CDN, no font service)
+
+Preprocessing runs in a thread pool and inference in the dynamic batcher's thread, so the
+event loop only moves bytes. Every bad request gets a 4xx JSON error {"error": {code, message}}.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+from fastapi import FastAPI, File, HTTPException, Query, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
+from PIL import Image
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from .batcher import DynamicBatcher
+from .predict import Predictor
+from .preprocess import PreprocessError, is_dataset_style, open_image, preprocess
+
+ACCEPTED_FORMATS = {"PNG", "JPEG", "GIF", "WEBP", "BMP", "TIFF", "MPO"}  # MPO: phone JPEGs
+
+
+@dataclass
+class ServeConfig:
+    max_batch: int = 32              # dynamic batching: most images per forward pass; 1 = off
+    max_wait_ms: float = 2.0         # longest a request waits for company before its batch runs
+    max_upload_bytes: int = 10 << 20  # whole request body
+    max_files: int = 16              # per request
+    max_pixels: int = 25_000_000     # per image (decoded), against decompression bombs
+
+
+def _err(status: int, code: str, message: str) -> JSONResponse:
+    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status)
+
+
+def png_data_url(img28: np.ndarray) -> str:
+    buf = io.BytesIO()
+    Image.fromarray(img28, "L").save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def load_samples() -> tuple[np.ndarray, np.ndarray]:
+    """Test-set images shipped with the package (the dataset itself may not be installed)."""
+    with resources.files("fmnist").joinpath("assets/samples.npz").open("rb") as f:
+        z = np.load(f)
+        return z["images"], z["labels"]
+
+
+def _prepare(data: bytes, name: str, cfg: ServeConfig) -> np.ndarray:
+    """Upload bytes -> (28, 28) uint8; raises HTTPException with a 4xx a person can act on."""
+    if not data:
+        raise HTTPException(400, detail=("empty_file", f"{name}: the file is empty (0 bytes)"))
+    try:
+        img = open_image(data, max_pixels=cfg.max_pixels)
+    except PreprocessError as e:
+        msg = str(e).removeprefix("image: ")
+        if "not an image" in msg:
+            raise HTTPException(415, detail=("unsupported_media_type", f"{name}: {msg}")) from None
+        if "limit" in msg:
+            raise HTTPException(413, detail=("too_many_pixels", f"{name}: {msg}")) from None
+        raise HTTPException(400, detail=("bad_image", f"{name}: {msg}")) from None
+    fmt = img.format
+    if fmt and fmt not in ACCEPTED_FORMATS:
+        raise HTTPException(415, detail=("unsupported_media_type",
+                                         f"{name}: {fmt} images are not accepted; send PNG, JPEG, GIF, WebP, BMP or TIFF"))
+    try:
+        if is_dataset_style(img):
+            return np.asarray(img, dtype=np.uint8)
+        return preprocess(img, max_pixels=cfg.max_pixels).image
+    except PreprocessError as e:
+        raise HTTPException(422, detail=("unprocessable_image", f"{name}: {str(e).removeprefix('image: ')}")) from None
+
+
+def _mount_docs(app: FastAPI) -> None:
+    """Swagger UI from the swagger-ui-bundle package, so /docs works with no CDN."""
+    import swagger_ui_bundle
+    from fastapi.openapi.docs import get_swagger_ui_html
+
+    app.mount("/docs-assets", StaticFiles(directory=swagger_ui_bundle.swagger_ui_path), name="docs-assets")
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs():
+        return get_swagger_ui_html(openapi_url="/openapi.json", title="fmnist API",
+                                   swagger_js_url="/docs-assets/swagger-ui-bundle.js",
+                                   swagger_css_url="/docs-assets/swagger-ui.css",
+                                   swagger_favicon_url="/docs-assets/favicon-32x32.png")
+
+
+def create_app(predictor: Predictor | None = None, cfg: ServeConfig | None = None) -> FastAPI:
+    cfg = cfg or ServeConfig()
+    predictor = predictor or Predictor()
+    batcher = DynamicBatcher(predictor.probabilities, cfg.max_batch, cfg.max_wait_ms)
+    samples = load_samples()
+    rng = np.random.default_rng()
+
+    @asynccontextmanager
+    async def lifespan(app):
+        await batcher.start()
+        yield
+        await batcher.stop()
+
+    app = FastAPI(title="fmnist", version="1", lifespan=lifespan, docs_url=None, redoc_url=None,
+                  description="Fashion-MNIST classifier: upload clothing photos, get the top classes.")
+    app.state.batcher = batcher
+    static = Path(str(resources.files("fmnist") / "static"))
+    app.mount("/static", StaticFiles(directory=static), name="static")
+    _mount_docs(app)
+
+    @app.middleware("http")
+    async def limit_body(request: Request, call_next):
+        if request.method == "POST":
+            length = request.headers.get("content-length")
+            if length is None:
+                return _err(411, "length_required", "send a Content-Length header (any HTTP client does for a "
+                                                    "multipart form upload)")
+            if not length.isdigit() or int(length) > cfg.max_upload_bytes:
+                return _err(413, "payload_too_large", f"request body is {length} bytes; the limit is "
+                                                      f"{cfg.max_upload_bytes:,} bytes: send fewer or smaller images")
+        return await call_next(request)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request, exc):
+        if isinstance(exc.detail, tuple):
+            code, msg = exc.detail
+        else:
+            code, msg = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "error"), str(exc.detail)
+        return _err(exc.status_code, code, msg)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request, exc):
+        parts = []
+        for e in exc.errors():
+            where = ".".join(str(x) for x in e.get("loc", ()) if x != "body")
+            parts.append(f"{where}: {e.get('msg')}")
+        hint = " (POST images as multipart/form-data field 'files')" if request.url.path == "/v1/predict" else ""
+        return _err(422, "invalid_request", "; ".join(parts) + hint)
+
+    @app.exception_handler(Exception)
+    async def internal_error(request, exc):  # last resort: still JSON, never a stack trace
+        return _err(500, "internal_error", f"the server failed on this request ({type(exc).__name__}); "
+                                           "it is still running: try again or report it")
+
+    @app.get("/", include_in_schema=False)
+    async def index():
+        return FileResponse(static / "index.html")
+
+    @app.get("/healthz", summary="Liveness check")
+    async def healthz():
+        return {"status": "ok"}
+
+    @app.get("/v1/model", summary="The model being served")
+    async def model_info():
+        m = predictor.meta
+        return {"name": m.get("model"), "classes": predictor.class_names, "parameters": m.get("parameters"),
+                "accuracy": m.get("metrics", {}).get("test_acc"), "val_accuracy": m.get("metrics", {}).get("val_acc"),
+                "backend": predictor.backend, "max_batch": cfg.max_batch, "max_wait_ms": cfg.max_wait_ms,
+                "limits": {"max_upload_bytes": cfg.max_upload_bytes, "max_files": cfg.max_files,
+                           "max_pixels": cfg.max_pixels, "formats": sorted(ACCEPTED_FORMATS - {"MPO"})}}
+
+    @app.get("/v1/samples", summary="Random test-set images (PNG data URLs) with their true labels")
+    async def sample_images(n: int = Query(8, ge=1, le=32)):
+        imgs, labels = samples
+        idx = rng.choice(len(imgs), size=n, replace=False)
+        return {"samples": [{"id": int(i), "label": predictor.class_names[int(labels[i])],
+                             "image": png_data_url(imgs[i])} for i in idx]}
+
+    @app.post("/v1/predict", summary="Classify one or several images")
+    async def predict(files: list[UploadFile] = File(..., description="image files (PNG, JPEG, GIF, WebP, BMP, TIFF)"),
+                      top_k: int = Query(3, ge=1, le=10, description="classes per image"),
+                      include_image: bool = Query(False, description="also return the 28x28 image the model saw")):
+        if len(files) > cfg.max_files:
+            raise HTTPException(413, detail=("too_many_files", f"{len(files)} files; at most {cfg.max_files} per request"))
+        names = [f.filename or f"file {i + 1}" for i, f in enumerate(files)]
+        datas = [await f.read() for f in files]
+        imgs = [await run_in_threadpool(_prepare, d, n, cfg) for d, n in zip(datas, names)]
+        probs = await batcher.submit(np.stack(imgs))
+        out = []
+        for name, img, p in zip(names, imgs, probs):
+            order = np.argsort(-p)[:top_k]
+            item = {"filename": name, "label": predictor.class_names[order[0]], "probability": float(p[order[0]]),
+                    "top": [{"label": predictor.class_names[j], "probability": float(p[j])} for j in order]}
+            if include_image:
+                item["preprocessed"] = png_data_url(img)
+            out.append(item)
+        return {"predictions": out}
+
+    return app
+
+
+def main(args) -> int:
+    import uvicorn
+
+    cfg = ServeConfig(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
+                      max_upload_bytes=args.max_upload_mb << 20)
+    predictor = Predictor(args.checkpoint, backend=args.backend)
+    app = create_app(predictor, cfg)
+    print(f"serving {predictor.meta.get('model')} ({predictor.backend}) on http://{args.host}:{args.port}/  "
+          f"API docs: /docs  batching: max {cfg.max_batch}, wait {cfg.max_wait_ms} ms", flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=args.access_log)
+    return 0

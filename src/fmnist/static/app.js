@@ -1,0 +1,95 @@
+// The fmnist page: upload or pick an image, POST it to /v1/predict, draw the top-3 as bars.
+"use strict";
+const $ = (id) => document.getElementById(id);
+
+function showError(msg) {
+  $("error").textContent = msg;
+  $("error").hidden = !msg;
+}
+
+function render(pred, originalUrl, truth) {
+  $("result").hidden = false;
+  $("original").src = originalUrl;
+  $("preprocessed").src = pred.preprocessed;
+  $("label").textContent = `${pred.label} (${(pred.probability * 100).toFixed(1)}%)`;
+  $("truth").textContent = truth ? `true label: ${truth}` : "";
+  const bars = $("bars");
+  bars.replaceChildren();
+  for (const t of pred.top) {
+    const li = document.createElement("li");
+    const name = document.createElement("span");
+    name.textContent = t.label;
+    const bar = document.createElement("div");
+    bar.className = "bar";
+    const fill = document.createElement("span");
+    fill.style.width = `${(t.probability * 100).toFixed(1)}%`;
+    bar.append(fill);
+    const pct = document.createElement("span");
+    pct.textContent = `${(t.probability * 100).toFixed(1)}%`;
+    li.append(name, bar, pct);
+    bars.append(li);
+  }
+}
+
+async function classify(blob, filename, truth) {
+  showError("");
+  const form = new FormData();
+  form.append("files", blob, filename);
+  $("label").textContent = "…";
+  try {
+    const r = await fetch("/v1/predict?top_k=3&include_image=true", { method: "POST", body: form });
+    const body = await r.json();
+    if (!r.ok) {
+      showError(body.error ? body.error.message : `request failed (${r.status})`);
+      $("result").hidden = true;
+      return;
+    }
+    render(body.predictions[0], URL.createObjectURL(blob), truth);
+  } catch (e) {
+    showError(`could not reach the server: ${e}`);
+  }
+}
+
+function handleFiles(files) {
+  if (!files || !files.length) return;
+  classify(files[0], files[0].name);
+}
+
+async function loadSamples() {
+  const r = await fetch("/v1/samples?n=12");
+  const { samples } = await r.json();
+  const strip = $("strip");
+  strip.replaceChildren();
+  for (const s of samples) {
+    const b = document.createElement("button");
+    b.type = "button";
+    b.title = `test image #${s.id}`;
+    b.dataset.label = s.label;
+    const img = document.createElement("img");
+    img.src = s.image;
+    img.alt = `test image of a ${s.label}`;
+    b.append(img);
+    b.addEventListener("click", async () => {
+      const blob = await (await fetch(s.image)).blob();
+      classify(blob, `test-${s.id}.png`, s.label);
+    });
+    strip.append(b);
+  }
+}
+
+async function loadModel() {
+  try {
+    const m = await (await fetch("/v1/model")).json();
+    const acc = m.accuracy ? `, ${(m.accuracy * 100).toFixed(1)}% test accuracy` : "";
+    $("model-info").textContent = `Model: ${m.name} (${m.parameters.toLocaleString()} parameters${acc}).`;
+  } catch (e) { /* the page still works without it */ }
+}
+
+const drop = $("drop");
+drop.addEventListener("dragover", (e) => { e.preventDefault(); drop.classList.add("over"); });
+drop.addEventListener("dragleave", () => drop.classList.remove("over"));
+drop.addEventListener("drop", (e) => { e.preventDefault(); drop.classList.remove("over"); handleFiles(e.dataTransfer.files); });
+$("file").addEventListener("change", (e) => handleFiles(e.target.files));
+$("shuffle").addEventListener("click", loadSamples);
+loadModel();
+loadSamples();

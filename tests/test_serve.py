@@ -1,0 +1,150 @@
+"""The API against a real server process on loopback, including every bad-request case."""
+
+import concurrent.futures
+import io
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from fmnist.photos import render_product_photo
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(*extra):
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "fmnist", "serve", "--port", str(port), "--log-level", "warning",
+                             *extra], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError("server exited: " + proc.stdout.read())
+        try:
+            if httpx.get(url + "/healthz", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError("server did not come up in 60 s")
+
+
+@pytest.fixture(scope="module")
+def server():
+    proc, url = start_server("--max-upload-mb", "2")
+    yield url
+    proc.terminate()
+    proc.wait(10)
+
+
+def png(a: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(a).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_health_model_docs(server):
+    assert httpx.get(server + "/healthz").json() == {"status": "ok"}
+    m = httpx.get(server + "/v1/model").json()
+    assert m["classes"][0] == "T-shirt/top" and m["parameters"] > 1000 and 0.8 < m["accuracy"] <= 1
+    assert httpx.get(server + "/docs").status_code == 200
+    assert "/v1/predict" in httpx.get(server + "/openapi.json").json()["paths"]
+
+
+def test_predict_test_images_and_photos(server, dataset):
+    """Several files in one request: dataset images and product-photo renderings of them."""
+    rng = np.random.default_rng(0)
+    idx = [0, 1, 2, 3, 4, 5]
+    files = [("files", (f"t{i}.png", png(dataset.test_images[i].numpy()), "image/png")) for i in idx]
+    files += [("files", (f"p{i}.jpg", render_product_photo(dataset.test_images[i].numpy(), rng), "image/jpeg"))
+              for i in idx]
+    r = httpx.post(server + "/v1/predict", files=files, params={"top_k": 3, "include_image": True})
+    assert r.status_code == 200, r.text
+    preds = r.json()["predictions"]
+    assert len(preds) == 12 and all(len(p["top"]) == 3 for p in preds)
+    names = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+    truth = [names[int(dataset.test_labels[i])] for i in idx] * 2
+    assert sum(p["label"] == t for p, t in zip(preds, truth)) >= 10
+    assert preds[0]["preprocessed"].startswith("data:image/png;base64,")
+
+
+def test_concurrent_requests_are_batched(server, dataset):
+    body = png(dataset.test_images[0].numpy())
+
+    def one(_):
+        return httpx.post(server + "/v1/predict", files={"files": ("x.png", body, "image/png")}).status_code
+
+    with concurrent.futures.ThreadPoolExecutor(16) as ex:
+        codes = list(ex.map(one, range(64)))
+    assert codes == [200] * 64
+
+
+@pytest.mark.parametrize("case,status,code", [
+    ("not_image", 415, "unsupported_media_type"),
+    ("empty", 400, "empty_file"),
+    ("truncated", 400, "bad_image"),
+    ("too_big", 413, "payload_too_large"),
+    ("too_many_pixels", 413, "too_many_pixels"),
+    ("no_files", 422, "invalid_request"),
+    ("too_many_files", 413, "too_many_files"),
+    ("bad_top_k", 422, "invalid_request"),
+    ("transparent", 422, "unprocessable_image"),
+])
+def test_bad_requests_get_4xx_json(server, case, status, code):
+    ok = png(np.zeros((28, 28), np.uint8))
+    params = {}
+    if case == "not_image":
+        files = {"files": ("notes.txt", b"just some text", "text/plain")}
+    elif case == "empty":
+        files = {"files": ("empty.png", b"", "image/png")}
+    elif case == "truncated":
+        buf = io.BytesIO()
+        Image.new("RGB", (200, 200), "white").save(buf, format="JPEG")
+        files = {"files": ("cut.jpg", buf.getvalue()[:300], "image/jpeg")}
+    elif case == "too_big":
+        files = {"files": ("big.bin", os.urandom(3 << 20), "image/png")}
+    elif case == "too_many_pixels":
+        buf = io.BytesIO()
+        Image.new("1", (6000, 5000)).save(buf, format="PNG")  # tiny file, 30 MP decoded
+        files = {"files": ("bomb.png", buf.getvalue(), "image/png")}
+    elif case == "no_files":
+        files = None
+    elif case == "too_many_files":
+        files = [("files", (f"{i}.png", ok, "image/png")) for i in range(17)]
+    elif case == "bad_top_k":
+        files, params = {"files": ("a.png", ok, "image/png")}, {"top_k": 0}
+    elif case == "transparent":
+        buf = io.BytesIO()
+        Image.new("RGBA", (50, 50), (0, 0, 0, 0)).save(buf, format="PNG")
+        files = {"files": ("clear.png", buf.getvalue(), "image/png")}
+    r = httpx.post(server + "/v1/predict", files=files, params=params,
+                   data=None if files else {"x": "1"})
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert err["code"] == code and len(err["message"]) > 10 and "Traceback" not in r.text
+    assert httpx.get(server + "/healthz").status_code == 200  # still up
+
+
+def test_unknown_route_is_json_404(server):
+    r = httpx.get(server + "/nope")
+    assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
+
+
+def test_samples_and_page_assets(server):
+    s = httpx.get(server + "/v1/samples", params={"n": 5}).json()["samples"]
+    assert len(s) == 5 and s[0]["image"].startswith("data:image/png")
+    page = httpx.get(server + "/").text
+    assert "/static/app.js" in page and "http://" not in page and "https://" not in page  # no CDN
+    for asset in ("/static/app.js", "/static/app.css"):
+        assert httpx.get(server + asset).status_code == 200
