@@ -121,6 +121,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-level", default="info", help="uvicorn log level (default: info)")
     p.add_argument("--access-log", action="store_true", help="log every request (default: off)")
 
+    # ---- export
+    p = sub.add_parser("export", help="export a checkpoint to ONNX (optionally int8)",
+                       description="Export to ONNX: dynamic batch axis, normalisation inside the graph, metadata "
+                                   "(class names, model, accuracy) in the file. Needs pip install 'fmnist[onnx]'.")
+    p.add_argument("checkpoint", metavar="CHECKPOINT|RUN_DIR")
+    p.add_argument("--format", choices=["onnx"], default="onnx", help="export format (default: onnx)")
+    p.add_argument("--int8", action="store_true",
+                   help="static int8 quantization calibrated on training images (default: off, fp32)")
+    p.add_argument("--calibration-images", type=int, default=1024,
+                   help="training images used to calibrate int8 (default: 1024)")
+    p.add_argument("--out", default=None, help="output file (default: beside the checkpoint, .onnx / .int8.onnx)")
+
     # ---- bench
     p = sub.add_parser("bench", help="measure throughput, hardware efficiency and time-to-accuracy",
                        description="Benchmark on this machine: fp32 matmul peak, training/inference images/s and "
@@ -144,6 +156,13 @@ def cmd_serve(args) -> int:
     from .serve import main as serve_main
 
     return serve_main(args)
+
+
+def cmd_export(args) -> int:
+    from .export import export
+
+    export(args.checkpoint, args.out, int8=args.int8, calib_n=args.calibration_images)
+    return 0
 
 
 def cmd_bench(args) -> int:
@@ -245,10 +264,11 @@ def main(argv=None) -> int:
     from .data import DataError
 
     handlers = {"data": cmd_data, "train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict,
-                "bench": cmd_bench, "serve": cmd_serve}
+                "bench": cmd_bench, "serve": cmd_serve,
+                "export": cmd_export}
     try:
         return handlers[args.command](args)
-    except (DataError, CheckpointError, ValueError, FileNotFoundError) as e:
+    except (DataError, CheckpointError, ValueError, FileNotFoundError, ImportError) as e:
         print(f"fmnist {args.command}: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -1,0 +1,128 @@
+"""`fmnist export`: ONNX with a dynamic batch axis, normalisation inside the graph, metadata
+(class names, model, accuracy) in the file; optional static int8 quantization calibrated on
+training images, for CPU inference with ONNX Runtime."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import checkpoint
+from .atomic import atomic_path
+from .classes import MEAN, STD
+
+OPSET = 17
+INSTALL_HINT = "ONNX export needs the optional extra: pip install 'fmnist[onnx]' (onnx and onnxruntime)"
+
+
+def require(module: str):
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise ImportError(f"{module} is not installed. {INSTALL_HINT}") from None
+
+
+def metadata(ckpt: dict, quantized: str) -> dict[str, str]:
+    from . import __version__
+
+    m = ckpt.get("metrics", {})
+    return {
+        "fmnist_format": "fmnist.onnx.v1",
+        "fmnist_version": __version__,
+        "model": ckpt["model"],
+        "model_config": json.dumps(ckpt["model_config"]),
+        "class_names": json.dumps(ckpt["class_names"]),
+        "input": "images: float32 (N, 1, 28, 28) in [0, 1], light object on black; normalised inside the graph",
+        "normalization": json.dumps({"mean": MEAN, "std": STD}),
+        "output": "logits: float32 (N, 10)",
+        "test_acc": "" if m.get("test_acc") is None else f"{m['test_acc']:.6f}",
+        "val_acc": "" if m.get("val_acc") is None else f"{m['val_acc']:.6f}",
+        "epoch": str(ckpt.get("epoch", "")),
+        "quantization": quantized,
+    }
+
+
+def _set_metadata(model_proto, meta: dict[str, str]) -> None:
+    del model_proto.metadata_props[:]
+    for k, v in meta.items():
+        entry = model_proto.metadata_props.add()
+        entry.key, entry.value = k, v
+
+
+def export_fp32(model: torch.nn.Module, path: Path) -> None:
+    """Trace to ONNX. The TorchScript-based exporter: it needs neither onnxscript nor a
+    network, and this conv net has no dynamic control flow for it to miss."""
+    model = model.eval().to(memory_format=torch.contiguous_format)
+    x = torch.rand(2, 1, 28, 28)
+    with atomic_path(path) as tmp:
+        torch.onnx.export(model, (x,), str(tmp), dynamo=False, input_names=["images"], output_names=["logits"],
+                          dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}}, opset_version=OPSET)
+        # atomic_path renames tmp -> path when this block ends
+
+
+class _Calibration:
+    """Feeds training images to ONNX Runtime's static quantizer."""
+
+    def __init__(self, images: np.ndarray, batch: int = 64):
+        self.batches = [images[i:i + batch] for i in range(0, len(images), batch)]
+        self.i = 0
+
+    def get_next(self):
+        if self.i >= len(self.batches):
+            return None
+        b = self.batches[self.i]
+        self.i += 1
+        return {"images": (b[:, None].astype(np.float32) / 255.0)}
+
+
+def calibration_images(n: int = 1024, seed: int = 0) -> np.ndarray:
+    """A class-balanced random sample of *training* images (the test set stays unseen)."""
+    from . import data
+
+    ds = data.load(quiet=True)
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randperm(len(ds.train_images), generator=g)[:n]
+    return ds.train_images[idx].numpy()
+
+
+def quantize_int8(fp32_path: Path, out_path: Path, calib: np.ndarray) -> None:
+    require("onnx")
+    ort_q = require("onnxruntime.quantization")
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    with atomic_path(out_path.with_suffix(".pre.onnx")) as pre, atomic_path(out_path) as tmp:
+        quant_pre_process(str(fp32_path), str(pre), skip_symbolic_shape=True)
+        # QDQ format, per-channel int8 weights, uint8 activations: ONNX Runtime's recommended
+        # CPU setting; calibration by min/max over the sample.
+        ort_q.quantize_static(str(pre), str(tmp), _Calibration(calib), quant_format=ort_q.QuantFormat.QDQ,
+                              per_channel=True, activation_type=ort_q.QuantType.QUInt8,
+                              weight_type=ort_q.QuantType.QInt8)
+    out_path.with_suffix(".pre.onnx").unlink(missing_ok=True)
+
+
+def export(ckpt_path, out: str | Path | None = None, int8: bool = False, calib_n: int = 1024,
+           quiet: bool = False) -> Path:
+    onnx = require("onnx")
+    ckpt = checkpoint.load(ckpt_path)
+    model = checkpoint.build_model(ckpt)
+    src = checkpoint.resolve_path(ckpt_path)
+    out = Path(out) if out else src.with_suffix(".int8.onnx" if int8 else ".onnx")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fp32 = out if not int8 else out.with_name(out.stem.replace(".int8", "") + ".fp32-tmp.onnx")
+    export_fp32(model, fp32)
+    if int8:
+        quantize_int8(fp32, out, calibration_images(calib_n))
+        fp32.unlink(missing_ok=True)
+    proto = onnx.load(str(out))
+    _set_metadata(proto, metadata(ckpt, "int8-static-qdq" if int8 else "none"))
+    onnx.checker.check_model(proto)
+    with atomic_path(out) as tmp:
+        onnx.save(proto, str(tmp))
+    if not quiet:
+        print(f"wrote {out} ({out.stat().st_size / 1e6:.2f} MB, {'int8' if int8 else 'fp32'}, opset {OPSET})")
+    return out

@@ -1,0 +1,47 @@
+"""Inference with ONNX Runtime on an exported .onnx file (the optional `fmnist[onnx]` extra)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from .export import INSTALL_HINT
+
+
+class OnnxModel:
+    def __init__(self, path: str | Path | None, threads: int = 0):
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            raise ImportError(f"--backend onnx needs onnxruntime, which is not installed. {INSTALL_HINT}") from None
+        if path is None or not str(path).endswith(".onnx"):
+            raise ValueError(f"--backend onnx needs an .onnx file from `fmnist export`, got {path or 'no --checkpoint'}")
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no such ONNX file; create one with `fmnist export CHECKPOINT`")
+        opts = ort.SessionOptions()
+        if threads:
+            opts.intra_op_num_threads = threads
+        try:
+            self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        except Exception as e:  # ORT raises its own exception types for corrupt files
+            raise ValueError(f"{path}: not a loadable ONNX model ({str(e).splitlines()[0][:200]})") from None
+        props = self.session.get_modelmeta().custom_metadata_map
+        self.meta = {"model": props.get("model", path.stem), "class_names": json.loads(props.get("class_names", "null")),
+                     "metrics": {k: float(props[k]) for k in ("test_acc", "val_acc") if props.get(k)},
+                     "quantization": props.get("quantization"), "checkpoint": str(path),
+                     "parameters": None}
+        self.input = self.session.get_inputs()[0].name
+
+    def logits(self, x: np.ndarray) -> np.ndarray:
+        """x: float32 (N, 1, 28, 28) in [0, 1]."""
+        return self.session.run(None, {self.input: np.ascontiguousarray(x, dtype=np.float32)})[0]
+
+    def probabilities(self, images: np.ndarray) -> np.ndarray:
+        """(N, 28, 28) uint8 -> (N, 10) probabilities."""
+        z = self.logits(images[:, None].astype(np.float32) / 255.0)
+        z = z - z.max(1, keepdims=True)
+        e = np.exp(z)
+        return e / e.sum(1, keepdims=True)

@@ -1,0 +1,73 @@
+"""ONNX export: PyTorch and ONNX Runtime agree; int8 keeps its accuracy."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("onnxruntime")  # the optional extra; `make test` installs it
+
+from fmnist import checkpoint  # noqa: E402
+from fmnist.export import export  # noqa: E402
+from fmnist.onnx_backend import OnnxModel  # noqa: E402
+from fmnist.predict import Predictor, default_checkpoint  # noqa: E402
+from fmnist.train import predict_logits  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    d = tmp_path_factory.mktemp("onnx")
+    fp32 = export(default_checkpoint(), d / "m.onnx", quiet=True)
+    int8 = export(default_checkpoint(), d / "m.int8.onnx", int8=True, calib_n=512, quiet=True)
+    return fp32, int8
+
+
+def test_fp32_matches_pytorch_on_the_test_set(exported, dataset):
+    model, _ = checkpoint.load_model(default_checkpoint())
+    x = dataset.test_images
+    ref = predict_logits(model, x, channels_last=False).numpy()
+    got = OnnxModel(exported[0]).logits(x[:, None].numpy().astype(np.float32) / 255)
+    diff = np.abs(ref - got).max()
+    print(f"max |logit difference| PyTorch vs ONNX Runtime fp32 over 10,000 test images: {diff:.2e}")
+    assert diff < 1e-3
+    assert (ref.argmax(1) == got.argmax(1)).all()  # identical top-1 on every test image
+
+
+def test_int8_accuracy_change_is_bounded(exported, dataset):
+    y = dataset.test_labels.numpy()
+    x = dataset.test_images.numpy()
+    acc32 = (OnnxModel(exported[0]).probabilities(x).argmax(1) == y).mean()
+    acc8 = (OnnxModel(exported[1]).probabilities(x).argmax(1) == y).mean()
+    print(f"test accuracy fp32 {acc32:.4f}, int8 {acc8:.4f} ({(acc8 - acc32) * 100:+.2f} points)")
+    assert abs(acc8 - acc32) < 0.01
+
+
+def test_metadata_in_file(exported):
+    m = OnnxModel(exported[1])
+    assert m.meta["class_names"][9] == "Ankle boot" and m.meta["quantization"] == "int8-static-qdq"
+    assert 0.8 < m.meta["metrics"]["test_acc"] < 1
+
+
+def test_dynamic_batch_axis(exported):
+    m = OnnxModel(exported[0])
+    for n in (1, 7, 300):
+        assert m.logits(np.random.rand(n, 1, 28, 28).astype(np.float32)).shape == (n, 10)
+
+
+def test_predict_cli_onnx_backend(exported, dataset, tmp_path):
+    from PIL import Image
+
+    Image.fromarray(dataset.test_images[0].numpy()).save(tmp_path / "a.png")
+    r = subprocess.run([sys.executable, "-m", "fmnist", "predict", str(tmp_path / "a.png"), "--backend", "onnx",
+                        "--checkpoint", str(exported[0]), "--json"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert '"label": "Ankle boot"' in r.stdout
+    p = Predictor(exported[0], backend="onnx").predict([dataset.test_images[0].numpy()])[0]
+    assert p.top[0][0] == "Ankle boot"
+
+
+def test_onnx_backend_needs_onnx_file():
+    with pytest.raises(ValueError, match="needs an .onnx file"):
+        Predictor(default_checkpoint(), backend="onnx")
