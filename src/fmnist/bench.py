@@ -132,14 +132,18 @@ def accuracy_runs(presets, seeds, out_dir: Path, epochs: dict | None = None, log
     from .train import train
 
     results = {}
-    for preset in presets:
+    for spec in presets:
+        # "fast@8" = the fast preset with an 8-epoch schedule (a shorter budget, not a cut-off run)
+        preset, _, n_epochs = spec.partition("@")
         runs = []
         for seed in seeds:
             overrides = {"seed": seed, "out_dir": str(out_dir / "runs"), "report_test": True}
-            if epochs and preset in epochs:
+            if n_epochs:
+                overrides["epochs"] = int(n_epochs)
+            elif epochs and preset in epochs:
                 overrides["epochs"] = epochs[preset]
             cfg = config.resolve(preset, overrides)
-            log(f"training {preset} seed {seed} ({cfg.epochs} epochs)...")
+            log(f"training {spec} seed {seed} ({cfg.epochs} epochs)...")
             run_dir = train(cfg, quiet=True, evaluate_at_end=False)
             hist = _read_history(run_dir / "history.csv")
             wall, curve = 0.0, []
@@ -151,7 +155,8 @@ def accuracy_runs(presets, seeds, out_dir: Path, epochs: dict | None = None, log
                          "wall_seconds": wall, "time_to": reach})
             log(f"  final test acc {curve[-1][1]:.4f} in {wall:.0f} s; time to " +
                 ", ".join(f"{k}: {'-' if v is None else f'{v:.0f}s'}" for k, v in reach.items()))
-        results[preset] = {"runs": runs, "summary": _summarise(runs)}
+        results[spec] = {"runs": runs, "summary": _summarise(runs)}
+        write_json(out_dir / "accuracy_partial.json", results)  # a long benchmark keeps what it measured
     return results
 
 

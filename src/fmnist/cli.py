@@ -62,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--erase", type=float, default=None, help="random-erasing probability, 0 = off (preset's)")
     p.add_argument("--tta-flip", action=argparse.BooleanOptionalAction, default=None,
                    help=f"average with mirrored images at evaluation ({_preset_default('tta_flip')})")
+    p.add_argument("--amp", choices=["auto", "bf16", "off"], default=None,
+                   help="bf16 mixed precision; auto = on where the hardware runs bf16 fast (CUDA, CPUs with "
+                        "AMX/AVX512-BF16) (default: seed off, others auto)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the model (default: off; measured slower end to end on 2 CPU cores)")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
@@ -141,7 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("parts", nargs="*", default=["throughput", "accuracy"], choices=["throughput", "accuracy"],
                    help="what to measure (default: both)")
     p.add_argument("--presets", default="seed,fast,best-cpu",
-                   help="comma-separated presets for the accuracy part (default: seed,fast,best-cpu)")
+                   help="comma-separated presets for the accuracy part; NAME@N runs NAME with an N-epoch "
+                        "schedule (default: seed,fast,best-cpu)")
     p.add_argument("--seeds", type=int, default=3, help="seeds per preset; results are medians (default: 3)")
     p.add_argument("--epochs", default=None, help="override epochs per preset, e.g. 'best-cpu=20' (default: preset's)")
     p.add_argument("--out", default="bench", help="output directory (default: bench)")
@@ -233,9 +237,18 @@ def cmd_train(args) -> int:
 
     overrides = {k: getattr(args, k) for k in (
         "model", "epochs", "batch_size", "lr", "weight_decay", "optimizer", "schedule", "label_smoothing", "ema",
-        "translate", "flip", "erase", "tta_flip", "compile", "channels_last", "val_fraction", "seed", "device",
+        "translate", "flip", "erase", "tta_flip", "amp", "compile", "channels_last", "val_fraction", "seed", "device",
         "threads", "subset", "out_dir", "data_dir", "resume")}
-    cfg = config.resolve(args.preset, overrides)
+    if args.resume:
+        # Everything comes from the run being continued; only these may change.
+        given = {k: v for k, v in overrides.items() if v is not None}
+        extra = sorted(set(given) - {"resume", "epochs", "device", "threads"})
+        if extra:
+            raise ValueError(f"--resume continues a run with its own settings; drop {', '.join('--' + k.replace('_', '-') for k in extra)}")
+        cfg = config.TrainConfig(resume=args.resume, epochs=args.epochs or 0, device=args.device or "auto",
+                                 threads=args.threads or 0)
+    else:
+        cfg = config.resolve(args.preset, overrides)
     try:
         train(cfg, quiet=args.quiet)
     except KeyboardInterrupt:

@@ -49,10 +49,16 @@ class DistInfo:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         dev = next(model.parameters()).device
-        # Synchronised BatchNorm: each rank sees only batch/world samples; statistics over the
-        # global batch keep the recipe independent of the number of ranks.
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        return DDP(model, device_ids=[dev.index] if dev.type == "cuda" else None)
+        if dev.type == "cuda":
+            # Synchronised BatchNorm: each rank sees only batch/world samples; statistics over the
+            # global batch keep the recipe independent of the number of ranks.
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+            return DDP(model, device_ids=[dev.index])
+        # On CPU, torch's SyncBatchNorm refuses to run ("only work with GPU modules"). Local
+        # BatchNorm is the justified choice there: CPU DDP means few ranks with per-rank batches
+        # of 64+ (stable statistics), and DDP broadcasts rank 0's running statistics every
+        # forward (broadcast_buffers), so evaluation uses one consistent set.
+        return DDP(model)
 
     @staticmethod
     def unwrap(model: torch.nn.Module) -> torch.nn.Module:
