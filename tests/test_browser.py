@@ -1,11 +1,9 @@
 """The web page in a real browser: Debian's chromium driven by Playwright."""
 
-import io
 import shutil
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from fmnist.photos import render_product_photo
 from test_serve import start_server

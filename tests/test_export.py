@@ -5,7 +5,6 @@ import sys
 
 import numpy as np
 import pytest
-import torch
 
 pytest.importorskip("onnxruntime")  # the optional extra; `make test` installs it
 

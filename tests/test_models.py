@@ -37,3 +37,14 @@ def test_unknown_model_and_config_keys_rejected():
         create_model("nope")
     with pytest.raises(ValueError, match="unknown FastConfig keys"):
         model_config("fast", {"widht": 3})
+
+
+def test_bench_summary_medians_and_unreached_thresholds():
+    from fmnist.bench import _summarise
+
+    runs = [{"final_test_acc": a, "wall_seconds": w, "time_to": {"0.92": t92, "0.93": t93, "0.94": None}}
+            for a, w, t92, t93 in [(0.931, 100, 50, 90), (0.935, 110, 40, None), (0.933, 105, 45, 95)]]
+    s = _summarise(runs)
+    assert s["final_test_acc_median"] == 0.933 and s["wall_seconds_median"] == 105
+    assert s["time_to_0.92_median"] == 45 and s["time_to_0.93_median"] == 95
+    assert s["time_to_0.93_reached"] == "2/3" and s["time_to_0.94_median"] == float("inf")

@@ -18,16 +18,16 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .atomic import atomic_path, write_json
+from .atomic import write_json
 from .models import REGISTRY, count_parameters, create_model
 from .runinfo import environment
 
 THRESHOLDS = (0.92, 0.93, 0.94)
 
 
-def matmul_peak(n: int = 2048, reps: int = 10) -> float:
-    """Achieved fp32 GFLOP/s of a large square matmul: the practical ceiling for conv nets here."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
+def matmul_peak(n: int = 2048, reps: int = 10, dtype=torch.float32) -> float:
+    """Achieved GFLOP/s of a large square matmul: the practical ceiling for conv nets here."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     for _ in range(3):
         a @ b
     best = float("inf")
@@ -53,7 +53,10 @@ def train_flops_per_image(model, batch: int = 64) -> tuple[float, float]:
     return train, fc.get_total_flops() / batch
 
 
-def time_train_steps(model, batch: int, steps: int = 12, warmup: int = 3, channels_last: bool = True) -> float:
+def time_train_steps(model, batch: int, steps: int = 12, warmup: int = 3, channels_last: bool = True,
+                     amp: str = "off") -> float:
+    from .train import autocast
+
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     x, y = torch.rand(batch, 1, 28, 28), torch.randint(0, 10, (batch,))
@@ -62,7 +65,9 @@ def time_train_steps(model, batch: int, steps: int = 12, warmup: int = 3, channe
     for i in range(warmup + steps):
         if i == warmup:
             t = time.perf_counter()
-        loss = F.cross_entropy(model(x), y)
+        with autocast(x.device, amp):
+            out = model(x)
+        loss = F.cross_entropy(out.float(), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -70,7 +75,10 @@ def time_train_steps(model, batch: int, steps: int = 12, warmup: int = 3, channe
 
 
 @torch.no_grad()
-def time_inference(model, batch: int, steps: int = 20, warmup: int = 3, channels_last: bool = True) -> float:
+def time_inference(model, batch: int, steps: int = 20, warmup: int = 3, channels_last: bool = True,
+                   amp: str = "off") -> float:
+    from .train import autocast
+
     model.eval()
     x = torch.rand(batch, 1, 28, 28)
     if channels_last:
@@ -78,27 +86,40 @@ def time_inference(model, batch: int, steps: int = 20, warmup: int = 3, channels
     for i in range(warmup + steps):
         if i == warmup:
             t = time.perf_counter()
-        model(x)
+        with autocast(x.device, amp):
+            model(x)
     return batch * steps / (time.perf_counter() - t)
 
 
 def throughput(models=None, batch: int = 256, compile_check: bool = True, log=print) -> dict:
-    peak = matmul_peak()
-    log(f"fp32 matmul peak: {peak:.1f} GFLOP/s ({torch.get_num_threads()} threads)")
-    out = {"matmul_peak_gflops": peak, "batch": batch, "models": {}}
+    from .train import bf16_fast
+
+    peaks = {"fp32": matmul_peak()}
+    precisions = ["fp32"]
+    if bf16_fast(torch.device("cpu")):
+        peaks["bf16"] = matmul_peak(dtype=torch.bfloat16)
+        precisions.append("bf16")
+    log("matmul peak: " + ", ".join(f"{k} {v:.1f} GFLOP/s" for k, v in peaks.items())
+        + f" ({torch.get_num_threads()} threads)")
+    out = {"matmul_peak_gflops": peaks, "batch": batch, "models": {}}
     for name in models or list(REGISTRY):
         torch.manual_seed(0)
         m = create_model(name)
         tf, inf = train_flops_per_image(m)
         m = m.to(memory_format=torch.channels_last)
-        tr = time_train_steps(m, batch)
-        ev = time_inference(m, batch)
-        r = {"params": count_parameters(m), "train_mflop_per_image": tf / 1e6, "infer_mflop_per_image": inf / 1e6,
-             "train_img_s": tr, "infer_img_s": ev, "train_gflops": tr * tf / 1e9, "infer_gflops": ev * inf / 1e9}
-        r["train_peak_ratio"] = r["train_gflops"] / peak
-        r["infer_peak_ratio"] = r["infer_gflops"] / peak
-        log(f"{name:>6}: {r['params']:>9,} params  train {tr:7.0f} img/s {r['train_gflops']:6.1f} GFLOP/s "
-            f"({r['train_peak_ratio']:.0%} of peak)  infer {ev:7.0f} img/s ({r['infer_peak_ratio']:.0%})")
+        r = {"params": count_parameters(m), "train_mflop_per_image": tf / 1e6, "infer_mflop_per_image": inf / 1e6}
+        for prec in precisions:
+            amp = "bf16" if prec == "bf16" else "off"
+            tr = time_train_steps(m, batch, amp=amp)
+            ev = time_inference(m, batch, amp=amp)
+            r[prec] = {"train_img_s": tr, "infer_img_s": ev, "train_gflops": tr * tf / 1e9,
+                       "infer_gflops": ev * inf / 1e9,
+                       "train_peak_ratio": tr * tf / 1e9 / peaks[prec], "infer_peak_ratio": ev * inf / 1e9 / peaks[prec],
+                       "train_vs_fp32_peak": tr * tf / 1e9 / peaks["fp32"]}
+            q = r[prec]
+            log(f"{name:>6} {prec}: {r['params']:>9,} params  train {tr:6.0f} img/s {q['train_gflops']:6.1f} GFLOP/s "
+                f"({q['train_peak_ratio']:.0%} of {prec} peak, {q['train_vs_fp32_peak']:.0%} of fp32 peak)  "
+                f"infer {ev:6.0f} img/s ({q['infer_peak_ratio']:.0%})")
         out["models"][name] = r
     if compile_check:
         out["compile"] = compile_comparison(batch, log=log)
@@ -106,7 +127,8 @@ def throughput(models=None, batch: int = 256, compile_check: bool = True, log=pr
 
 
 def compile_comparison(batch: int, steps: int = 200, log=print) -> dict:
-    """Eager vs torch.compile on `fast` for `steps` training steps, compile time included."""
+    """Eager vs torch.compile on `fast` for `steps` training steps, compile time included
+    (fp32: the comparison is about the compiler, not the precision)."""
     res = {}
     for mode in ("eager", "compile"):
         torch.manual_seed(0)
@@ -133,10 +155,12 @@ def accuracy_runs(presets, seeds, out_dir: Path, epochs: dict | None = None, log
 
     results = {}
     for spec in presets:
-        # "fast@8" = the fast preset with an 8-epoch schedule (a shorter budget, not a cut-off run)
-        preset, _, n_epochs = spec.partition("@")
+        # "fast@8" = the fast preset with an 8-epoch schedule (a shorter budget, not a cut-off run);
+        # "best-cpu*1" = only the first seed (for presets too long to repeat)
+        name, _, n_seeds = spec.partition("*")
+        preset, _, n_epochs = name.partition("@")
         runs = []
-        for seed in seeds:
+        for seed in (seeds[:int(n_seeds)] if n_seeds else seeds):
             overrides = {"seed": seed, "out_dir": str(out_dir / "runs"), "report_test": True}
             if n_epochs:
                 overrides["epochs"] = int(n_epochs)
@@ -218,6 +242,113 @@ def run(args) -> int:
         report["accuracy"] = accuracy_runs(args.presets.split(","), seeds, out,
                                            {k: int(v) for k, v in epochs.items()})
         plot(report["accuracy"], out / "time_to_accuracy.png")
+    if "photos" in args.parts:
+        report["photos"] = photos(checkpoint_path=args.checkpoint, figure=out / "photo_pipeline.png")
+    if "onnx" in args.parts:
+        report["onnx"] = onnx_backends(checkpoint_path=args.checkpoint)
+    if "serve" in args.parts:
+        from .loadtest import run_all
+        report["serve"] = run_all(checkpoint=args.checkpoint)
     write_json(out / "bench.json", report)
     print(f"wrote {out / 'bench.json'}" + (f" and {out / 'time_to_accuracy.png'}" if "accuracy" in args.parts else ""))
     return 0
+
+
+# ---------------------------------------------------------------------------- photos
+
+def photos(n: int = 2000, checkpoint_path=None, seed: int = 0, log=print, figure: Path | None = None) -> dict:
+    """Test images rendered as product photos (photos.py), run through the whole preprocessing
+    pipeline: accuracy against the same images at 28x28."""
+    import numpy as np
+
+    from . import data
+    from .photos import render_product_photo
+    from .predict import Predictor
+
+    ds = data.load(quiet=True)
+    rng = np.random.default_rng(seed)
+    idx = rng.choice(len(ds.test_images), size=n, replace=False)
+    imgs, labels = ds.test_images[idx].numpy(), ds.test_labels[idx].numpy()
+    pred = Predictor(checkpoint_path)
+    p28 = pred.probabilities(imgs).argmax(1)
+    t = time.perf_counter()
+    shots = [render_product_photo(im, rng) for im in imgs]
+    t_render = time.perf_counter() - t
+    t = time.perf_counter()
+    res = pred.predict(shots, top_k=1)
+    t_pred = time.perf_counter() - t
+    errors = [r.error for r in res if not r.ok]
+    classes = pred.class_names
+    pp = np.array([classes.index(r.top[0][0]) if r.ok else -1 for r in res])
+    out = {"n": n, "seed": seed, "model": pred.meta.get("model"), "checkpoint": pred.meta.get("checkpoint"),
+           "acc_28x28": float((p28 == labels).mean()), "acc_photos": float((pp == labels).mean()),
+           "agreement": float((pp == p28).mean()), "errors": len(errors),
+           "photo_px_mean": float(np.mean([len(s) for s in shots])),
+           "seconds_per_photo_predict": t_pred / n, "seconds_render": t_render}
+    out["gap_points"] = (out["acc_28x28"] - out["acc_photos"]) * 100
+    if figure is not None:
+        from .plots import photo_pipeline
+
+        # one photo of each of five classes, for the README
+        pick = [int(np.flatnonzero(labels == c)[0]) for c in (0, 1, 5, 8, 9)]
+        top3 = pred.predict([shots[i] for i in pick], top_k=3)
+        photo_pipeline([shots[i] for i in pick], [r.image for r in top3], [r.top for r in top3],
+                       [classes[labels[i]] for i in pick], figure)
+    log(f"photos: 28x28 accuracy {out['acc_28x28']:.4f}, as product photos {out['acc_photos']:.4f} "
+        f"(gap {out['gap_points']:.2f} points, same prediction for {out['agreement']:.1%}), "
+        f"{out['seconds_per_photo_predict'] * 1000:.1f} ms per photo end to end")
+    return out
+
+
+# ---------------------------------------------------------------------------- onnx
+
+def onnx_backends(checkpoint_path=None, batch: int = 256, log=print) -> dict:
+    """Images/s at `batch` and single-image latency for PyTorch eager, ORT fp32 and ORT int8,
+    with the test accuracy of each (all without test-time augmentation, the exported graph)."""
+    import tempfile
+
+    import numpy as np
+
+    from . import checkpoint, data
+    from .export import export
+    from .onnx_backend import OnnxModel
+    from .predict import default_checkpoint
+
+    src = checkpoint_path or default_checkpoint()
+    ds = data.load(quiet=True)
+    x_all = ds.test_images.numpy()[:, None].astype(np.float32) / 255
+    y = ds.test_labels.numpy()
+    model, _ = checkpoint.load_model(src)
+    model = model.to(memory_format=torch.channels_last)
+
+    @torch.no_grad()
+    def torch_logits(x):
+        return model(torch.from_numpy(x).contiguous(memory_format=torch.channels_last)).numpy()
+
+    out = {"batch": batch, "checkpoint": str(src), "backends": {}}
+    with tempfile.TemporaryDirectory() as d:
+        fp32 = export(src, Path(d) / "m.onnx", quiet=True)
+        int8 = export(src, Path(d) / "m.int8.onnx", int8=True, quiet=True)
+        engines = {"pytorch-eager-fp32": torch_logits, "onnxruntime-fp32": OnnxModel(fp32).logits,
+                   "onnxruntime-int8": OnnxModel(int8).logits}
+        for name, fn in engines.items():
+            logits = np.concatenate([fn(x_all[i:i + 1000]) for i in range(0, len(x_all), 1000)])
+            acc = float((logits.argmax(1) == y).mean())
+            xb = x_all[:batch]
+            for _ in range(3):
+                fn(xb)
+            reps, t = 20, time.perf_counter()
+            for _ in range(reps):
+                fn(xb)
+            ips = batch * reps / (time.perf_counter() - t)
+            lat = []
+            for i in range(200):
+                t = time.perf_counter()
+                fn(x_all[i:i + 1])
+                lat.append(time.perf_counter() - t)
+            lat.sort()
+            out["backends"][name] = {"test_acc": acc, "img_s_batch": ips, "latency_ms_p50": lat[100] * 1000,
+                                     "latency_ms_p99": lat[197] * 1000}
+            log(f"{name:>20}: test acc {acc:.4f}  {ips:8.0f} img/s at batch {batch}  "
+                f"single image p50 {lat[100] * 1000:.2f} ms, p99 {lat[197] * 1000:.2f} ms")
+    return out

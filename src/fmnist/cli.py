@@ -141,11 +141,14 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Benchmark on this machine: fp32 matmul peak, training/inference images/s and "
                                    "GFLOP/s per model, eager vs torch.compile, and (part 'accuracy') wall time to "
                                    "92/93/94%% test accuracy per preset and seed. Writes bench.json and a plot.")
-    p.add_argument("parts", nargs="*", default=["throughput", "accuracy"], choices=["throughput", "accuracy"],
-                   help="what to measure (default: both)")
+    p.add_argument("parts", nargs="*", metavar="PART",
+                   help="any of: throughput, accuracy, photos (product-photo round trip), onnx (PyTorch vs ONNX "
+                        "Runtime fp32/int8), serve (HTTP load test on loopback) (default: throughput accuracy)")
+    p.add_argument("--checkpoint", default=None,
+                   help="model for the photos/onnx/serve parts (default: the shipped model)")
     p.add_argument("--presets", default="seed,fast,best-cpu",
                    help="comma-separated presets for the accuracy part; NAME@N runs NAME with an N-epoch "
-                        "schedule (default: seed,fast,best-cpu)")
+                        "schedule, NAME*K with only K seeds (default: seed,fast,best-cpu)")
     p.add_argument("--seeds", type=int, default=3, help="seeds per preset; results are medians (default: 3)")
     p.add_argument("--epochs", default=None, help="override epochs per preset, e.g. 'best-cpu=20' (default: preset's)")
     p.add_argument("--out", default="bench", help="output directory (default: bench)")
@@ -172,6 +175,11 @@ def cmd_export(args) -> int:
 def cmd_bench(args) -> int:
     from .bench import run
 
+    args.parts = args.parts or ["throughput", "accuracy"]
+    bad = set(args.parts) - {"throughput", "accuracy", "photos", "onnx", "serve"}
+    if bad:
+        raise ValueError(f"unknown bench part(s) {', '.join(sorted(bad))}; "
+                         f"choose from throughput, accuracy, photos, onnx, serve")
     return run(args)
 
 

@@ -103,10 +103,10 @@ def validate(cfg: TrainConfig) -> None:
         (cfg.lr > 0, f"--lr must be > 0, got {cfg.lr}"),
         (0 <= cfg.val_fraction < 1, f"--val-fraction must be in [0, 1), got {cfg.val_fraction}"),
         (cfg.optimizer in ("adam", "adamw", "sgd"), f"--optimizer must be adam, adamw or sgd, got {cfg.optimizer}"),
-        (cfg.schedule in ("constant", "onecycle", "cosine"), f"--schedule must be constant, onecycle or cosine"),
+        (cfg.schedule in ("constant", "onecycle", "cosine"), "--schedule must be constant, onecycle or cosine"),
         (0 <= cfg.ema < 1, f"--ema must be in [0, 1), got {cfg.ema}"),
         (cfg.subset >= 0, f"--subset must be >= 0, got {cfg.subset}"),
-        (0 <= cfg.label_smoothing < 1, f"--label-smoothing must be in [0, 1)"),
+        (0 <= cfg.label_smoothing < 1, "--label-smoothing must be in [0, 1)"),
         (cfg.amp in ("auto", "bf16", "off"), f"--amp must be auto, bf16 or off, got {cfg.amp}"),
     ]
     for ok, msg in checks:

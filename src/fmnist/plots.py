@@ -79,3 +79,32 @@ def mistakes(images: np.ndarray, labels: np.ndarray, probs: np.ndarray, path: Pa
                      fontsize=7, color="firebrick")
     fig.suptitle("Most confident mistakes (predicted, confidence / true class)", fontsize=10)
     _save(fig, path)
+
+
+def photo_pipeline(photos: list, seen: list, preds: list, truths: list, path: Path) -> None:
+    """Rows of: the photo as given -> the 28x28 image the model saw -> the top-3 prediction."""
+    import io
+
+    from PIL import Image
+
+    plt = _plt()
+    n = len(photos)
+    fig, axes = plt.subplots(n, 3, figsize=(8.5, 2.3 * n), gridspec_kw={"width_ratios": [1.3, 1, 1.6]})
+    for r in range(n):
+        a, b, c = axes[r]
+        a.imshow(Image.open(io.BytesIO(photos[r])).convert("RGB"))
+        a.set_title("photo (JPEG)" if r == 0 else "", fontsize=9)
+        b.imshow(seen[r], cmap="gray", vmin=0, vmax=255)
+        b.set_title("preprocessed 28x28" if r == 0 else "", fontsize=9)
+        for ax in (a, b):
+            ax.set_xticks([])
+            ax.set_yticks([])
+        names = [t[0] for t in preds[r]][::-1]
+        probs = [t[1] for t in preds[r]][::-1]
+        colours = ["seagreen" if nm == truths[r] else "grey" for nm in names]
+        c.barh(names, probs, color=colours)
+        c.set_xlim(0, 1)
+        c.set_title(f"prediction (true: {truths[r]})", fontsize=9)
+        c.tick_params(labelsize=8)
+    fig.tight_layout()
+    _save(fig, path)

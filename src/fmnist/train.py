@@ -288,7 +288,9 @@ def train(cfg: TrainConfig, quiet: bool = False, evaluate_at_end: bool = True) -
             train_seconds = time.perf_counter() - t0
             eval_model = ema.model if ema is not None else dist.unwrap(model)
             t1 = time.perf_counter()
-            va = evaluate_split(eval_model, va_x, va_y, cfg) if len(va_x) else {"loss": float("nan"), "acc": float("nan")}
+            # Rank 0 alone evaluates (the others go on to the next epoch's first all-reduce and wait).
+            va = (evaluate_split(eval_model, va_x, va_y, cfg) if len(va_x) and dist.is_main
+                  else {"loss": float("nan"), "acc": float("nan")})
             row = {"epoch": epoch, "train_loss": tr["loss"], "train_acc": tr["acc"], "val_loss": va["loss"],
                    "val_acc": va["acc"], "lr": lr_at(step - 1, total_steps, cfg), "seconds": train_seconds,
                    "eval_seconds": time.perf_counter() - t1, "elapsed": time.perf_counter() - t_start}

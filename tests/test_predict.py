@@ -1,0 +1,82 @@
+"""fmnist predict and the Python API, on real files; the product-photo round trip."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from fmnist.photos import render_product_photo
+from fmnist.predict import Predictor, default_checkpoint
+
+
+@pytest.fixture(scope="module")
+def predictor():
+    return Predictor()
+
+
+def test_shipped_model_is_self_describing(predictor):
+    assert default_checkpoint().is_file()
+    assert predictor.class_names[0] == "T-shirt/top"
+    assert predictor.meta["metrics"]["test_acc"] > 0.9  # measured at ship time, see assets/MODEL_CARD.md
+
+
+def test_product_photo_round_trip(predictor, dataset):
+    """Test images rendered as product photos (negated to white, enlarged, off-centre, JPEG) are
+    classified like the originals for the large majority."""
+    rng = np.random.default_rng(0)
+    idx = rng.choice(10000, 300, replace=False)
+    imgs = dataset.test_images[idx].numpy()
+    direct = predictor.probabilities(imgs).argmax(1)
+    shots = [render_product_photo(im, rng) for im in imgs]
+    res = predictor.predict(shots, top_k=1)
+    assert all(r.ok for r in res)
+    via_photo = np.array([predictor.class_names.index(r.top[0][0]) for r in res])
+    agreement = (via_photo == direct).mean()
+    acc = (via_photo == dataset.test_labels[idx].numpy()).mean()
+    print(f"photo round trip: agreement {agreement:.3f}, accuracy {acc:.3f}")
+    assert agreement > 0.85 and acc > 0.8
+
+
+def test_api_accepts_paths_pil_arrays(predictor, dataset, tmp_path):
+    a = dataset.test_images[0].numpy()  # an ankle boot
+    p = tmp_path / "boot.png"
+    Image.fromarray(255 - a).resize((200, 200)).save(p)  # dark on white, like a product shot
+    preds = predictor.predict([str(p), Image.open(p), a, np.stack([255 - a] * 3, -1)])
+    assert [x.top[0][0] for x in preds] == ["Ankle boot"] * 4
+    assert preds[0].image.shape == (28, 28) and abs(sum(preds[0].probabilities) - 1) < 1e-5
+
+
+def test_cli_table_json_errors_and_saved_images(dataset, tmp_path):
+    d = tmp_path / "photos"
+    d.mkdir()
+    rng = np.random.default_rng(1)
+    for i in range(3):
+        (d / f"p{i}.jpg").write_bytes(render_product_photo(dataset.test_images[i].numpy(), rng))
+    (d / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 20)
+    (d / "README.txt").write_text("not an image, and not an image extension: skipped in folders")
+    seen = tmp_path / "seen"
+    r = subprocess.run([sys.executable, "-m", "fmnist", "predict", str(d), "--save-preprocessed", str(seen)],
+                       capture_output=True, text=True)
+    assert r.returncode == 1  # one file failed
+    lines = r.stdout.splitlines()
+    assert lines[0].startswith("file") and len(lines) == 5
+    assert "broken.png" in r.stdout and "error:" in r.stdout and "1 of 4 file(s)" in r.stderr
+    assert len(list(seen.glob("*.png"))) == 3
+    assert Image.open(next(seen.glob("*.png"))).size == (28, 28)
+    r = subprocess.run([sys.executable, "-m", "fmnist", "predict", str(d / "p0.jpg"), "--json", "--top-k", "2"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert len(out) == 1 and len(out[0]["top"]) == 2 and 0 < out[0]["probability"] <= 1
+
+
+def test_cli_no_images_and_bad_checkpoint(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "fmnist", "predict", str(tmp_path)], capture_output=True, text=True)
+    assert r.returncode == 1 and "no image files found" in r.stderr
+    (tmp_path / "x.png").write_bytes(b"")
+    r = subprocess.run([sys.executable, "-m", "fmnist", "predict", str(tmp_path / "x.png"), "--checkpoint",
+                        str(tmp_path / "nope.pt")], capture_output=True, text=True)
+    assert r.returncode == 1 and "no such checkpoint" in r.stderr and "Traceback" not in r.stderr
