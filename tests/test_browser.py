@@ -1,5 +1,6 @@
 """The web page in a real browser: Debian's chromium driven by Playwright."""
 
+import os
 import shutil
 
 import numpy as np
@@ -9,6 +10,10 @@ from fmnist.photos import render_product_photo
 from test_serve import start_server
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+if CHROMIUM is None and os.environ.get("FMNIST_REQUIRE_BROWSER"):
+    # `make test` sets this: there the browser test must run, never skip quietly.
+    raise RuntimeError("FMNIST_REQUIRE_BROWSER is set but Debian's chromium is not installed: "
+                       "apt-get install chromium (make browser), or unset it to skip the browser tests")
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (make test installs it)")
 # Playwright's own browser download cannot work offline; launch the system browser. The flags
 # keep chromium from reaching for the network at start-up (refused here, slow elsewhere).

@@ -141,3 +141,15 @@ def test_bad_files(tmp_path, case, match):
     with pytest.raises(PreprocessError, match=match) as e:
         preprocess(p, max_pixels=4_000_000)
     assert str(p) in str(e.value) and "\n" not in str(e.value)
+
+
+def test_28x28_dataset_style_only_when_background_is_dark():
+    from fmnist.preprocess import is_dataset_style
+
+    garment = np.zeros((28, 28), np.uint8)
+    garment[6:22, 8:20] = 200
+    assert is_dataset_style(garment) and is_dataset_style(garment.astype(np.float32) / 255)
+    assert is_dataset_style(Image.fromarray(garment))
+    # The same garment as a 28x28 thumbnail on white must be converted, not used as is.
+    assert not is_dataset_style(255 - garment) and not is_dataset_style(Image.fromarray(255 - garment))
+    assert not is_dataset_style(np.zeros((28, 28, 3), np.uint8))

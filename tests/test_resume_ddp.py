@@ -45,7 +45,7 @@ def test_kill_mid_epoch_then_resume_matches_uninterrupted(tmp_path):
     run = only_run(crash_out)
     killed_at = checkpoint.load(run / "last.pt")["epoch"]
     assert killed_at in (1, 2), "the kill should land before the run finished"
-    assert not list(run.glob(".*.tmp")) or True  # a stray temp file may remain; the target is intact
+    # checkpoint.load above read last.pt whole: the kill left the previous complete file, not half a new one.
 
     r = subprocess.run([sys.executable, "-m", "fmnist", "train", "--resume", str(run), "--quiet"],
                        capture_output=True, text=True, timeout=300)

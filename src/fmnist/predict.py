@@ -16,7 +16,7 @@ import torch
 
 from . import checkpoint
 from .classes import CLASS_NAMES
-from .preprocess import PreprocessError, Preprocessed, is_dataset_style, preprocess
+from .preprocess import PreprocessError, Preprocessed, is_dataset_style, preprocess, to_uint8
 
 
 def default_checkpoint() -> Path:
@@ -82,7 +82,7 @@ class Predictor:
     def prepare(self, item, name: str | None = None) -> Preprocessed:
         """Anything accepted by predict() -> the 28x28 image the model will see."""
         if is_dataset_style(item):
-            a = np.asarray(item, dtype=np.uint8).reshape(28, 28)
+            a = to_uint8(np.asarray(item)).reshape(28, 28)
             return Preprocessed(a, "dark", (0, 0, 28, 28))
         return preprocess(item)
 

@@ -187,20 +187,32 @@ def array_to_image(a: np.ndarray) -> Image.Image:
         a = a[..., 0]
     if a.ndim not in (2, 3) or (a.ndim == 3 and a.shape[2] not in (3, 4)):
         raise PreprocessError(f"array of shape {a.shape}: expected (H, W), (H, W, 3) or (H, W, 4)")
-    if a.dtype != np.uint8:
-        if np.issubdtype(a.dtype, np.floating) and a.size and a.max() <= 1.0:
-            a = a * 255.0
-        a = np.clip(a, 0, 255).astype(np.uint8)
-    return Image.fromarray(a)
+    return Image.fromarray(to_uint8(a))
+
+
+def to_uint8(a: np.ndarray) -> np.ndarray:
+    """uint8 as is; floats in [0, 1] scaled to [0, 255]; anything else clipped to [0, 255]."""
+    a = np.asarray(a)
+    if a.dtype == np.uint8:
+        return a
+    if np.issubdtype(a.dtype, np.floating) and a.size and a.max() <= 1.0:
+        a = a * 255.0
+    return np.clip(np.round(a), 0, 255).astype(np.uint8)
 
 
 def is_dataset_style(x) -> bool:
-    """A 28x28 single-channel image is taken to be Fashion-MNIST-style already."""
+    """A 28x28 single-channel image on a dark background is taken to be Fashion-MNIST-style
+    already and used as is; anything else (a 28x28 thumbnail on white included) is converted."""
     if isinstance(x, np.ndarray):
-        return x.shape in ((28, 28), (28, 28, 1))
-    if isinstance(x, Image.Image):
-        return x.size == (28, 28) and x.mode == "L"
-    return False
+        ok = x.shape in ((28, 28), (28, 28, 1))
+    elif isinstance(x, Image.Image):
+        ok = x.size == (28, 28) and x.mode == "L"
+    else:
+        return False
+    if not ok:
+        return False
+    a = to_uint8(np.asarray(x)).reshape(28, 28)
+    return float(np.median(a[[0, 0, -1, -1], [0, -1, 0, -1]])) < 128
 
 
 def iter_image_files(paths) -> list[Path]:
