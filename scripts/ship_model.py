@@ -37,7 +37,7 @@ def main():
 - trained by: `{args.command}` (run `{args.run_dir.name}`, fmnist commit `{env.get('git_commit')}`)
 - architecture: `{ckpt['model']}` {json.dumps(ckpt['model_config'])}
 - epochs: {ckpt['epoch']} of {ckpt['train_config']['epochs']} (best validation accuracy), flip TTA: {ckpt['train_config']['tta_flip']}
-- validation accuracy: {ckpt['metrics']['val_acc']:.4f} (5,400... held-out 10% of the training set)
+- validation accuracy: {ckpt['metrics']['val_acc']:.4f} (stratified 10% hold-out of the training set)
 - **test accuracy: {m['test_acc']:.4f}**, test loss {m['test_loss']:.4f} (10,000 images, `fmnist evaluate`)
 - training time: {summary['train_seconds']:.0f} s on {env['cpu']} ({env['threads']} threads), torch {env['torch']}
 

@@ -1,0 +1,111 @@
+"""Render the Markdown tables of docs/RESULTS.md from `fmnist bench` output, so that every
+figure there is copied by code from a bench.json, never typed by hand.
+
+    python scripts/results_tables.py bench/cpu/bench.json [more bench.json ...] > /tmp/tables.md
+
+Parts missing from a file are skipped; later files win where two hold the same part.
+"""
+
+import json
+import math
+import sys
+
+
+def pct(x):
+    return "-" if x is None else f"{x * 100:.2f} %"
+
+
+def secs(x):
+    return "not reached" if x is None or (isinstance(x, float) and math.isinf(x)) else f"{x:.0f} s"
+
+
+def environment(env):
+    return (f"{env['cpu']}, {env['cpu_count']} cores, {env['threads']} torch threads; torch {env['torch']}, "
+            f"numpy {env['numpy']}, Python {env['python']}; fmnist commit `{(env.get('git_commit') or '?')[:12]}`; "
+            f"measured {env['time']}")
+
+
+def throughput(t):
+    peaks, conv = t["matmul_peak_gflops"], t.get("conv_peak_gflops", {})
+    out = ["Peaks: " + ", ".join(f"{k} matmul {v:.0f} GFLOP/s" for k, v in peaks.items())
+           + ("; " + ", ".join(f"{k} dense 3x3 conv {v:.0f} GFLOP/s" for k, v in conv.items()) if conv else "")
+           + f" (batch {t['batch']}).", "",
+           "| model | params | MFLOP/img (train) | precision | train img/s | train GFLOP/s | of matmul peak "
+           "| of conv peak | inference img/s |",
+           "|---|---:|---:|---|---:|---:|---:|---:|---:|"]
+    for name, r in t["models"].items():
+        for prec in ("fp32", "bf16"):
+            if prec not in r:
+                continue
+            q = r[prec]
+            out.append(f"| {name} | {r['params']:,} | {r['train_mflop_per_image']:.0f} | {prec} | {q['train_img_s']:,.0f} "
+                       f"| {q['train_gflops']:.0f} | {q['train_peak_ratio']:.0%} | "
+                       f"{q.get('train_conv_peak_ratio', float('nan')):.0%} | {q['infer_img_s']:,.0f} |")
+    c = t.get("compile")
+    if c:
+        out += ["", "| `fast`, fp32, 200 training steps | steady img/s | seconds incl. compile |", "|---|---:|---:|"]
+        for mode, r in c.items():
+            out.append(f"| {mode} | " + (f"{r['steady_img_s']:,.0f} | {r['total_seconds_for_steps']:.1f} |"
+                                         if "error" not in r else f"failed: {r['error']} | |"))
+    return "\n".join(out)
+
+
+def accuracy(a):
+    out = ["| preset | seeds | final test acc (median) | mean ± std | wall s (median) | to 92 % | to 93 % | to 94 % |",
+           "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for spec, r in a.items():
+        s = r["summary"]
+        cells = [f"{secs(s[f'time_to_{k}_median'])} ({s[f'time_to_{k}_reached']})" for k in ("0.92", "0.93", "0.94")]
+        out.append(f"| `{spec}` | {s['n']} | {pct(s['final_test_acc_median'])} | {s['final_test_acc_mean'] * 100:.2f} ± "
+                   f"{s['final_test_acc_std'] * 100:.2f} | {s['wall_seconds_median']:.0f} | " + " | ".join(cells) + " |")
+    out += ["", "Per run:", "", "| preset | seed | final test acc | wall s | to 92 % | to 93 % | to 94 % |",
+            "|---|---:|---:|---:|---:|---:|---:|"]
+    for spec, r in a.items():
+        for run in r["runs"]:
+            t = run["time_to"]
+            out.append(f"| `{spec}` | {run['seed']} | {pct(run['final_test_acc'])} | {run['wall_seconds']:.0f} | "
+                       f"{secs(t['0.92'])} | {secs(t['0.93'])} | {secs(t['0.94'])} |")
+    return "\n".join(out)
+
+
+def photos(p):
+    return (f"{p['n']} test images (seed {p['seed']}), model `{p['model']}`: 28x28 accuracy {pct(p['acc_28x28'])}, "
+            f"as product photos {pct(p['acc_photos'])} (gap {p['gap_points']:.2f} points; the same top-1 for "
+            f"{p['agreement']:.1%}; {p['errors']} errors); {p['seconds_per_photo_predict'] * 1000:.1f} ms per photo "
+            f"end to end (decode, preprocess, classify).")
+
+
+def onnx(o):
+    out = [f"Checkpoint `{o['checkpoint']}`; throughput at batch {o['batch']}, latency of one image.", "",
+           "| engine | test acc | img/s (batch) | single image p50 | p99 |", "|---|---:|---:|---:|---:|"]
+    for name, r in o["backends"].items():
+        out.append(f"| {name} | {pct(r['test_acc'])} | {r['img_s_batch']:,.0f} | {r['latency_ms_p50']:.2f} ms | "
+                   f"{r['latency_ms_p99']:.2f} ms |")
+    return "\n".join(out)
+
+
+def serve(s):
+    out = [f"{s['payload']}; at most {s['max_requests']} requests or {s['max_seconds']:.0f} s per level.", "",
+           "| setting | clients | requests/s | p50 | p99 | requests | errors |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for label, rows in s["settings"].items():
+        for r in rows:
+            out.append(f"| {label} | {r['concurrency']} | {r['rps']:,.0f} | {r['p50_ms']:.1f} ms | {r['p99_ms']:.1f} ms "
+                       f"| {r['requests']} | {r['errors']} |")
+    return "\n".join(out)
+
+
+def main(paths):
+    merged = {}
+    for p in paths:
+        with open(p) as f:
+            merged.update(json.load(f))
+    sections = [("Environment", environment, "environment"), ("Throughput", throughput, "throughput"),
+                ("Time to accuracy", accuracy, "accuracy"), ("Photos", photos, "photos"),
+                ("ONNX", onnx, "onnx"), ("Serving", serve, "serve")]
+    for title, fn, key in sections:
+        if key in merged:
+            print(f"### {title}\n\n{fn(merged[key])}\n")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
