@@ -99,24 +99,40 @@ def sample_png() -> bytes:
 
 
 def run_all(checkpoint=None, levels=(1, 8, 32), max_requests: int = 3000, max_seconds: float = 10.0,
-            log=print) -> dict:
+            onnx: bool = True, log=print) -> dict:
+    """Each setting in its own server process: PyTorch with and without dynamic batching, and
+    (where onnxruntime is installed) the same model exported to ONNX, batched."""
+    import tempfile
+
     payload = sample_png()
     out = {"payload": f"28x28 PNG test image ({len(payload)} bytes), one image per request",
            "max_requests": max_requests, "max_seconds": max_seconds, "settings": {}}
-    for label, extra in (("batching", ["--max-batch", "32", "--max-wait-ms", "2"]), ("no-batching", ["--max-batch", "1"])):
-        port = _free_port()
-        proc = start_server(port, checkpoint, extra)
-        try:
-            req = _request_bytes(port, payload, "x.png", "image/png")
-            asyncio.run(_drive(port, req, 8, 200, 5))  # warm-up: threads, allocator, first batches
-            rows = []
-            for c in levels:
-                r = asyncio.run(_drive(port, req, c, max_requests, max_seconds))
-                rows.append(r)
-                log(f"{label:>11} c={c:>2}: {r['rps']:7.1f} req/s  p50 {r['p50_ms']:6.1f} ms  "
-                    f"p99 {r['p99_ms']:6.1f} ms  ({r['requests']} requests, {r['errors']} errors)")
-            out["settings"][label] = rows
-        finally:
-            proc.terminate()
-            proc.wait(10)
+    batching = ["--max-batch", "32", "--max-wait-ms", "2"]
+    with tempfile.TemporaryDirectory() as tmp:
+        settings = [("batching", checkpoint, batching), ("no-batching", checkpoint, ["--max-batch", "1"])]
+        if onnx:
+            try:
+                from .export import export
+                from .predict import default_checkpoint
+
+                onnx_path = export(checkpoint or default_checkpoint(), f"{tmp}/model.onnx", quiet=True)
+                settings.append(("onnx-batching", onnx_path, ["--backend", "onnx", *batching]))
+            except ImportError as e:  # the optional extra is missing: measure the rest
+                log(f"skipping the ONNX Runtime setting: {e}")
+        for label, ckpt, extra in settings:
+            port = _free_port()
+            proc = start_server(port, ckpt, extra)
+            try:
+                req = _request_bytes(port, payload, "x.png", "image/png")
+                asyncio.run(_drive(port, req, 8, 200, 5))  # warm-up: threads, allocator, first batches
+                rows = []
+                for c in levels:
+                    r = asyncio.run(_drive(port, req, c, max_requests, max_seconds))
+                    rows.append(r)
+                    log(f"{label:>13} c={c:>2}: {r['rps']:7.1f} req/s  p50 {r['p50_ms']:6.1f} ms  "
+                        f"p99 {r['p99_ms']:6.1f} ms  ({r['requests']} requests, {r['errors']} errors)")
+                out["settings"][label] = rows
+            finally:
+                proc.terminate()
+                proc.wait(10)
     return out

@@ -17,6 +17,7 @@ import torch
 from . import checkpoint
 from .classes import CLASS_NAMES
 from .preprocess import PreprocessError, Preprocessed, is_dataset_style, preprocess, to_uint8
+from .train import predict_logits
 
 
 def default_checkpoint() -> Path:
@@ -56,6 +57,8 @@ class Predictor:
         elif backend == "torch":
             path = checkpoint_path or default_checkpoint()
             self.model, ckpt = checkpoint.load_model(path, device)
+            # channels-last: oneDNN's native layout for these convs, ~2x faster for small batches (bench).
+            self.model = self.model.to(memory_format=torch.channels_last)
             self.meta = {"model": ckpt["model"], "class_names": ckpt["class_names"],
                          "metrics": ckpt.get("metrics", {}), "checkpoint": str(checkpoint.resolve_path(path)),
                          "parameters": sum(p.numel() for p in self.model.parameters())}
@@ -73,11 +76,11 @@ class Predictor:
             return np.zeros((0, len(self.class_names)), np.float32)
         if self.backend == "onnx":
             return self.model.probabilities(images)
-        x = torch.from_numpy(np.ascontiguousarray(images)).to(self.device).unsqueeze(1).float().div_(255)
-        logits = self.model(x)
-        if self.tta_flip:
-            logits = (logits + self.model(x.flip(3))) / 2
-        return torch.softmax(logits.float(), 1).cpu().numpy()
+        # The training code's own inference path (fp32, channels-last, flip TTA as trained), so
+        # served predictions are the ones the reported test accuracy was measured with.
+        x = torch.from_numpy(np.array(images, dtype=np.uint8, copy=True)).to(self.device)
+        logits = predict_logits(self.model, x, batch_size=1024, tta_flip=self.tta_flip, channels_last=True, amp="off")
+        return torch.softmax(logits, 1).cpu().numpy()
 
     def prepare(self, item, name: str | None = None) -> Preprocessed:
         """Anything accepted by predict() -> the 28x28 image the model will see."""
