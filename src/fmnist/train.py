@@ -321,6 +321,9 @@ def train(cfg: TrainConfig, quiet: bool = False, evaluate_at_end: bool = True) -
                   f"continue with `fmnist train --resume {run_dir}`", file=sys.stderr)
         dist.cleanup()
         raise
+    # Leave together: a rank that tears down its gloo group while rank 0 is still validating and
+    # writing checkpoints was seen to abort ("terminate called without an active exception").
+    dist.barrier()
     dist.cleanup()
     if dist.is_main:
         write_json(run_dir / "train_summary.json", {
