@@ -48,3 +48,24 @@ def test_bench_summary_medians_and_unreached_thresholds():
     assert s["final_test_acc_median"] == 0.933 and s["wall_seconds_median"] == 105
     assert s["time_to_0.92_median"] == 45 and s["time_to_0.93_median"] == 95
     assert s["time_to_0.93_reached"] == "2/3" and s["time_to_0.94_median"] == float("inf")
+
+
+def test_bench_seeds_parse_and_append_merges_by_preset_and_seed():
+    from fmnist.bench import merge_accuracy, parse_seeds
+
+    assert parse_seeds("3") == [0, 1, 2] and parse_seeds("1,2") == [1, 2]
+    for bad in ("0", "x", "1,1", "-1,2"):
+        with pytest.raises(ValueError, match="--seeds"):
+            parse_seeds(bad)
+
+    def run(seed, acc):
+        return {"seed": seed, "final_test_acc": acc, "wall_seconds": 10.0,
+                "time_to": {"0.92": 5.0, "0.93": None, "0.94": None}}
+
+    old = {"best-cpu*1": {"runs": [run(0, 0.940)]}, "fast": {"runs": [run(0, 0.93), run(1, 0.94)]}}
+    new = {"best-cpu": {"runs": [run(2, 0.950), run(1, 0.944)]}, "fast": {"runs": [run(1, 0.935)]}}
+    m = merge_accuracy(old, new)
+    assert [r["seed"] for r in m["best-cpu"]["runs"]] == [0, 1, 2]
+    assert m["best-cpu"]["summary"]["n"] == 3 and m["best-cpu"]["summary"]["final_test_acc_median"] == 0.944
+    # a seed measured again replaces its old run
+    assert [r["final_test_acc"] for r in m["fast"]["runs"]] == [0.93, 0.935]

@@ -181,6 +181,8 @@ def accuracy_runs(presets, seeds, out_dir: Path, epochs: dict | None = None, log
         # "best-cpu*1" = only the first seed (for presets too long to repeat)
         name, _, n_seeds = spec.partition("*")
         preset, _, n_epochs = name.partition("@")
+        if name in results:
+            raise ValueError(f"preset {name!r} is listed twice in --presets")
         runs = []
         for seed in (seeds[:int(n_seeds)] if n_seeds else seeds):
             overrides = {"seed": seed, "out_dir": str(out_dir / "runs"), "report_test": True}
@@ -201,9 +203,42 @@ def accuracy_runs(presets, seeds, out_dir: Path, epochs: dict | None = None, log
                          "wall_seconds": wall, "time_to": reach})
             log(f"  final test acc {curve[-1][1]:.4f} in {wall:.0f} s; time to " +
                 ", ".join(f"{k}: {'-' if v is None else f'{v:.0f}s'}" for k, v in reach.items()))
-        results[spec] = {"runs": runs, "summary": _summarise(runs)}
+        # Keyed by NAME without "*K": the seeds are in the runs, and --append can add more later.
+        results[name] = {"runs": runs, "summary": _summarise(runs)}
         write_json(out_dir / "accuracy_partial.json", results)  # a long benchmark keeps what it measured
     return results
+
+
+def parse_seeds(text: str) -> list[int]:
+    """'3' = seeds 0, 1, 2; '1,2' = exactly seeds 1 and 2 (to add seeds to an earlier run)."""
+    try:
+        if "," not in text:
+            n = int(text)
+            if n < 1:
+                raise ValueError
+            return list(range(n))
+        seeds = [int(x) for x in text.split(",")]
+    except ValueError:
+        raise ValueError(f"--seeds must be a count (e.g. 3) or a comma-separated list of seeds (e.g. 1,2), "
+                         f"got {text!r}") from None
+    if len(set(seeds)) != len(seeds) or min(seeds) < 0:
+        raise ValueError(f"--seeds list must hold distinct non-negative seeds, got {text!r}")
+    return seeds
+
+
+def merge_accuracy(old: dict, new: dict) -> dict:
+    """Add `new` runs to an earlier accuracy part: a run of the same preset and seed is replaced,
+    the summaries are recomputed. Old keys written as NAME*K are read as NAME."""
+    merged: dict = {}
+    for spec, r in old.items():
+        merged.setdefault(spec.partition("*")[0], {})["runs"] = list(r["runs"])
+    for name, r in new.items():
+        seeds = {run["seed"] for run in r["runs"]}
+        kept = [run for run in merged.get(name, {}).get("runs", []) if run["seed"] not in seeds]
+        merged[name] = {"runs": sorted(kept + r["runs"], key=lambda run: run["seed"])}
+    for r in merged.values():
+        r["summary"] = _summarise(r["runs"])
+    return merged
 
 
 def _summarise(runs) -> dict:
@@ -250,19 +285,32 @@ def plot(results: dict, path: Path) -> None:
 
 
 def run(args) -> int:
+    import json
+
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    report = {"environment": environment("cpu" if args.device == "auto" else args.device)}
+    env = environment("cpu" if args.device == "auto" else args.device)
+    seeds = parse_seeds(str(args.seeds))
+    report = {"environment": env}
+    if args.append:
+        # Keep what an earlier run on this machine measured; parts measured now replace theirs,
+        # and accuracy runs are added per preset and seed (a 35-minute preset's seeds need not
+        # all fit in one sitting). Each appended sitting's environment is kept beside the first.
+        try:
+            report = json.loads((out / "bench.json").read_text())
+        except FileNotFoundError:
+            raise SystemExit(f"error: --append needs an earlier {out / 'bench.json'}; run without --append first")
+        report.setdefault("appended", []).append({"environment": env, "parts": args.parts,
+                                                   "presets": args.presets, "seeds": seeds})
     if args.threads:
         torch.set_num_threads(args.threads)
     if "throughput" in args.parts:
         report["throughput"] = throughput(compile_check=not args.no_compile_check)
         write_json(out / "bench.json", report)
     if "accuracy" in args.parts:
-        seeds = list(range(args.seeds))
         epochs = dict(kv.split("=") for kv in args.epochs.split(",")) if args.epochs else {}
-        report["accuracy"] = accuracy_runs(args.presets.split(","), seeds, out,
-                                           {k: int(v) for k, v in epochs.items()})
+        acc = accuracy_runs(args.presets.split(","), seeds, out, {k: int(v) for k, v in epochs.items()})
+        report["accuracy"] = merge_accuracy(report.get("accuracy", {}), acc) if args.append else acc
         plot(report["accuracy"], out / "time_to_accuracy.png")
     if "photos" in args.parts:
         report["photos"] = photos(checkpoint_path=args.checkpoint, figure=out / "photo_pipeline.png")

@@ -149,7 +149,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--presets", default="seed,fast,best-cpu",
                    help="comma-separated presets for the accuracy part; NAME@N runs NAME with an N-epoch "
                         "schedule, NAME*K with only K seeds (default: seed,fast,best-cpu)")
-    p.add_argument("--seeds", type=int, default=3, help="seeds per preset; results are medians (default: 3)")
+    p.add_argument("--seeds", default="3",
+                   help="seeds per preset: a count (3 = seeds 0,1,2) or a list (1,2); results are medians (default: 3)")
+    p.add_argument("--append", action="store_true",
+                   help="add to the bench.json already in --out (same machine): accuracy runs join the earlier "
+                        "runs of the same preset (a seed run again replaces its old run), other parts measured "
+                        "now replace theirs")
     p.add_argument("--epochs", default=None, help="override epochs per preset, e.g. 'best-cpu=20' (default: preset's)")
     p.add_argument("--out", default="bench", help="output directory (default: bench)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: 0 = all cores)")
