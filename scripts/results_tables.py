@@ -68,6 +68,19 @@ def accuracy(a):
     return "\n".join(out)
 
 
+def profile(p):
+    out = [f"`{p['preset']}` (model `{p['model']}`, batch {p['batch']}, amp {p['amp']}, {p['threads']} threads): "
+           f"{p['steps']} steps of the real training loop at {p['ms_per_step']:.0f} ms a step "
+           f"({p['img_s_under_profiler']:,.0f} img/s under the profiler). Self time of every op, summed by "
+           f"the outermost call it ran under.", "",
+           "| phase / op kind | ms per step | share |", "|---|---:|---:|"]
+    for k, r in p["phases"].items():
+        out.append(f"| **{k}** | {r['ms_per_step']:.1f} | {r['share']:.0%} |")
+    for k, r in p["kinds"].items():
+        out.append(f"| {k} | {r['ms_per_step']:.1f} | {r['share']:.0%} |")
+    return "\n".join(out)
+
+
 def photos(p):
     return (f"{p['n']} test images (seed {p['seed']}), model `{p['model']}`: 28x28 accuracy {pct(p['acc_28x28'])}, "
             f"as product photos {pct(p['acc_photos'])} (gap {p['gap_points']:.2f} points; the same top-1 for "
@@ -99,7 +112,11 @@ def main(paths):
     for p in paths:
         with open(p) as f:
             merged.update(json.load(f))
+    for a in merged.get("appended", []):  # bench --append: say when and at which commit each addition ran
+        print(f"Added with `--append` ({', '.join(a['parts'])}; {a.get('presets', '')} seeds {a.get('seeds', '')}): "
+              f"{environment(a['environment'])}\n")
     sections = [("Environment", environment, "environment"), ("Throughput", throughput, "throughput"),
+                ("Profile of a training step", profile, "profile"),
                 ("Time to accuracy", accuracy, "accuracy"), ("Photos", photos, "photos"),
                 ("ONNX", onnx, "onnx"), ("Serving", serve, "serve")]
     for title, fn, key in sections:

@@ -3,6 +3,7 @@
   throughput  fp32 matmul and dense-conv peaks; per model: training and inference images/s, FLOPs per image
               (counted by torch.utils.flop_counter), achieved GFLOP/s and its share of the peak;
               eager vs torch.compile (compile time included)
+  profile     torch.profiler over steps of `fast`'s real training loop: self time by op kind
   accuracy    trains each preset for each seed, evaluating the *test* set after every epoch for
               reporting only (nothing is chosen on it), and reports wall time to 92/93/94%
 
@@ -312,6 +313,8 @@ def run(args) -> int:
         acc = accuracy_runs(args.presets.split(","), seeds, out, {k: int(v) for k, v in epochs.items()})
         report["accuracy"] = merge_accuracy(report.get("accuracy", {}), acc) if args.append else acc
         plot(report["accuracy"], out / "time_to_accuracy.png")
+    if "profile" in args.parts:
+        report["profile"] = profile_training()
     if "photos" in args.parts:
         report["photos"] = photos(checkpoint_path=args.checkpoint, figure=out / "photo_pipeline.png")
     if "onnx" in args.parts:
@@ -322,6 +325,92 @@ def run(args) -> int:
     write_json(out / "bench.json", report)
     print(f"wrote {out / 'bench.json'}" + (f" and {out / 'time_to_accuracy.png'}" if "accuracy" in args.parts else ""))
     return 0
+
+
+# ---------------------------------------------------------------------------- profile
+
+# Op kinds for the profile, matched in this order (first match wins) against the name of the
+# outermost profiled call an op ran under: the forward op (aten::conv2d), the backward node
+# (autograd::engine::evaluate_function: ConvolutionBackward0) or the optimizer step.
+OP_KINDS = (
+    ("optimizer (AdamW)", ("optimizer.",)),
+    ("convolution", ("conv",)),
+    ("batch norm", ("batch_norm", "batchnorm")),
+    ("max pool", ("max_pool", "maxpool", "adaptive_max")),
+    ("dtype casts (bf16 autocast)", ("_to_copy", "tocopy", "aten::to", "copy_")),
+    ("linear + loss", ("addmm", "mm", "linear", "cross_entropy", "log_softmax", "logsoftmax", "nll_loss",
+                       "nllloss", "t_backward", "tbackward")),
+    ("ReLU + residual adds", ("relu", "threshold", "add")),
+    ("batching + augmentation", ("index", "randperm", "pad", "flip", "where", "gather", "rand", "bernoulli",
+                                 "uniform", "arange", "div", "unsqueeze", "contiguous", "sub", "slice")),
+)
+
+
+def _op_kind(event) -> tuple[str, str]:
+    """(kind, phase) of a profiled op, from the outermost call it ran under."""
+    root = event
+    while root.cpu_parent is not None:
+        root = root.cpu_parent
+    name = root.name.lower()
+    phase = ("optimizer" if name.startswith("optimizer.") else
+             "backward" if name.startswith("autograd::engine") else "forward, batching, loss")
+    kind = next((k for k, keys in OP_KINDS if any(w in name for w in keys)), "other")
+    return kind, phase
+
+
+def profile_training(preset: str = "fast", steps: int = 30, warmup: int = 5, log=print) -> dict:
+    """Where a training step's time goes: torch.profiler around `steps` steps of the real training
+    loop (train.train_one_epoch: batching by index, augmentation, forward, backward, optimizer)
+    for `preset`, on CPU, self time summed by op kind."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from . import config, data
+    from .distributed import DistInfo
+    from .models import model_config
+    from .train import EMA, epoch_generators, make_optimizer, train_one_epoch
+
+    cfg = config.resolve(preset, {"device": "cpu"})
+    ds = data.load(quiet=True)
+    torch.manual_seed(0)
+    model = create_model(cfg.model, model_config(cfg.model, cfg.model_config))
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    opt = make_optimizer(model, cfg)
+    ema = EMA(model, cfg.ema) if cfg.ema else None
+    dist = DistInfo()
+
+    def epoch(n_steps):
+        n = n_steps * cfg.batch_size
+        return train_one_epoch(model, opt, ema, ds.train_images[:n], ds.train_labels[:n], cfg, epoch=1, step=0,
+                               total_steps=10 * n_steps, gen=epoch_generators(0, 1, 0, torch.device("cpu")),
+                               dist=dist, quiet=True)
+
+    epoch(warmup)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        t = time.perf_counter()
+        epoch(steps)
+        wall = time.perf_counter() - t
+    kinds: dict[str, float] = {}
+    phases: dict[str, float] = {}
+    for e in prof.events():
+        kind, phase = _op_kind(e)
+        kinds[kind] = kinds.get(kind, 0.0) + e.self_cpu_time_total
+        phases[phase] = phases.get(phase, 0.0) + e.self_cpu_time_total
+    total = sum(kinds.values())
+
+    def per_step(d):
+        return {k: {"ms_per_step": v / 1000 / steps, "share": v / total}
+                for k, v in sorted(d.items(), key=lambda kv: -kv[1])}
+
+    out = {"preset": preset, "model": cfg.model, "batch": cfg.batch_size, "steps": steps,
+           "threads": torch.get_num_threads(), "amp": cfg.amp, "wall_seconds": wall,
+           "ms_per_step": wall / steps * 1000, "img_s_under_profiler": steps * cfg.batch_size / wall,
+           "profiled_ms_per_step": total / 1000 / steps, "kinds": per_step(kinds), "phases": per_step(phases)}
+    log(f"profile of {steps} {preset} training steps (batch {cfg.batch_size}): {wall / steps * 1000:.1f} ms/step, "
+        f"{out['img_s_under_profiler']:.0f} img/s under the profiler")
+    for k, r in {**out["phases"], **out["kinds"]}.items():
+        log(f"  {k:>30}: {r['share']:6.1%}  {r['ms_per_step']:6.1f} ms/step")
+    return out
 
 
 # ---------------------------------------------------------------------------- photos

@@ -142,7 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "GFLOP/s per model, eager vs torch.compile, and (part 'accuracy') wall time to "
                                    "92/93/94%% test accuracy per preset and seed. Writes bench.json and a plot.")
     p.add_argument("parts", nargs="*", metavar="PART",
-                   help="any of: throughput, accuracy, photos (product-photo round trip), onnx (PyTorch vs ONNX "
+                   help="any of: throughput, accuracy, profile (where fast's training step spends its time), "
+                        "photos (product-photo round trip), onnx (PyTorch vs ONNX "
                         "Runtime fp32/int8), serve (HTTP load test on loopback) (default: throughput accuracy)")
     p.add_argument("--checkpoint", default=None,
                    help="model for the photos/onnx/serve parts (default: the shipped model)")
@@ -181,10 +182,10 @@ def cmd_bench(args) -> int:
     from .bench import run
 
     args.parts = args.parts or ["throughput", "accuracy"]
-    bad = set(args.parts) - {"throughput", "accuracy", "photos", "onnx", "serve"}
+    bad = set(args.parts) - {"throughput", "accuracy", "profile", "photos", "onnx", "serve"}
     if bad:
         raise ValueError(f"unknown bench part(s) {', '.join(sorted(bad))}; "
-                         f"choose from throughput, accuracy, photos, onnx, serve")
+                         f"choose from throughput, accuracy, profile, photos, onnx, serve")
     return run(args)
 
 
