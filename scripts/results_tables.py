@@ -112,9 +112,6 @@ def main(paths):
     for p in paths:
         with open(p) as f:
             merged.update(json.load(f))
-    for a in merged.get("appended", []):  # bench --append: say when and at which commit each addition ran
-        print(f"Added with `--append` ({', '.join(a['parts'])}; {a.get('presets', '')} seeds {a.get('seeds', '')}): "
-              f"{environment(a['environment'])}\n")
     sections = [("Environment", environment, "environment"), ("Throughput", throughput, "throughput"),
                 ("Profile of a training step", profile, "profile"),
                 ("Time to accuracy", accuracy, "accuracy"), ("Photos", photos, "photos"),
@@ -122,6 +119,10 @@ def main(paths):
     for title, fn, key in sections:
         if key in merged:
             print(f"### {title}\n\n{fn(merged[key])}\n")
+        if key == "environment":
+            for a in merged.get("appended", []):  # bench --append: when and at which commit each addition ran
+                print(f"Added with `--append` ({', '.join(a['parts'])}; presets {a.get('presets', '')}, seeds "
+                      f"{', '.join(map(str, a.get('seeds', [])))}): {environment(a['environment'])}\n")
 
 
 if __name__ == "__main__":
