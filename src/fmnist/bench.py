@@ -26,18 +26,32 @@ from .runinfo import environment
 THRESHOLDS = (0.92, 0.93, 0.94)
 
 
+def _best_seconds(fn, reps: int = 10, rounds: int = 3, warmup: int = 3) -> float:
+    """Fastest of `rounds` timings of `reps` calls: the least disturbed by other load."""
+    for _ in range(warmup):
+        fn()
+    best = float("inf")
+    for _ in range(rounds):
+        t = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def _images_per_second(step, batch: int, steps: int, warmup: int) -> float:
+    for _ in range(warmup):
+        step()
+    t = time.perf_counter()
+    for _ in range(steps):
+        step()
+    return batch * steps / (time.perf_counter() - t)
+
+
 def matmul_peak(n: int = 2048, reps: int = 10, dtype=torch.float32) -> float:
     """Achieved GFLOP/s of a large square matmul: the practical ceiling for conv nets here."""
     a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    for _ in range(3):
-        a @ b
-    best = float("inf")
-    for _ in range(3):
-        t = time.perf_counter()
-        for _ in range(reps):
-            a @ b
-        best = min(best, time.perf_counter() - t)
-    return 2 * n ** 3 * reps / best / 1e9
+    return 2 * n ** 3 * reps / _best_seconds(lambda: a @ b, reps) / 1e9
 
 
 def conv_peak(c: int = 256, hw: int = 7, batch: int = 256, reps: int = 10, dtype=torch.float32) -> float:
@@ -46,15 +60,7 @@ def conv_peak(c: int = 256, hw: int = 7, batch: int = 256, reps: int = 10, dtype
     matmul, is the real ceiling for a conv net: a ratio to the matmul peak can exceed 100%."""
     x = torch.randn(batch, c, hw, hw, dtype=dtype).contiguous(memory_format=torch.channels_last)
     w = torch.randn(c, c, 3, 3, dtype=dtype).contiguous(memory_format=torch.channels_last)
-    for _ in range(3):
-        F.conv2d(x, w, padding=1)
-    best = float("inf")
-    for _ in range(3):
-        t = time.perf_counter()
-        for _ in range(reps):
-            F.conv2d(x, w, padding=1)
-        best = min(best, time.perf_counter() - t)
-    return 2 * batch * c * c * 9 * hw * hw * reps / best / 1e9
+    return 2 * batch * c * c * 9 * hw * hw * reps / _best_seconds(lambda: F.conv2d(x, w, padding=1), reps) / 1e9
 
 
 def train_flops_per_image(model, batch: int = 64) -> tuple[float, float]:
@@ -80,16 +86,16 @@ def time_train_steps(model, batch: int, steps: int = 12, warmup: int = 3, channe
     x, y = torch.rand(batch, 1, 28, 28), torch.randint(0, 10, (batch,))
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    for i in range(warmup + steps):
-        if i == warmup:
-            t = time.perf_counter()
+
+    def step():
         with autocast(x.device, amp):
             out = model(x)
         loss = F.cross_entropy(out.float(), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-    return batch * steps / (time.perf_counter() - t)
+
+    return _images_per_second(step, batch, steps, warmup)
 
 
 @torch.no_grad()
@@ -101,12 +107,12 @@ def time_inference(model, batch: int, steps: int = 20, warmup: int = 3, channels
     x = torch.rand(batch, 1, 28, 28)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    for i in range(warmup + steps):
-        if i == warmup:
-            t = time.perf_counter()
+
+    def step():
         with autocast(x.device, amp):
             model(x)
-    return batch * steps / (time.perf_counter() - t)
+
+    return _images_per_second(step, batch, steps, warmup)
 
 
 def throughput(models=None, batch: int = 256, compile_check: bool = True, log=print) -> dict:
