@@ -89,7 +89,8 @@ def photos(p):
 
 
 def onnx(o):
-    out = [f"Checkpoint `{o['checkpoint']}`; throughput at batch {o['batch']}, latency of one image.", "",
+    tta = {True: "; flip TTA in every engine (two passes per image)", False: "; no TTA"}.get(o.get("tta_flip"), "")
+    out = [f"Checkpoint `{o['checkpoint']}`; throughput at batch {o['batch']}, latency of one image{tta}.", "",
            "| engine | test acc | img/s (batch) | single image p50 | p99 |", "|---|---:|---:|---:|---:|"]
     for name, r in o["backends"].items():
         out.append(f"| {name} | {pct(r['test_acc'])} | {r['img_s_batch']:,.0f} | {r['latency_ms_p50']:.2f} ms | "

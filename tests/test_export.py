@@ -26,7 +26,9 @@ def exported(tmp_path_factory):
 def test_fp32_matches_pytorch_on_the_test_set(exported, dataset):
     model, _ = checkpoint.load_model(default_checkpoint())
     x = dataset.test_images
-    ref = predict_logits(model, x, channels_last=False).numpy()
+    # the shipped model is evaluated with flip TTA, so the exported graph holds it too
+    assert checkpoint.load(default_checkpoint())["train_config"]["tta_flip"] and OnnxModel(exported[0]).meta["tta_flip"]
+    ref = predict_logits(model, x, tta_flip=True, channels_last=False).numpy()
     got = OnnxModel(exported[0]).logits(x[:, None].numpy().astype(np.float32) / 255)
     diff = np.abs(ref - got).max()
     print(f"max |logit difference| PyTorch vs ONNX Runtime fp32 over 10,000 test images: {diff:.2e}")
@@ -41,6 +43,15 @@ def test_int8_accuracy_change_is_bounded(exported, dataset):
     acc8 = (OnnxModel(exported[1]).probabilities(x).argmax(1) == y).mean()
     print(f"test accuracy fp32 {acc32:.4f}, int8 {acc8:.4f} ({(acc8 - acc32) * 100:+.2f} points)")
     assert abs(acc8 - acc32) < 0.01
+
+
+def test_export_without_tta_is_the_bare_model(dataset, tmp_path):
+    model, _ = checkpoint.load_model(default_checkpoint())
+    x = dataset.test_images[:500]
+    m = OnnxModel(export(default_checkpoint(), tmp_path / "bare.onnx", tta_flip=False, quiet=True))
+    assert not m.meta["tta_flip"]
+    ref = predict_logits(model, x, tta_flip=False, channels_last=False).numpy()
+    assert np.abs(ref - m.logits(x[:, None].numpy().astype(np.float32) / 255)).max() < 1e-3
 
 
 def test_metadata_in_file(exported):

@@ -135,6 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calibration-images", type=int, default=1024,
                    help="training images used to calibrate int8 (default: 1024)")
     p.add_argument("--out", default=None, help="output file (default: beside the checkpoint, .onnx / .int8.onnx)")
+    p.add_argument("--tta-flip", action=argparse.BooleanOptionalAction, default=None,
+                   help="average each image with its mirror inside the graph, as the model is evaluated in "
+                        "PyTorch (default: as the model was trained; --no-tta-flip halves the compute)")
 
     # ---- bench
     p = sub.add_parser("bench", help="measure throughput, hardware efficiency and time-to-accuracy",
@@ -174,7 +177,7 @@ def cmd_serve(args) -> int:
 def cmd_export(args) -> int:
     from .export import export
 
-    export(args.checkpoint, args.out, int8=args.int8, calib_n=args.calibration_images)
+    export(args.checkpoint, args.out, int8=args.int8, calib_n=args.calibration_images, tta_flip=args.tta_flip)
     return 0
 
 

@@ -85,6 +85,9 @@ class FastConfig:
     widths: tuple[int, ...] = (64, 128)
     res: tuple[int, ...] = (1, 1)
     dropout: float = 0.0
+    # 2 = space-to-depth stem: each 2x2 patch becomes 4 channels and the stem conv runs at 14x14,
+    # so no 28x28 map (whose BatchNorm, ReLU and pooling are memory-bound on a CPU) exists.
+    stem_patch: int = 1
 
 
 class ConvBN(nn.Sequential):
@@ -113,8 +116,13 @@ class FastNet(nn.Module):
         super().__init__()
         if len(cfg.widths) != len(cfg.res):
             raise ValueError(f"FastConfig: widths {cfg.widths} and res {cfg.res} must have the same length")
+        if cfg.stem_patch not in (1, 2):
+            raise ValueError(f"FastConfig: stem_patch must be 1 (conv + pool) or 2 (space-to-depth), got {cfg.stem_patch}")
         self.norm = Normalize()
-        layers: list[nn.Module] = [ConvBN(1, cfg.stem), nn.MaxPool2d(2)]        # (B, stem, 14, 14)
+        if cfg.stem_patch == 2:
+            layers: list[nn.Module] = [nn.PixelUnshuffle(2), ConvBN(4, cfg.stem)]  # (B, stem, 14, 14)
+        else:
+            layers = [ConvBN(1, cfg.stem), nn.MaxPool2d(2)]                        # (B, stem, 14, 14)
         cin = cfg.stem
         for w, r in zip(cfg.widths, cfg.res):
             layers += [ConvBN(cin, w), *(Residual(w) for _ in range(r)), nn.MaxPool2d(2, ceil_mode=True)]

@@ -31,7 +31,8 @@ class OnnxModel:
         props = self.session.get_modelmeta().custom_metadata_map
         self.meta = {"model": props.get("model", path.stem), "class_names": json.loads(props.get("class_names", "null")),
                      "metrics": {k: float(props[k]) for k in ("test_acc", "val_acc") if props.get(k)},
-                     "quantization": props.get("quantization"), "checkpoint": str(path),
+                     "quantization": props.get("quantization"), "tta_flip": props.get("tta_flip") == "true",
+                     "checkpoint": str(path),
                      "parameters": None}
         self.input = self.session.get_inputs()[0].name
 

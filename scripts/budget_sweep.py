@@ -1,0 +1,66 @@
+"""Short trials of `fast`-recipe variants under a ~120 s wall-time budget (issue 3's time-to-93 %
+target), judged on the validation split only (no test images are touched): does a cheaper net,
+or a recipe without augmentation, buy accuracy at a fixed budget?
+
+    python scripts/budget_sweep.py --out bench/cpu/budget_sweep.json
+
+Each candidate is the fast preset with overrides (model config, epochs). Writes one JSON row per
+candidate: final validation accuracy and wall time (training + per-epoch validation, the same
+wall time the benchmark counts).
+"""
+
+import argparse
+import csv
+import json
+import time
+from pathlib import Path
+
+from fmnist import config
+from fmnist.atomic import write_json
+from fmnist.runinfo import environment
+from fmnist.train import train
+
+CANDIDATES = [
+    # name, model_config overrides, epochs[, other recipe overrides]: sized from `fmnist.bench.time_train_steps` (bf16, batch
+    # 256) so that each run takes ~110-120 s on the 2-core AMD EPYC: fast 2,187 img/s; space-to-depth
+    # stem 2,372; widths 48/96 2,503; both with stem 24 3,271, with stem 32 3,437
+    ("fast@4 (reference)", {}, 4),
+    ("s2d stem 32, widths 48/96 @6", {"stem_patch": 2, "stem": 32, "widths": (48, 96)}, 6),
+    ("s2d stem 24, widths 48/96 @6", {"stem_patch": 2, "stem": 24, "widths": (48, 96)}, 6),
+    ("fast@4, no augmentation", {}, 4, {"augment": {"translate": 0, "flip": False, "erase": 0.0}}),
+]
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", required=True, help="JSON file to write")
+    ap.add_argument("--only", default=None, help="comma-separated candidate indices to run (default: all)")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    rows = []
+    pick = [int(i) for i in args.only.split(",")] if args.only else range(len(CANDIDATES))
+    for i in pick:
+        name, mcfg, epochs, *extra = CANDIDATES[i]
+        extra = extra[0] if extra else {}
+        aug = extra.get("augment", {})
+        cfg = config.resolve("fast", {"model_config": mcfg, "epochs": epochs, "seed": args.seed,
+                                      "out_dir": "/tmp/fmnist-budget-sweep", **aug})
+        t = time.perf_counter()
+        run_dir = train(cfg, quiet=True, evaluate_at_end=False)
+        with open(run_dir / "history.csv") as f:
+            hist = list(csv.DictReader(f))
+        wall = sum(float(h["seconds"]) + float(h["eval_seconds"]) for h in hist)
+        row = {"name": name, "model_config": mcfg, "epochs": epochs, "overrides": extra, "seed": args.seed,
+               "val_acc": float(hist[-1]["val_acc"]), "wall_seconds": wall,
+               "elapsed_seconds": time.perf_counter() - t}
+        rows.append(row)
+        print(f"{name:>30}: val {row['val_acc']:.4f} in {wall:.0f} s", flush=True)
+    out = Path(args.out)
+    if args.only and out.exists():  # a partial rerun adds to (or replaces rows of) the earlier file
+        old = json.loads(out.read_text())["rows"]
+        rows = [r for r in old if r["name"] not in {x["name"] for x in rows}] + rows
+    write_json(out, {"environment": environment("cpu"), "rows": rows})
+
+
+if __name__ == "__main__":
+    main()
