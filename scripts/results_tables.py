@@ -122,8 +122,10 @@ def main(paths):
             print(f"### {title}\n\n{fn(merged[key])}\n")
         if key == "environment":
             for a in merged.get("appended", []):  # bench --append: when and at which commit each addition ran
-                print(f"Added with `--append` ({', '.join(a['parts'])}; presets {a.get('presets', '')}, seeds "
-                      f"{', '.join(map(str, a.get('seeds', [])))}): {environment(a['environment'])}\n")
+                what = ", ".join(a["parts"])
+                if "accuracy" in a["parts"]:
+                    what += f"; presets {a['presets']}, seeds {', '.join(map(str, a['seeds']))}"
+                print(f"Added with `--append` ({what}): {environment(a['environment'])}\n")
 
 
 if __name__ == "__main__":

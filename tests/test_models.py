@@ -16,6 +16,18 @@ def test_shapes_no_nan_every_param_gets_grad(name):
     assert not missing
 
 
+def test_space_to_depth_stem_has_no_28x28_map_and_rejects_other_patches():
+    m = create_model("fast", {"stem_patch": 2}).eval()
+    sizes = []
+    hooks = [mod.register_forward_hook(lambda _m, _i, o: sizes.append(o.shape[-1])) for mod in m.features]
+    assert m(torch.rand(2, 1, 28, 28)).shape == (2, 10)
+    assert max(sizes) == 14  # pixel-unshuffle first: every map is 14x14 or smaller
+    for h in hooks:
+        h.remove()
+    with pytest.raises(ValueError, match="stem_patch"):
+        create_model("fast", {"stem_patch": 3})
+
+
 def test_seed_matches_keras_parameter_count():
     # Keras model.summary() of the assignment's network: 356,234 trainable parameters.
     assert count_parameters(create_model("seed")) == 356_234

@@ -58,7 +58,7 @@ PRESETS: dict[str, dict] = {
                  augment=dict(translate=1, flip=True, erase=0.0), tta_flip=True),
     # best-cpu: 4x the width of fast and a longer schedule with stronger augmentation and a
     # weight EMA, sized for ~30 minutes on 2 cores from wide's ~680 img/s in bf16 on a 2-core
-    # AMD EPYC; with augmentation and EMA a full run measured 2,071 s there (94.46% test).
+    # AMD EPYC; with augmentation and EMA, 3 seeds measured 1,970-2,157 s there (94.46% median test).
     "best-cpu": dict(model="wide", epochs=20, batch_size=256, lr=4e-3, weight_decay=0.05, optimizer="adamw",
                      schedule="onecycle", warmup=0.15, label_smoothing=0.1, ema=0.999,
                      augment=dict(translate=2, flip=True, erase=0.25), tta_flip=True),
