@@ -28,6 +28,11 @@ CANDIDATES = [
     ("s2d stem 32, widths 48/96 @6", {"stem_patch": 2, "stem": 32, "widths": (48, 96)}, 6),
     ("s2d stem 24, widths 48/96 @6", {"stem_patch": 2, "stem": 24, "widths": (48, 96)}, 6),
     ("fast@4, no augmentation", {}, 4, {"augment": {"translate": 0, "flip": False, "erase": 0.0}}),
+    ("fast@4, batch 128 (2x the steps)", {}, 4, {"batch_size": 128}),
+    ("fast@4, peak lr 1.2e-2", {}, 4, {"lr": 1.2e-2}),
+    ("fast@4, batch 64 (4x the steps)", {}, 4, {"batch_size": 64}),
+    ("s2d stem 24, widths 48/96 @6, batch 128", {"stem_patch": 2, "stem": 24, "widths": (48, 96)}, 6,
+     {"batch_size": 128}),
 ]
 
 
@@ -42,9 +47,9 @@ def main():
     for i in pick:
         name, mcfg, epochs, *extra = CANDIDATES[i]
         extra = extra[0] if extra else {}
-        aug = extra.get("augment", {})
+        flat = {**{k: v for k, v in extra.items() if k != "augment"}, **extra.get("augment", {})}
         cfg = config.resolve("fast", {"model_config": mcfg, "epochs": epochs, "seed": args.seed,
-                                      "out_dir": "/tmp/fmnist-budget-sweep", **aug})
+                                      "out_dir": "/tmp/fmnist-budget-sweep", **flat})
         t = time.perf_counter()
         run_dir = train(cfg, quiet=True, evaluate_at_end=False)
         with open(run_dir / "history.csv") as f:

@@ -81,6 +81,13 @@ def profile(p):
     return "\n".join(out)
 
 
+def budget_sweep(rows):
+    out = ["| variant (the `fast` recipe unless said) | epochs | validation accuracy | wall s |", "|---|---:|---:|---:|"]
+    for r in rows:
+        out.append(f"| {r['name']} | {r['epochs']} | {pct(r['val_acc'])} | {r['wall_seconds']:.0f} |")
+    return "\n".join(out)
+
+
 def photos(p):
     return (f"{p['n']} test images (seed {p['seed']}), model `{p['model']}`: 28x28 accuracy {pct(p['acc_28x28'])}, "
             f"as product photos {pct(p['acc_photos'])} (gap {p['gap_points']:.2f} points; the same top-1 for "
@@ -115,6 +122,7 @@ def main(paths):
             merged.update(json.load(f))
     sections = [("Environment", environment, "environment"), ("Throughput", throughput, "throughput"),
                 ("Profile of a training step", profile, "profile"),
+                ("Budget sweep (scripts/budget_sweep.py)", budget_sweep, "rows"),
                 ("Time to accuracy", accuracy, "accuracy"), ("Photos", photos, "photos"),
                 ("ONNX", onnx, "onnx"), ("Serving", serve, "serve")]
     for title, fn, key in sections:
