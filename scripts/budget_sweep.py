@@ -10,13 +10,13 @@ wall time the benchmark counts).
 """
 
 import argparse
-import csv
 import json
 import time
 from pathlib import Path
 
 from fmnist import config
 from fmnist.atomic import write_json
+from fmnist.bench import read_history
 from fmnist.runinfo import environment
 from fmnist.train import train
 
@@ -52,11 +52,10 @@ def main():
                                       "out_dir": "/tmp/fmnist-budget-sweep", **flat})
         t = time.perf_counter()
         run_dir = train(cfg, quiet=True, evaluate_at_end=False)
-        with open(run_dir / "history.csv") as f:
-            hist = list(csv.DictReader(f))
-        wall = sum(float(h["seconds"]) + float(h["eval_seconds"]) for h in hist)
+        hist = read_history(run_dir / "history.csv")
+        wall = sum(h["seconds"] + h["eval_seconds"] for h in hist)  # as the benchmark counts it
         row = {"name": name, "model_config": mcfg, "epochs": epochs, "overrides": extra, "seed": args.seed,
-               "val_acc": float(hist[-1]["val_acc"]), "wall_seconds": wall,
+               "val_acc": hist[-1]["val_acc"], "wall_seconds": wall,
                "elapsed_seconds": time.perf_counter() - t}
         rows.append(row)
         print(f"{name:>30}: val {row['val_acc']:.4f} in {wall:.0f} s", flush=True)

@@ -200,7 +200,7 @@ def accuracy_runs(presets, seeds, out_dir: Path, epochs: dict | None = None, log
             cfg = config.resolve(preset, overrides)
             log(f"training {spec} seed {seed} ({cfg.epochs} epochs)...")
             run_dir = train(cfg, quiet=True, evaluate_at_end=False)
-            hist = _read_history(run_dir / "history.csv")
+            hist = read_history(run_dir / "history.csv")
             wall, curve = 0.0, []
             for h in hist:
                 wall += h["seconds"] + h["eval_seconds"]  # training + validation; the test pass is reporting only
@@ -264,7 +264,8 @@ def _summarise(runs) -> dict:
     return s
 
 
-def _read_history(path: Path) -> list[dict]:
+def read_history(path: Path) -> list[dict]:
+    """A run's history.csv as dicts of floats (empty cells left out)."""
     import csv
 
     with open(path) as f:
@@ -476,7 +477,8 @@ def onnx_backends(checkpoint_path=None, batch: int = 256, log=print) -> dict:
     import numpy as np
 
     from . import checkpoint, data
-    from .export import FlipTTA, export
+    from .export import export
+    from .models import FlipTTA
     from .onnx_backend import OnnxModel
     from .predict import default_checkpoint
 
@@ -484,8 +486,8 @@ def onnx_backends(checkpoint_path=None, batch: int = 256, log=print) -> dict:
     ds = data.load(quiet=True)
     x_all = ds.test_images.numpy()[:, None].astype(np.float32) / 255
     y = ds.test_labels.numpy()
-    model, _ = checkpoint.load_model(src)
-    tta = bool(checkpoint.load(src).get("train_config", {}).get("tta_flip", False))
+    model, ckpt = checkpoint.load_model(src)
+    tta = checkpoint.trained_with_tta(ckpt)
     model = (FlipTTA(model) if tta else model).to(memory_format=torch.channels_last)
 
     @torch.no_grad()

@@ -79,6 +79,11 @@ def build_model(ckpt: dict, device="cpu") -> torch.nn.Module:
     return model.to(device).eval()
 
 
+def trained_with_tta(ckpt: dict) -> bool:
+    """Whether the recipe evaluates this model with flip TTA (its reported accuracy includes it)."""
+    return bool(ckpt.get("train_config", {}).get("tta_flip", False))
+
+
 def load_model(path: str | Path, device="cpu") -> tuple[torch.nn.Module, dict]:
     ckpt = load(path)
     return build_model(ckpt, device), ckpt

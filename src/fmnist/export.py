@@ -13,6 +13,7 @@ import torch
 from . import checkpoint
 from .atomic import atomic_path
 from .classes import MEAN, STD
+from .models import FlipTTA
 
 OPSET = 17
 INSTALL_HINT = "ONNX export needs the optional extra: pip install 'fmnist[onnx]' (onnx and onnxruntime)"
@@ -25,19 +26,6 @@ def require(module: str):
         return importlib.import_module(module)
     except ImportError:
         raise ImportError(f"{module} is not installed. {INSTALL_HINT}") from None
-
-
-class FlipTTA(torch.nn.Module):
-    """A model averaged over each image and its mirror: what `fmnist evaluate` and the PyTorch
-    backend compute for a model trained with tta_flip. In the graph, ONNX Runtime gives the
-    same predictions as PyTorch, and the accuracy in the metadata describes the file."""
-
-    def __init__(self, model: torch.nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, x):
-        return (self.model(x) + self.model(x.flip(3))) / 2
 
 
 def metadata(ckpt: dict, quantized: str, tta_flip: bool) -> dict[str, str]:
@@ -122,13 +110,14 @@ def quantize_int8(fp32_path: Path, out_path: Path, calib: np.ndarray) -> None:
 
 def export(ckpt_path, out: str | Path | None = None, int8: bool = False, calib_n: int = 1024,
            quiet: bool = False, tta_flip: bool | None = None) -> Path:
-    """tta_flip: put the mirror average in the graph; None = as the model was trained (and
-    evaluated), so the file reproduces the checkpoint's reported accuracy (at 2x the compute)."""
+    """tta_flip: put the mirror average (models.FlipTTA) in the graph; None = as the model was
+    trained and evaluated, so ONNX Runtime gives the same predictions as PyTorch and the accuracy
+    in the metadata describes the file (at 2x the compute)."""
     onnx = require("onnx")
     ckpt = checkpoint.load(ckpt_path)
     model = checkpoint.build_model(ckpt)
     if tta_flip is None:
-        tta_flip = bool(ckpt.get("train_config", {}).get("tta_flip", False))
+        tta_flip = checkpoint.trained_with_tta(ckpt)
     if tta_flip:
         model = FlipTTA(model)
     src = checkpoint.resolve_path(ckpt_path)

@@ -142,6 +142,24 @@ class FastNet(nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
+# ---------------------------------------------------------------------------- test-time augmentation
+
+class FlipTTA(nn.Module):
+    """A model averaged over each image and its mirror (clothes are left/right symmetric enough).
+    Used for evaluation, serving and inside exported ONNX graphs alike, so all of them compute
+    the same function."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        a, b = self.model(x), self.model(x.flip(3))
+        if torch.is_autocast_enabled(x.device.type):  # bf16 halves: average in fp32
+            a, b = a.float(), b.float()
+        return (a + b) / 2
+
+
 # ---------------------------------------------------------------------------- registry
 
 @dataclass

@@ -62,7 +62,7 @@ class Predictor:
             self.meta = {"model": ckpt["model"], "class_names": ckpt["class_names"],
                          "metrics": ckpt.get("metrics", {}), "checkpoint": str(checkpoint.resolve_path(path)),
                          "parameters": sum(p.numel() for p in self.model.parameters())}
-            self.tta_flip = bool(ckpt.get("train_config", {}).get("tta_flip", False))
+            self.tta_flip = checkpoint.trained_with_tta(ckpt)
         else:
             raise ValueError(f"unknown backend {backend!r}; use 'torch' or 'onnx'")
         self.device = torch.device(device)

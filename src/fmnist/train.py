@@ -27,7 +27,7 @@ from . import checkpoint, data
 from .atomic import write_json, write_text
 from .config import TrainConfig, from_dict, validate
 from .distributed import DistInfo
-from .models import count_parameters, create_model, model_config
+from .models import FlipTTA, count_parameters, create_model, model_config
 from .runinfo import environment, pick_device
 
 
@@ -109,14 +109,12 @@ def predict_logits(model, images: torch.Tensor, batch_size: int = 1024, tta_flip
     """Logits (N, 10) on the images' device for uint8 images (N, 28, 28). amp='off' (fp32) for
     reported figures; per-epoch validation uses the training precision."""
     model.eval()
+    net = FlipTTA(model) if tta_flip else model
     out = []
     for i in range(0, len(images), batch_size):
         x = to_input(images[i:i + batch_size], channels_last)
         with autocast(x.device, amp):
-            logits = model(x).float()
-            if tta_flip:
-                logits = (logits + model(x.flip(3)).float()) / 2
-        out.append(logits.float())
+            out.append(net(x).float())
     return torch.cat(out) if out else torch.empty(0, 10)
 
 
