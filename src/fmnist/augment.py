@@ -55,7 +55,125 @@ def erase(x: torch.Tensor, p: float, g: torch.Generator, scale=(0.02, 0.25)) -> 
     return x.masked_fill(mask, 0.0)
 
 
+# ---------------------------------------------------------------------------- photo artefacts
+#
+# What a real photo looks like after robust.py's conversion, imitated on 28x28 dataset images
+# (x in [0, 1], item light on exactly-0 background): a slanted or tilted camera (affine), the
+# item cut at the frame (zoom past the edge), light falling unevenly across it and its folds,
+# a soft focus, sensor noise and JPEG blocks, a segmentation mask a pixel too wide or too
+# narrow, and the floor that a white item on a white ground is given. Each is applied to a
+# random subset of the batch; `photo` is the probability that an image gets the treatment.
+
+
+def _u(B, g, dev, lo, hi):
+    return lo + (hi - lo) * _rand(B, g, dev)
+
+
+def _affine(x, g, p):
+    """Rotation +-12 deg, scale 0.8-1.25 (zoom in = item cut at the frame), shear, small shift."""
+    B, dev = x.shape[0], x.device
+    on = (_rand(B, g, dev) < p).float()
+    ang = _u(B, g, dev, -0.21, 0.21) * on
+    sc = torch.exp(_u(B, g, dev, -0.22, 0.22) * on)
+    asp = torch.exp(_u(B, g, dev, -0.12, 0.12) * on)     # squash: oblique view of a flat item
+    sh = _u(B, g, dev, -0.15, 0.15) * on
+    tx, ty = _u(B, g, dev, -0.08, 0.08) * on, _u(B, g, dev, -0.08, 0.08) * on
+    cos, sin = torch.cos(ang), torch.sin(ang)
+    a = torch.stack([torch.stack([cos * asp / sc, (-sin + sh) / sc, tx], 1),
+                     torch.stack([sin / sc, cos / asp / sc, ty], 1)], 1)           # (B, 2, 3)
+    grid = F.affine_grid(a.to(x.dtype), list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+def _smooth_field(B, g, dev, lo, hi, H, W, cells=3):
+    """Per-image multiplicative field varying smoothly across the image (uneven light)."""
+    f = _u(B * cells * cells, g, dev, lo, hi).view(B, 1, cells, cells)
+    return F.interpolate(f, size=(H, W), mode="bicubic", align_corners=True).clamp(lo, hi)
+
+
+def _folds(x, g, p):
+    """Up to two soft lines of shade or highlight across the item (folds, creases, seams)."""
+    B, _, H, W = x.shape
+    dev = x.device
+    yy, xx = torch.meshgrid(torch.arange(H, device=dev, dtype=x.dtype), torch.arange(W, device=dev, dtype=x.dtype),
+                            indexing="ij")
+    out = x
+    for _ in range(2):
+        on = (_rand(B, g, dev) < p).to(x.dtype)
+        th = _u(B, g, dev, 0, 3.1416)
+        rho = _u(B, g, dev, 6, 22)
+        width = _u(B, g, dev, 0.6, 1.8)
+        amp = _u(B, g, dev, -0.5, 0.35) * on                 # negative = darker crease
+        d = (xx[None] * torch.cos(th)[:, None, None] + yy[None] * torch.sin(th)[:, None, None]
+             - (rho * (torch.cos(th).abs() + torch.sin(th).abs()))[:, None, None])
+        # clamped so far-away pixels get exactly 0, not denormals (100x slower arithmetic on CPUs)
+        line = torch.exp(-((d / width[:, None, None]) ** 2).clamp_max(20.0))[:, None]  # (B, 1, H, W)
+        line = line * (line > 1e-6)
+        out = out * (1 + amp[:, None, None, None] * line)
+    return out
+
+
+def _blur(x, g, p):
+    """Gaussian blur sigma 0.5-1.0 on a random subset (focus, motion, the resampling chain)."""
+    B, C, H, W = x.shape
+    dev = x.device
+    k = torch.arange(-2, 3, device=dev, dtype=x.dtype)
+    sig = _u(B, g, dev, 0.5, 1.0)
+    w = torch.exp(-(k[None] / sig[:, None]) ** 2 / 2)
+    w = w / w.sum(1, keepdim=True)                                               # (B, 5)
+    xb = x.reshape(1, B * C, H, W)
+    xb = F.conv2d(F.pad(xb, (2, 2, 0, 0)), w.repeat_interleave(C, 0)[:, None, None, :], groups=B * C)
+    xb = F.conv2d(F.pad(xb, (0, 0, 2, 2)), w.repeat_interleave(C, 0)[:, None, :, None], groups=B * C)
+    on = (_rand(B, g, dev) < p)[:, None, None, None]
+    return torch.where(on, xb.view(B, C, H, W), x)
+
+
+def _mask_edge(x, g, p):
+    """The segmentation mask a pixel too tight (edge eaten) or too loose (a rim of background)."""
+    B = x.shape[0]
+    dev = x.device
+    support = (x > 0.02).to(x.dtype)
+    grow = F.max_pool2d(support, 3, 1, 1)
+    shrink = -F.max_pool2d(-support, 3, 1, 1)
+    r = _rand(B, g, dev)[:, None, None, None]
+    rim = (grow - support) * _u(B, g, dev, 0.03, 0.25)[:, None, None, None]      # leftover ground
+    loose = (r < p / 2).to(x.dtype)
+    tight = ((r >= p / 2) & (r < p)).to(x.dtype)
+    return x * (1 - tight * (support - shrink)) + loose * rim
+
+
+def photo_artefacts(x: torch.Tensor, p: float, g: torch.Generator) -> torch.Tensor:
+    """x (B, 1, 28, 28) float in [0, 1] -> the same items as they come out of a real photo."""
+    if p <= 0:
+        return x
+    B, _, H, W = x.shape
+    dev = x.device
+    x = _affine(x, g, p)
+    x = x * (x > 1e-4)   # bilinear tails: exact zeros keep the ground at 0 and the math off denormals
+    support = (x > 0.02).to(x.dtype)
+    # Light: uneven across the item, overall gain and gamma (exposure, grey items on grey ground).
+    on = (_rand(B, g, dev) < p)[:, None, None, None]
+    field = _smooth_field(B, g, dev, 0.6, 1.25, H, W)
+    gain = _u(B, g, dev, 0.7, 1.2)[:, None, None, None]
+    gamma = torch.exp(_u(B, g, dev, -0.35, 0.35))[:, None, None, None]
+    lit = (x.clamp_min(0) ** gamma) * field * gain
+    x = torch.where(on, lit, x)
+    x = _folds(x, g, p * 0.6)
+    # A white item on a white ground keeps only robust.py's floor plus its texture.
+    white = (_rand(B, g, dev) < p * 0.08)[:, None, None, None]
+    x = torch.where(white, support * (40 / 255) + 0.3 * x * (1 - x), x)
+    x = _mask_edge(x, g, p * 0.5)
+    x = _blur(x, g, p * 0.3)
+    # Sensor noise and 8-bit quantisation, on the item only (robust.py zeroes the ground).
+    noise = torch.randn(x.shape, generator=g, device=g.device).to(dev) * _u(B, g, dev, 0, 0.04)[:, None, None, None]
+    on = (_rand(B, g, dev) < p)[:, None, None, None]
+    x = torch.where(on, (x + noise * (x > 0.02)).clamp(0, 1), x)
+    return torch.round(x.clamp(0, 1) * 255) / 255   # also flushes tiny values to exactly 0
+
+
 def augment(x: torch.Tensor, cfg: AugmentConfig, g: torch.Generator) -> torch.Tensor:
+    if cfg.photo:
+        x = photo_artefacts(x, cfg.photo, g)
     if cfg.translate:
         x = translate(x, cfg.translate, g)
     if cfg.flip:

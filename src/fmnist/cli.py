@@ -95,9 +95,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     # ---- predict
     p = sub.add_parser("predict", help="classify your own photos (files or folders)",
-                       description="Classify photos: each is converted as the dataset was made (trim, resize to "
-                                   "28, sharpen, centre, negate, grayscale) and classified. Exit status 0 only if "
-                                   "every file succeeded.")
+                       description="Classify photos: each is converted to what the model was trained on (a 28x28 "
+                                   "light-on-black item) and classified. The default robust conversion finds the "
+                                   "item first (background from the border, GrabCut, main component), so casual "
+                                   "photos work; --pipeline paper is the dataset's own recipe (trim, subsample to "
+                                   "28, sharpen, centre, negate), right for clean product shots only. A result is "
+                                   "'unsure' when no clear item was found or the model's confidence is below the "
+                                   "threshold chosen on validation. Exit status 0 only if every file succeeded.")
     p.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders (searched recursively)")
     p.add_argument("--checkpoint", default=None,
                    help="checkpoint, run directory or .onnx file (default: the model shipped with fmnist)")
@@ -105,6 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="inference engine (default: torch; onnx needs `pip install 'fmnist[onnx]'`)")
     p.add_argument("--top-k", type=int, default=3, help="classes to show per image (default: 3)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table (default: table)")
+    p.add_argument("--pipeline", choices=["robust", "paper"], default="robust",
+                   help="photo conversion: robust (find the item, for any photo) or paper (the dataset's "
+                        "recipe, for clean product shots) (default: robust)")
     p.add_argument("--save-preprocessed", metavar="DIR", default=None,
                    help="write the 28x28 images the model saw as PNGs into DIR (default: off)")
 
@@ -208,7 +215,7 @@ def cmd_predict(args) -> int:
     if not files:
         raise ValueError(f"no image files found in {' '.join(args.paths)} "
                          f"(folders are searched for .png .jpg .jpeg .gif .bmp .webp .tif)")
-    predictor = Predictor(args.checkpoint, backend=args.backend)
+    predictor = Predictor(args.checkpoint, backend=args.backend, pipeline=args.pipeline)
     preds = predictor.predict(files, top_k=args.top_k)
     if args.save_preprocessed:
         out = Path(args.save_preprocessed)

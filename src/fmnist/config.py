@@ -10,6 +10,7 @@ class AugmentConfig:
     translate: int = 0      # max shift in pixels (pad + random crop); 0 = off
     flip: bool = False      # random horizontal flip (clothes are left/right symmetric enough)
     erase: float = 0.0      # probability of random erasing one rectangle per image; 0 = off
+    photo: float = 0.0      # probability of each real-photo artefact (augment.photo_artefacts); 0 = off
 
 
 @dataclass
@@ -87,12 +88,12 @@ def resolve(preset: str, overrides: dict) -> TrainConfig:
         raise ValueError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
     base = {**PRESETS[preset], "preset": preset}
     aug = dict(base.get("augment", {}))
-    for k in ("translate", "flip", "erase"):
+    for k in ("translate", "flip", "erase", "photo"):
         if overrides.get(k) is not None:
             aug[k] = overrides[k]
     base["augment"] = aug
     for k, v in overrides.items():
-        if v is not None and k not in ("translate", "flip", "erase"):
+        if v is not None and k not in ("translate", "flip", "erase", "photo"):
             base[k] = v
     cfg = from_dict(base)
     validate(cfg)

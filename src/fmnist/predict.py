@@ -47,8 +47,10 @@ class Prediction:
 class Predictor:
     """A loaded model plus the preprocessing pipeline. backend: 'torch' or 'onnx'."""
 
-    def __init__(self, checkpoint_path: str | Path | None = None, device: str = "cpu", backend: str = "torch"):
+    def __init__(self, checkpoint_path: str | Path | None = None, device: str = "cpu", backend: str = "torch",
+                 pipeline: str = "robust"):
         self.backend = backend
+        self.pipeline = pipeline
         if backend == "onnx":
             from .onnx_backend import OnnxModel
             self.model = OnnxModel(checkpoint_path)
@@ -87,7 +89,7 @@ class Predictor:
         if is_dataset_style(item):
             a = to_uint8(np.asarray(item)).reshape(28, 28)
             return Preprocessed(a, "dark", (0, 0, 28, 28))
-        return preprocess(item)
+        return preprocess(item, pipeline=self.pipeline)
 
     def predict(self, items, top_k: int = 3) -> list[Prediction]:
         """Paths, bytes, PIL images or arrays. A bad item gets .error; the others still run."""
@@ -113,8 +115,9 @@ class Predictor:
         return preds
 
 
-def load(checkpoint_path: str | Path | None = None, device: str = "cpu", backend: str = "torch") -> Predictor:
-    return Predictor(checkpoint_path, device, backend)
+def load(checkpoint_path: str | Path | None = None, device: str = "cpu", backend: str = "torch",
+         pipeline: str = "robust") -> Predictor:
+    return Predictor(checkpoint_path, device, backend, pipeline)
 
 
 def format_table(preds: list[Prediction], top_k: int) -> str:

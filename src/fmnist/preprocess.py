@@ -34,17 +34,25 @@ class PreprocessError(Exception):
     """A file that cannot become a 28x28 image; the message is one line a person can act on."""
 
 
+PIPELINES = ("robust", "paper")
+
+
 @dataclass
 class Preprocessed:
     image: np.ndarray          # (28, 28) uint8, light object on black
     background: str            # "light" (negated) or "dark" (kept)
-    box: tuple[int, int, int, int]  # trimmed box (left, top, right, bottom) in the oriented input
+    box: tuple[int, int, int, int]  # item box (left, top, right, bottom) in the oriented input
+    pipeline: str = "paper"    # which conversion made it
+    item_found: bool = True    # the conversion found a clear item (robust pipeline only judges)
+    note: str = ""             # why no clear item was found
 
 
 # ---------------------------------------------------------------------------- opening
 
-def open_image(src, max_pixels: int = MAX_PIXELS) -> Image.Image:
-    """Open a path, bytes or PIL image: first frame, EXIF orientation applied, fully decoded."""
+def open_image(src, max_pixels: int = MAX_PIXELS, draft: int | None = None) -> Image.Image:
+    """Open a path, bytes or PIL image: first frame, EXIF orientation applied, fully decoded.
+    draft: JPEGs decode at the smallest DCT scale (1/2, 1/4, 1/8) that keeps both sides >=
+    draft px, which is most of the cost of a large photo saved."""
     name = str(src) if isinstance(src, (str, Path)) else "image"
     if isinstance(src, Image.Image):
         img = src
@@ -73,10 +81,13 @@ def open_image(src, max_pixels: int = MAX_PIXELS) -> Image.Image:
     try:
         if getattr(img, "is_animated", False):
             img.seek(0)  # first frame of GIF / APNG / WebP animations
+        if draft and img.format == "JPEG" and img.mode in ("RGB", "L"):
+            img.draft(img.mode, (draft, draft))
         img.load()
         fmt = img.format
         img = ImageOps.exif_transpose(img)
         img.format = fmt  # the transposed copy forgets it; the server checks it
+        img.info["orig_size"] = (w, h) if (img.width >= img.height) == (w >= h) else (h, w)
     except (OSError, SyntaxError, ValueError) as e:
         raise PreprocessError(f"{name}: truncated or corrupt image data ({e})") from None
     return img
@@ -141,11 +152,35 @@ def pad_centre(img: Image.Image, fill, size: int = IMAGE_SIZE) -> Image.Image:
 
 # ---------------------------------------------------------------------------- pipeline
 
-def preprocess(src, max_pixels: int = MAX_PIXELS) -> Preprocessed:
-    """Path, bytes, PIL image or array -> Preprocessed (28x28 uint8, light on black)."""
+def preprocess(src, max_pixels: int = MAX_PIXELS, pipeline: str = "robust") -> Preprocessed:
+    """Path, bytes, PIL image or array -> Preprocessed (28x28 uint8, light on black).
+    pipeline: "robust" (segment the item first, robust.py) or "paper" (the dataset's recipe)."""
+    if pipeline not in PIPELINES:
+        raise ValueError(f"unknown pipeline {pipeline!r}; choose from {', '.join(PIPELINES)}")
     if isinstance(src, np.ndarray):
         src = array_to_image(src)
-    img = _to_rgba_or_rgb(open_image(src, max_pixels))
+    if pipeline == "paper":
+        return convert_paper(load_rgb(src, max_pixels))
+    from . import robust  # OpenCV loads only when a photo is converted this way
+
+    img = load_rgb(src, max_pixels, work=robust.WORK)
+    scale = max(img.info["orig_size"]) / max(img.size)
+    conv = robust.convert(np.asarray(img))
+    box = tuple(int(round(v * scale)) for v in conv.box)
+    return Preprocessed(conv.image, "light" if conv.negated else "dark", box, "robust", conv.item_found, conv.note)
+
+
+def load_rgb(src, max_pixels: int = MAX_PIXELS, work: int | None = None) -> Image.Image:
+    """Opened, oriented RGB (transparency composited onto its background). work: shrink to at
+    most `work` px on the longest side, decoding JPEGs reduced; info["orig_size"] keeps the size."""
+    img = open_image(src, max_pixels, draft=work)
+    orig = img.info.get("orig_size", img.size)
+    if work and max(img.size) > work:
+        if img.mode in ("1", "P", "I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+            img = _to_rgba_or_rgb(img)   # resampling palette / 1-bit images directly is nearest-only
+        img = img.copy() if img is src else img
+        img.thumbnail((work, work), Image.Resampling.BILINEAR, reducing_gap=2.0)
+    img = _to_rgba_or_rgb(img)
     if img.mode == "RGBA":
         rgba = np.asarray(img)
         opaque = rgba[..., 3] > 0
@@ -159,6 +194,12 @@ def preprocess(src, max_pixels: int = MAX_PIXELS) -> Preprocessed:
         img = base
         if not opaque.any():
             raise PreprocessError("image is fully transparent: nothing to classify")
+    img.info["orig_size"] = orig
+    return img
+
+
+def convert_paper(img: Image.Image) -> Preprocessed:
+    """The paper's recipe on an RGB image (module docstring, steps 1-6)."""
     rgb = np.asarray(img)
     bg = corner_colour(rgb)
     light = float(bg.mean()) > 127.5
@@ -177,7 +218,7 @@ def preprocess(src, max_pixels: int = MAX_PIXELS) -> Preprocessed:
     if bg_gray > 0:
         gray = (gray - bg_gray) * 255.0 / max(255.0 - bg_gray, 1.0)
     out = np.clip(gray + 0.5, 0, 255).astype(np.uint8)
-    return Preprocessed(out, "light" if light else "dark", box)
+    return Preprocessed(out, "light" if light else "dark", box, "paper")
 
 
 def array_to_image(a: np.ndarray) -> Image.Image:
