@@ -142,14 +142,79 @@ def _mask_edge(x, g, p):
     return x * (1 - tight * (support - shrink)) + loose * rim
 
 
+def refit(x: torch.Tensor, thr: float = 0.05) -> torch.Tensor:
+    """Scale and centre each item so its longest side spans the frame, as robust.py's crop does
+    (an item the camera tilted or zoomed out still arrives at full size). Empty images pass."""
+    B, _, H, W = x.shape
+    on = x[:, 0] > thr                                                   # (B, H, W)
+    rows, cols = on.any(2), on.any(1)                                    # (B, H), (B, W)
+    ar_h, ar_w = torch.arange(H, device=x.device), torch.arange(W, device=x.device)
+    big = torch.tensor(10_000, device=x.device)
+    r0 = torch.where(rows, ar_h, big).amin(1).float()
+    r1 = torch.where(rows, ar_h, -big).amax(1).float() + 1
+    c0 = torch.where(cols, ar_w, big).amin(1).float()
+    c1 = torch.where(cols, ar_w, -big).amax(1).float() + 1
+    empty = ~rows.any(1)
+    # box in normalised coordinates (-1..1, align_corners=False)
+    cy, cx = (r0 + r1) / H - 1, (c0 + c1) / W - 1
+    m = torch.maximum((r1 - r0) / H, (c1 - c0) / W)
+    m, cx, cy = torch.where(empty, 1.0, m), torch.where(empty, 0.0, cx), torch.where(empty, 0.0, cy)
+    z = torch.zeros_like(m)
+    a = torch.stack([torch.stack([m, z, cx], 1), torch.stack([z, m, cy], 1)], 1)
+    grid = F.affine_grid(a.to(x.dtype), list(x.shape), align_corners=False)
+    out = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    return out * (out > 1e-4)
+
+
+SHOES = (5, 7, 9)   # Sandal, Sneaker, Ankle boot: photographed as pairs, the dataset shows one
+
+
+def pairs(x: torch.Tensor, y: torch.Tensor, p: float, g: torch.Generator) -> torch.Tensor:
+    """With probability p, a shoe image becomes a pair: the shoe and its mirror image (a left and
+    a right) or a copy, side by side or one behind the other, the pair turned by 0 or ~90 deg
+    (toes up, as shoes on a floor are shot from above), then refitted to the frame."""
+    B, _, H, W = x.shape
+    dev = x.device
+    shoe = torch.zeros(B, dtype=torch.bool, device=dev)
+    for c in SHOES:
+        shoe |= y == c
+    on = shoe & (_rand(B, g, dev) < p)
+    if not on.any():
+        return x
+    idx = on.nonzero().squeeze(1)
+    xs = x[idx]
+    n = len(idx)
+    mirror = (_rand(n, g, dev) < 0.5)[:, None, None, None]
+    partner = torch.where(mirror, xs.flip(3), xs)
+    up = _rand(n, g, dev) < 0.5
+    th = torch.where(up, torch.sign(_rand(n, g, dev) - 0.5) * 1.5708, torch.zeros(n, device=dev))
+    th = th + _u(n, g, dev, -0.25, 0.25)
+    gap = _u(n, g, dev, 0.2, 0.6)                   # offset across the shoe, in half-heights
+    slide = _u(n, g, dev, -0.3, 0.3)                # offset along it (one shoe a bit ahead)
+    s = 0.55
+    cos, sin = torch.cos(th), torch.sin(th)
+    out = torch.zeros_like(xs)
+    for k, img in ((-1, xs), (1, partner)):
+        ox, oy = k * slide * 0.5, k * gap           # centre of this shoe in the pair's frame
+        cx, cy = cos * ox - sin * oy, sin * ox + cos * oy
+        # output u -> source (1/s) R(-th) (u - c)
+        a = torch.stack([torch.stack([cos / s, sin / s, -(cos * cx + sin * cy) / s], 1),
+                         torch.stack([-sin / s, cos / s, -(-sin * cx + cos * cy) / s], 1)], 1)
+        grid = F.affine_grid(a.to(x.dtype), list(xs.shape), align_corners=False)
+        out = torch.maximum(out, F.grid_sample(img, grid, mode="bilinear", padding_mode="zeros",
+                                                align_corners=False))
+    x = x.clone()
+    x[idx] = refit(out * (out > 1e-4))
+    return x
+
+
 def photo_artefacts(x: torch.Tensor, p: float, g: torch.Generator) -> torch.Tensor:
     """x (B, 1, 28, 28) float in [0, 1] -> the same items as they come out of a real photo."""
     if p <= 0:
         return x
     B, _, H, W = x.shape
     dev = x.device
-    x = _affine(x, g, p)
-    x = x * (x > 1e-4)   # bilinear tails: exact zeros keep the ground at 0 and the math off denormals
+    x = refit(_affine(x, g, p))
     support = (x > 0.02).to(x.dtype)
     # Light: uneven across the item, overall gain and gamma (exposure, grey items on grey ground).
     on = (_rand(B, g, dev) < p)[:, None, None, None]
@@ -171,7 +236,9 @@ def photo_artefacts(x: torch.Tensor, p: float, g: torch.Generator) -> torch.Tens
     return torch.round(x.clamp(0, 1) * 255) / 255   # also flushes tiny values to exactly 0
 
 
-def augment(x: torch.Tensor, cfg: AugmentConfig, g: torch.Generator) -> torch.Tensor:
+def augment(x: torch.Tensor, cfg: AugmentConfig, g: torch.Generator, y: torch.Tensor | None = None) -> torch.Tensor:
+    if cfg.pairs and y is not None:
+        x = pairs(x, y, cfg.pairs, g)
     if cfg.photo:
         x = photo_artefacts(x, cfg.photo, g)
     if cfg.translate:

@@ -16,6 +16,7 @@ import statistics
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -324,6 +325,9 @@ def run(args) -> int:
         report["profile"] = profile_training()
     if "photos" in args.parts:
         report["photos"] = photos(checkpoint_path=args.checkpoint, figure=out / "photo_pipeline.png")
+        if args.real:
+            report["photos_real"] = photos_real(args.real, args.checkpoint, out, ablation=args.ablation)
+        write_json(out / "bench.json", report)
     if "onnx" in args.parts:
         report["onnx"] = onnx_backends(checkpoint_path=args.checkpoint)
     if "serve" in args.parts:
@@ -464,6 +468,47 @@ def photos(n: int = 2000, checkpoint_path=None, seed: int = 0, log=print, figure
         f"(gap {out['gap_points']:.2f} points, same prediction for {out['agreement']:.1%}), "
         f"{out['seconds_per_photo_predict'] * 1000:.1f} ms per photo end to end")
     return out
+
+
+ABLATION = {  # name -> robust.RobustOptions overrides; each drops one step of the robust pipeline
+    "robust": {}, "robust - GrabCut": {"grabcut": False}, "robust - main component": {"main_component": False},
+    "robust - zero background": {"zero_background": False}, "robust - polarity": {"polarity": False},
+    "robust - antialiasing": {"antialias": False},
+}
+
+
+def photos_real(root, checkpoint_path=None, out: Path | None = None, ablation: bool = False, log=print) -> dict:
+    """Real labelled photos (realphotos.py): paper vs robust conversion (and, with ablation, the
+    robust pipeline with each step dropped), per split, kind and class, with confusion matrices."""
+    import hashlib
+
+    from . import realphotos
+    from .predict import Predictor
+    from .robust import RobustOptions
+
+    photos_ = realphotos.read_manifest(root)
+    variants = {"paper": ("paper", None)}
+    for name, kw in (ABLATION if ablation else {"robust": {}}).items():
+        variants[name] = ("robust", RobustOptions(**kw))
+    res = {"root": str(root), "manifest_sha256": hashlib.sha256((Path(root) / "manifest.csv").read_bytes()).hexdigest(),
+           "n_photos": len(photos_), "variants": {}}
+    for name, (pipeline, opts) in variants.items():
+        pred = Predictor(checkpoint_path, pipeline=pipeline, robust_options=opts)
+        res["model"], res["checkpoint"] = pred.meta.get("model"), pred.meta.get("checkpoint")
+        res["variants"][name] = {}
+        for split in ("dev", "heldout"):
+            sel = realphotos.select(photos_, split)
+            if not sel:
+                continue
+            r = realphotos.evaluate(pred, sel)
+            res["variants"][name][split] = r
+            log("photos --real: " + realphotos.summary_line(f"{name} [{split}]", r))
+            if out is not None and name in ("paper", "robust"):
+                from .plots import confusion_matrix
+
+                confusion_matrix(np.array(r["confusion"]), out / f"real_confusion_{name}_{split}.png",
+                                 title=f"real photos, {split}, {name} conversion")
+    return res
 
 
 # ---------------------------------------------------------------------------- onnx

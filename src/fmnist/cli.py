@@ -60,6 +60,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
                    help="random horizontal flips (preset's)")
     p.add_argument("--erase", type=float, default=None, help="random-erasing probability, 0 = off (preset's)")
+    p.add_argument("--photo", type=float, default=None,
+                   help="probability of each real-photo artefact (tilt, uneven light, folds, blur, noise, mask "
+                        "edges), so the model knows what converted photos look like; 0 = off (preset's)")
+    p.add_argument("--pairs", type=float, default=None,
+                   help="probability that a shoe image becomes a pair of shoes, as photos show them; 0 = off "
+                        "(preset's)")
     p.add_argument("--tta-flip", action=argparse.BooleanOptionalAction, default=None,
                    help=f"average with mirrored images at evaluation ({_preset_default('tta_flip')})")
     p.add_argument("--amp", choices=["auto", "bf16", "off"], default=None,
@@ -91,6 +97,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="directory for the report (default: the checkpoint's directory)")
     p.add_argument("--tta-flip", action=argparse.BooleanOptionalAction, default=None,
                    help="flip test-time augmentation (default: as the model was trained)")
+    _add_data_dir(p)
+
+    # ---- calibrate
+    p = sub.add_parser("calibrate", help="fit temperature scaling and the 'unsure' threshold on validation",
+                       description="Fit a softmax temperature (Guo et al. 2017) and the confidence below which "
+                                   "the model is wrong more often than right, both on the checkpoint's own "
+                                   "validation split; write them into the checkpoint (predict and serve use them) "
+                                   "and report the expected calibration error on the test set before and after. "
+                                   "`fmnist train` does this itself at the end of a run.")
+    p.add_argument("checkpoint", metavar="RUN_DIR|CHECKPOINT")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     _add_data_dir(p)
 
     # ---- predict
@@ -157,6 +174,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "Runtime fp32/int8), serve (HTTP load test on loopback) (default: throughput accuracy)")
     p.add_argument("--checkpoint", default=None,
                    help="model for the photos/onnx/serve parts (default: the shipped model)")
+    p.add_argument("--real", metavar="DIR", default=None,
+                   help="photos part: also score a folder of real labelled photos with a manifest.csv (e.g. "
+                        "photos/real): paper vs robust conversion, per split (dev / heldout), kind and class, "
+                        "confusion matrices (default: off)")
+    p.add_argument("--ablation", action="store_true",
+                   help="with --real: also run the robust conversion with each step dropped (default: off)")
     p.add_argument("--presets", default="seed,fast,best-cpu",
                    help="comma-separated presets for the accuracy part; NAME@N runs NAME with an N-epoch "
                         "schedule, NAME*K with only K seeds (default: seed,fast,best-cpu)")
@@ -234,6 +257,22 @@ def cmd_predict(args) -> int:
     return 1 if failed else 0
 
 
+def cmd_calibrate(args) -> int:
+    from .calibrate import calibrate
+
+    ds = None
+    if args.data_dir:
+        from . import data
+        ds = data.load(args.data_dir)
+    r = calibrate(args.checkpoint, dataset=ds, device=args.device)
+    print(f"temperature {r['temperature']:.3f}; unsure below {r['threshold']:.1%} top probability\n"
+          f"validation NLL {r['val_nll_before']:.4f} -> {r['val_nll_after']:.4f}; "
+          f"test ECE {r['test_ece_before']:.4f} -> {r['test_ece_after']:.4f}\n"
+          f"test: {r['test_unsure_fraction']:.1%} unsure; accuracy {r['test_acc_when_sure']:.2%} when sure"
+          + (f", {r['test_acc_when_unsure']:.2%} when unsure" if r['test_acc_when_unsure'] is not None else ""))
+    return 0
+
+
 def cmd_data(args) -> int:
     from . import data
     from .classes import CLASS_NAMES
@@ -261,7 +300,7 @@ def cmd_train(args) -> int:
 
     overrides = {k: getattr(args, k) for k in (
         "model", "epochs", "batch_size", "lr", "weight_decay", "optimizer", "schedule", "label_smoothing", "ema",
-        "translate", "flip", "erase", "tta_flip", "amp", "compile", "channels_last", "val_fraction", "seed", "device",
+        "translate", "flip", "erase", "photo", "pairs", "tta_flip", "amp", "compile", "channels_last", "val_fraction", "seed", "device",
         "threads", "subset", "out_dir", "data_dir", "resume")}
     if args.resume:
         # Everything comes from the run being continued; only these may change.
@@ -300,7 +339,7 @@ def main(argv=None) -> int:
     from .checkpoint import CheckpointError
     from .data import DataError
 
-    handlers = {"data": cmd_data, "train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict,
+    handlers = {"data": cmd_data, "calibrate": cmd_calibrate, "train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict,
                 "bench": cmd_bench, "serve": cmd_serve,
                 "export": cmd_export}
     try:

@@ -11,6 +11,7 @@ class AugmentConfig:
     flip: bool = False      # random horizontal flip (clothes are left/right symmetric enough)
     erase: float = 0.0      # probability of random erasing one rectangle per image; 0 = off
     photo: float = 0.0      # probability of each real-photo artefact (augment.photo_artefacts); 0 = off
+    pairs: float = 0.0      # probability that a shoe image becomes a pair of shoes (augment.pairs); 0 = off
 
 
 @dataclass
@@ -88,12 +89,12 @@ def resolve(preset: str, overrides: dict) -> TrainConfig:
         raise ValueError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
     base = {**PRESETS[preset], "preset": preset}
     aug = dict(base.get("augment", {}))
-    for k in ("translate", "flip", "erase", "photo"):
+    for k in ("translate", "flip", "erase", "photo", "pairs"):
         if overrides.get(k) is not None:
             aug[k] = overrides[k]
     base["augment"] = aug
     for k, v in overrides.items():
-        if v is not None and k not in ("translate", "flip", "erase", "photo"):
+        if v is not None and k not in ("translate", "flip", "erase", "photo", "pairs"):
             base[k] = v
     cfg = from_dict(base)
     validate(cfg)

@@ -13,7 +13,7 @@ from . import checkpoint, data
 from .atomic import write_json, write_text
 from .classes import CLASS_NAMES
 from .runinfo import pick_device
-from .train import predict_logits
+from .inference import predict_logits
 
 
 def compute_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict:

@@ -47,6 +47,8 @@ def metadata(ckpt: dict, quantized: str, tta_flip: bool) -> dict[str, str]:
         "quantization": quantized,
         # test_acc/val_acc were measured with flip TTA when the model was trained with it
         "tta_flip": "true" if tta_flip else "false",
+        # temperature and unsure threshold fitted on validation (calibrate.py); logits stay raw
+        "calibration": json.dumps(ckpt.get("calibration")),
     }
 
 

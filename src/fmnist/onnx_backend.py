@@ -33,6 +33,7 @@ class OnnxModel:
                      "metrics": {k: float(props[k]) for k in ("test_acc", "val_acc") if props.get(k)},
                      "quantization": props.get("quantization"), "tta_flip": props.get("tta_flip") == "true",
                      "checkpoint": str(path),
+                     "calibration": json.loads(props.get("calibration", "null")),
                      "parameters": None}
         self.input = self.session.get_inputs()[0].name
 
@@ -40,9 +41,9 @@ class OnnxModel:
         """x: float32 (N, 1, 28, 28) in [0, 1]."""
         return self.session.run(None, {self.input: np.ascontiguousarray(x, dtype=np.float32)})[0]
 
-    def probabilities(self, images: np.ndarray) -> np.ndarray:
-        """(N, 28, 28) uint8 -> (N, 10) probabilities."""
-        z = self.logits(images[:, None].astype(np.float32) / 255.0)
+    def probabilities(self, images: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+        """(N, 28, 28) uint8 -> (N, 10) probabilities of softmax(logits / temperature)."""
+        z = self.logits(images[:, None].astype(np.float32) / 255.0) / temperature
         z = z - z.max(1, keepdims=True)
         e = np.exp(z)
         return e / e.sum(1, keepdims=True)

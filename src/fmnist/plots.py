@@ -46,14 +46,14 @@ def curves(history_csv: Path, path: Path) -> None:
     _save(fig, path)
 
 
-def confusion_matrix(cm: np.ndarray, path: Path) -> None:
+def confusion_matrix(cm: np.ndarray, path: Path, title: str = "test set") -> None:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7.5, 6.5))
     norm = cm / np.maximum(cm.sum(1, keepdims=True), 1)
     im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
     ax.set_xticks(range(len(CLASS_NAMES)), CLASS_NAMES, rotation=45, ha="right")
     ax.set_yticks(range(len(CLASS_NAMES)), CLASS_NAMES)
-    ax.set(xlabel="predicted", ylabel="true", title="Confusion matrix (test set; colour = row fraction)")
+    ax.set(xlabel="predicted", ylabel="true", title=f"Confusion matrix ({title}; colour = row fraction)")
     for i in range(cm.shape[0]):
         for j in range(cm.shape[1]):
             ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=8,

@@ -17,7 +17,7 @@ import torch
 from . import checkpoint
 from .classes import CLASS_NAMES
 from .preprocess import PreprocessError, Preprocessed, is_dataset_style, preprocess, to_uint8
-from .train import predict_logits
+from .inference import predict_logits
 
 
 def default_checkpoint() -> Path:
@@ -32,6 +32,8 @@ class Prediction:
     probabilities: list[float] | None = None
     image: np.ndarray | None = None          # the 28x28 uint8 image the model saw
     error: str | None = None
+    unsure: bool = False                     # no clear item, or confidence under the validation threshold
+    reason: str | None = None                # why unsure, in words
 
     @property
     def ok(self) -> bool:
@@ -41,6 +43,7 @@ class Prediction:
         if self.error:
             return {"source": self.source, "error": self.error}
         return {"source": self.source, "label": self.top[0][0], "probability": self.top[0][1],
+                "verdict": "unsure" if self.unsure else "sure", "reason": self.reason,
                 "top": [{"label": c, "probability": p} for c, p in self.top]}
 
 
@@ -48,9 +51,11 @@ class Predictor:
     """A loaded model plus the preprocessing pipeline. backend: 'torch' or 'onnx'."""
 
     def __init__(self, checkpoint_path: str | Path | None = None, device: str = "cpu", backend: str = "torch",
-                 pipeline: str = "robust"):
+                 pipeline: str = "robust", robust_options=None):
         self.backend = backend
         self.pipeline = pipeline
+        ckpt: dict = {}
+        self.robust_options = robust_options  # robust.RobustOptions; None = every step on
         if backend == "onnx":
             from .onnx_backend import OnnxModel
             self.model = OnnxModel(checkpoint_path)
@@ -69,6 +74,12 @@ class Predictor:
             raise ValueError(f"unknown backend {backend!r}; use 'torch' or 'onnx'")
         self.device = torch.device(device)
         self.class_names = list(self.meta.get("class_names") or CLASS_NAMES)
+        # Temperature and unsure threshold fitted on validation (calibrate.py); a model that was
+        # never calibrated keeps its raw softmax and is called unsure only for a missing item.
+        cal = (ckpt.get("calibration") if backend == "torch" else self.meta.get("calibration")) or {}
+        self.temperature = float(cal.get("temperature", 1.0))
+        self.threshold = float(cal.get("threshold", 0.0))
+        self.meta["calibration"] = cal or None
 
     # -- core: 28x28 uint8 batch -> probabilities
     @torch.no_grad()
@@ -77,19 +88,19 @@ class Predictor:
         if len(images) == 0:
             return np.zeros((0, len(self.class_names)), np.float32)
         if self.backend == "onnx":
-            return self.model.probabilities(images)
+            return self.model.probabilities(images, self.temperature)
         # The training code's own inference path (fp32, channels-last, flip TTA as trained), so
         # served predictions are the ones the reported test accuracy was measured with.
         x = torch.from_numpy(np.array(images, dtype=np.uint8, copy=True)).to(self.device)
         logits = predict_logits(self.model, x, batch_size=1024, tta_flip=self.tta_flip, channels_last=True, amp="off")
-        return torch.softmax(logits, 1).cpu().numpy()
+        return torch.softmax(logits / self.temperature, 1).cpu().numpy()
 
     def prepare(self, item, name: str | None = None) -> Preprocessed:
         """Anything accepted by predict() -> the 28x28 image the model will see."""
         if is_dataset_style(item):
             a = to_uint8(np.asarray(item)).reshape(28, 28)
             return Preprocessed(a, "dark", (0, 0, 28, 28))
-        return preprocess(item, pipeline=self.pipeline)
+        return preprocess(item, pipeline=self.pipeline, options=self.robust_options)
 
     def predict(self, items, top_k: int = 3) -> list[Prediction]:
         """Paths, bytes, PIL images or arrays. A bad item gets .error; the others still run."""
@@ -103,7 +114,7 @@ class Predictor:
             except PreprocessError as e:
                 preds.append(Prediction(src, error=str(e)))
                 continue
-            preds.append(Prediction(src, image=pre.image))
+            preds.append(Prediction(src, image=pre.image, unsure=not pre.item_found, reason=pre.note or None))
             batch.append(pre.image)
             slots.append(len(preds) - 1)
         probs = self.probabilities(np.stack(batch)) if batch else np.zeros((0, 10))
@@ -112,6 +123,10 @@ class Predictor:
             order = np.argsort(-p)[:k]
             preds[slot].top = [(self.class_names[j], float(p[j])) for j in order]
             preds[slot].probabilities = [float(v) for v in p]
+            if not preds[slot].unsure and p[order[0]] < self.threshold:
+                preds[slot].unsure = True
+                preds[slot].reason = (f"low confidence: {p[order[0]]:.0%} is under the {self.threshold:.0%} "
+                                      f"below which this model is wrong more often than right (validation)")
         return preds
 
 
@@ -127,5 +142,6 @@ def format_table(preds: list[Prediction], top_k: int) -> str:
         if p.error:
             lines.append(f"{p.source:<{width}}  error: {p.error}")
         else:
-            lines.append(f"{p.source:<{width}}  " + "  ".join(f"{c + ' ' + format(pr, '.1%'):<22}" for c, pr in p.top))
+            lines.append(f"{p.source:<{width}}  " + "  ".join(f"{c + ' ' + format(pr, '.1%'):<22}" for c, pr in p.top)
+                         + (f"  UNSURE: {p.reason}" if p.unsure else ""))
     return "\n".join(lines)

@@ -152,9 +152,10 @@ def pad_centre(img: Image.Image, fill, size: int = IMAGE_SIZE) -> Image.Image:
 
 # ---------------------------------------------------------------------------- pipeline
 
-def preprocess(src, max_pixels: int = MAX_PIXELS, pipeline: str = "robust") -> Preprocessed:
+def preprocess(src, max_pixels: int = MAX_PIXELS, pipeline: str = "robust", options=None) -> Preprocessed:
     """Path, bytes, PIL image or array -> Preprocessed (28x28 uint8, light on black).
-    pipeline: "robust" (segment the item first, robust.py) or "paper" (the dataset's recipe)."""
+    pipeline: "robust" (segment the item first, robust.py) or "paper" (the dataset's recipe);
+    options: robust.RobustOptions (steps switched off for the ablation)."""
     if pipeline not in PIPELINES:
         raise ValueError(f"unknown pipeline {pipeline!r}; choose from {', '.join(PIPELINES)}")
     if isinstance(src, np.ndarray):
@@ -165,7 +166,7 @@ def preprocess(src, max_pixels: int = MAX_PIXELS, pipeline: str = "robust") -> P
 
     img = load_rgb(src, max_pixels, work=robust.WORK)
     scale = max(img.info["orig_size"]) / max(img.size)
-    conv = robust.convert(np.asarray(img))
+    conv = robust.convert(np.asarray(img), options)
     box = tuple(int(round(v * scale)) for v in conv.box)
     return Preprocessed(conv.image, "light" if conv.negated else "dark", box, "robust", conv.item_found, conv.note)
 

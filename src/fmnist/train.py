@@ -7,7 +7,6 @@ so N ranks make exactly the optimizer steps one process would with the same glob
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import csv
 import io
@@ -27,7 +26,8 @@ from . import checkpoint, data
 from .atomic import write_json, write_text
 from .config import TrainConfig, from_dict, validate
 from .distributed import DistInfo
-from .models import FlipTTA, count_parameters, create_model, model_config
+from .inference import autocast, bf16_fast, predict_logits, to_input  # noqa: F401 (re-exported)
+from .models import count_parameters, create_model, model_config
 from .runinfo import environment, pick_device
 
 
@@ -78,46 +78,6 @@ class EMA:
             b_ema.copy_(b)
 
 
-def bf16_fast(device: torch.device) -> bool:
-    """Whether bf16 matmuls/convs run faster than fp32 here: CUDA GPUs with bf16, and CPUs with
-    AMX or AVX512-BF16 (measured 2.3x on Sapphire Rapids for `fast`); elsewhere bf16 is emulated."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    if device.type == "cpu":
-        cpu = getattr(torch, "cpu", None)
-        return bool(cpu and (getattr(cpu, "_is_amx_tile_supported", lambda: False)()
-                             or getattr(cpu, "_is_avx512_bf16_supported", lambda: False)()))
-    return False
-
-
-def autocast(device: torch.device, amp: str):
-    """Mixed precision: bf16 autocast (no loss scaling needed, unlike fp16) where it pays."""
-    if amp == "bf16" or (amp == "auto" and bf16_fast(device)):
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-def to_input(x_uint8: torch.Tensor, channels_last: bool) -> torch.Tensor:
-    """(B, 28, 28) uint8 -> (B, 1, 28, 28) float in [0, 1]."""
-    x = x_uint8.unsqueeze(1).float().div_(255)
-    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
-
-
-@torch.no_grad()
-def predict_logits(model, images: torch.Tensor, batch_size: int = 1024, tta_flip: bool = False,
-                   channels_last: bool = True, amp: str = "off") -> torch.Tensor:
-    """Logits (N, 10) on the images' device for uint8 images (N, 28, 28). amp='off' (fp32) for
-    reported figures; per-epoch validation uses the training precision."""
-    model.eval()
-    net = FlipTTA(model) if tta_flip else model
-    out = []
-    for i in range(0, len(images), batch_size):
-        x = to_input(images[i:i + batch_size], channels_last)
-        with autocast(x.device, amp):
-            out.append(net(x).float())
-    return torch.cat(out) if out else torch.empty(0, 10)
-
-
 def evaluate_split(model, images, labels, cfg: TrainConfig, amp: str | None = None) -> dict:
     logits = predict_logits(model, images, cfg.eval_batch_size, cfg.tta_flip, cfg.channels_last,
                             cfg.amp if amp is None else amp)
@@ -142,7 +102,7 @@ def train_one_epoch(model, opt, ema, images, labels, cfg: TrainConfig, *, epoch:
         idx = perm[s * cfg.batch_size:(s + 1) * cfg.batch_size][dist.rank::dist.world_size]
         x = to_input(images[idx], cfg.channels_last)
         y = labels[idx]
-        x = aug.augment(x, cfg.augment, gen["aug"])
+        x = aug.augment(x, cfg.augment, gen["aug"], y)
         for group in opt.param_groups:
             group["lr"] = lr_at(step, total_steps, cfg)
         with autocast(x.device, cfg.amp):
@@ -327,6 +287,13 @@ def train(cfg: TrainConfig, quiet: bool = False, evaluate_at_end: bool = True) -
         write_json(run_dir / "train_summary.json", {
             "train_seconds": sum(h["seconds"] for h in history), "elapsed": history[-1]["elapsed"],
             "best_val_acc": best_acc, "epochs": len(history), "steps": step})
+        if len(val_idx):
+            # Temperature and unsure threshold from the validation split, into best.pt itself.
+            from .calibrate import calibrate
+            cal = calibrate(run_dir / "best.pt", dataset=ds, device=device, val_idx=val_idx, report_test=False)
+            if not quiet:
+                print(f"calibrated on validation: temperature {cal['temperature']:.3f}, unsure below "
+                      f"{cal['threshold']:.0%}; ECE {cal['val_ece_before']:.4f} -> {cal['val_ece_after']:.4f}")
         if evaluate_at_end:
             from .evaluate import evaluate_run
             evaluate_run(run_dir, device=device, dataset=ds, quiet=quiet)

@@ -1,0 +1,118 @@
+"""Honest confidence: temperature scaling and an 'unsure' threshold, both fitted on validation.
+
+Temperature scaling (Guo et al. 2017) divides the logits by one scalar T fitted to minimise
+the validation NLL: the ranking (and so accuracy) is unchanged, the probabilities become
+calibrated. The unsure threshold is the largest calibrated top probability below which the
+model is right at most half the time on validation: under it, the answer is more likely
+wrong than right. Both go into the checkpoint under "calibration"; predict.py reads them.
+The test set is used only to report the expected calibration error before and after.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import checkpoint, data
+from .atomic import write_json
+from .inference import predict_logits
+
+log = logging.getLogger(__name__)
+
+MIN_BELOW = 20   # the threshold needs at least this many validation predictions under it
+
+
+def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """T minimising the NLL of softmax(logits / T): a coarse log grid, then golden-section."""
+    logits, labels = logits.double(), labels.long()
+
+    def nll(t: float) -> float:
+        return F.cross_entropy(logits / t, labels).item()
+
+    grid = np.exp(np.linspace(np.log(0.05), np.log(20.0), 61))
+    i = int(np.argmin([nll(t) for t in grid]))
+    lo, hi = grid[max(i - 1, 0)], grid[min(i + 1, len(grid) - 1)]
+    phi = (np.sqrt(5) - 1) / 2
+    for _ in range(40):
+        a, b = hi - phi * (hi - lo), lo + phi * (hi - lo)
+        if nll(a) < nll(b):
+            hi = b
+        else:
+            lo = a
+    return float((lo + hi) / 2)
+
+
+def ece(probs: np.ndarray, labels: np.ndarray, bins: int = 15) -> float:
+    """Expected calibration error: |accuracy - confidence| averaged over equal-width bins."""
+    conf, pred = probs.max(1), probs.argmax(1)
+    correct = pred == labels
+    edges = np.linspace(0, 1, bins + 1)
+    total = 0.0
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        m = (conf > lo) & (conf <= hi)
+        if m.any():
+            total += m.mean() * abs(correct[m].mean() - conf[m].mean())
+    return float(total)
+
+
+def choose_threshold(conf: np.ndarray, correct: np.ndarray) -> float:
+    """Largest t such that predictions with confidence < t are right at most half the time."""
+    order = np.argsort(conf)
+    c, ok = conf[order], correct[order].astype(np.float64)
+    run_acc = np.cumsum(ok) / np.arange(1, len(ok) + 1)   # accuracy of the k lowest-confidence
+    good = np.flatnonzero((run_acc <= 0.5) & (np.arange(1, len(ok) + 1) >= MIN_BELOW))
+    if not len(good):
+        return float(c[min(MIN_BELOW, len(c)) - 1]) if len(c) else 0.5
+    k = good[-1]
+    return float(c[k + 1]) if k + 1 < len(c) else float(c[k])
+
+
+def calibrate(path, dataset=None, device: str = "cpu", val_idx: torch.Tensor | None = None,
+              report_test: bool = True) -> dict:
+    """Fit T and the threshold on the checkpoint's own validation split (or the training set
+    indices val_idx); write them into the checkpoint and calibration.json beside it. The test
+    set only reports ECE before and after (report_test)."""
+    path = checkpoint.resolve_path(path)
+    ckpt = checkpoint.load(path)
+    cfg = ckpt.get("train_config") or {}
+    ds = dataset or data.load(cfg.get("data_dir"), quiet=True)
+    if val_idx is None:
+        val_fraction, seed = cfg.get("val_fraction", 0.1), cfg.get("seed", 0)
+        if not val_fraction:
+            raise ValueError(f"{path}: trained without a validation split (--val-fraction 0); "
+                             f"nothing to calibrate on")
+        _, val_idx = data.stratified_split(ds.train_labels, val_fraction, seed)
+    model = checkpoint.build_model(ckpt, device)
+    tta = checkpoint.trained_with_tta(ckpt)
+
+    def logits_of(images):
+        return predict_logits(model, images.to(device), tta_flip=tta, amp="off").cpu()
+
+    v_logits, v_labels = logits_of(ds.train_images[val_idx]), ds.train_labels[val_idx]
+    t = fit_temperature(v_logits, v_labels)
+    v_probs = torch.softmax(v_logits / t, 1).numpy()
+    thr = choose_threshold(v_probs.max(1), v_probs.argmax(1) == v_labels.numpy())
+    res = {"temperature": t, "threshold": thr, "fitted_on": f"validation split ({len(val_idx)} images)",
+           "val_nll_before": F.cross_entropy(v_logits, v_labels).item(),
+           "val_nll_after": F.cross_entropy(v_logits / t, v_labels).item(),
+           "val_ece_before": ece(torch.softmax(v_logits, 1).numpy(), v_labels.numpy()),
+           "val_ece_after": ece(v_probs, v_labels.numpy())}
+    if report_test:
+        te_logits, te_labels = logits_of(ds.test_images), ds.test_labels.numpy()
+        p1, pt = torch.softmax(te_logits, 1).numpy(), torch.softmax(te_logits / t, 1).numpy()
+        sure = pt.max(1) >= thr
+        right = pt.argmax(1) == te_labels
+        res.update({"test_ece_before": ece(p1, te_labels), "test_ece_after": ece(pt, te_labels),
+                    "test_unsure_fraction": float(1 - sure.mean()),
+                    "test_acc_when_sure": float(right[sure].mean()) if sure.any() else None,
+                    "test_acc_when_unsure": float(right[~sure].mean()) if (~sure).any() else None})
+    ckpt["calibration"] = res
+    checkpoint.save(ckpt, path)
+    write_json(path.parent / "calibration.json", res)
+    log.info("calibrated %s: T=%.3f, unsure below %.2f; validation ECE %.4f -> %.4f", path, t, thr,
+             res["val_ece_before"], res["val_ece_after"])
+    return res

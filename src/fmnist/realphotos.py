@@ -1,0 +1,103 @@
+"""A folder of real labelled photos and how a model does on it (`fmnist bench photos --real`).
+
+The folder holds the photos and a manifest.csv with at least the columns
+  file, label, kind, split, sha256
+label: a class name; kind: clean (item alone on a plain ground) or casual (at home: a bed,
+a floor, a hanger); split: dev (tune on it) or heldout (report only). Every file is checked
+against its SHA-256, so a figure always names exactly the photos it was measured on.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .classes import CLASS_NAMES
+
+REQUIRED = ("file", "label", "kind", "split", "sha256")
+
+
+class PhotoSetError(Exception):
+    """A real-photo folder that cannot be used; the message says what to fix."""
+
+
+@dataclass
+class Photo:
+    path: Path
+    label: str
+    kind: str
+    split: str
+
+
+def read_manifest(root: str | Path, verify: bool = True) -> list[Photo]:
+    root = Path(root)
+    man = root / "manifest.csv"
+    if not man.is_file():
+        raise PhotoSetError(f"{man}: missing; a real-photo folder needs a manifest.csv with columns "
+                            f"{', '.join(REQUIRED)} (see photos/real/README.md)")
+    with man.open(newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    missing = [c for c in REQUIRED if rows and c not in rows[0]]
+    if not rows or missing:
+        raise PhotoSetError(f"{man}: " + (f"lacks column(s) {', '.join(missing)}" if rows else "has no rows"))
+    out = []
+    for i, r in enumerate(rows, start=2):
+        where = f"{man}, line {i}"
+        if r["label"] not in CLASS_NAMES:
+            raise PhotoSetError(f"{where}: label {r['label']!r} is not a class ({', '.join(CLASS_NAMES)})")
+        p = root / r["file"]
+        if not p.is_file():
+            raise PhotoSetError(f"{where}: {p} is missing")
+        if verify and hashlib.sha256(p.read_bytes()).hexdigest() != r["sha256"].strip().lower():
+            raise PhotoSetError(f"{where}: {p} does not match its SHA-256; restore the file or fix the manifest")
+        out.append(Photo(p, r["label"], r["kind"], r["split"]))
+    return out
+
+
+def select(photos: list[Photo], split: str) -> list[Photo]:
+    """split: dev, heldout or all."""
+    return photos if split == "all" else [p for p in photos if p.split == split]
+
+
+def _acc(mask: np.ndarray, correct: np.ndarray) -> dict:
+    n = int(mask.sum())
+    return {"n": n, "correct": int(correct[mask].sum()), "acc": float(correct[mask].mean()) if n else None}
+
+
+def evaluate(predictor, photos: list[Photo]) -> dict:
+    """Accuracy overall, per kind, per class; confusion matrix; unsure verdicts; one row a photo."""
+    preds = predictor.predict([p.path for p in photos], top_k=3)
+    names = list(CLASS_NAMES)
+    y = np.array([names.index(p.label) for p in photos])
+    yhat = np.array([names.index(r.top[0][0]) if r.ok else -1 for r in preds])
+    correct = yhat == y
+    unsure = np.array([bool(getattr(r, "unsure", False)) for r in preds])
+    kinds = sorted({p.kind for p in photos})
+    cm = np.zeros((10, 10), int)
+    for a, b in zip(y, yhat):
+        if b >= 0:
+            cm[a, b] += 1
+    sure = ~unsure
+    return {
+        "n": len(photos), **{k: v for k, v in _acc(np.ones(len(photos), bool), correct).items() if k != "n"},
+        "errors": int((yhat < 0).sum()),
+        "per_kind": {k: _acc(np.array([p.kind == k for p in photos]), correct) for k in kinds},
+        "per_class": {c: _acc(y == i, correct) for i, c in enumerate(names) if (y == i).any()},
+        "confusion": cm.tolist(),
+        "unsure": {"fraction": float(unsure.mean()) if len(unsure) else 0.0,
+                   "acc_when_sure": float(correct[sure].mean()) if sure.any() else None,
+                   "acc_when_unsure": float(correct[unsure].mean()) if unsure.any() else None},
+        "rows": [{"file": p.path.name, "label": p.label, "kind": p.kind,
+                  "pred": r.top[0][0] if r.ok else None, "prob": round(r.top[0][1], 4) if r.ok else None,
+                  "unsure": bool(getattr(r, "unsure", False)), "error": r.error}
+                 for p, r in zip(photos, preds)],
+    }
+
+
+def summary_line(name: str, r: dict) -> str:
+    kinds = ", ".join(f"{k} {v['acc']:.1%} ({v['correct']}/{v['n']})" for k, v in r["per_kind"].items())
+    return f"{name}: {r['acc']:.1%} ({r['correct']}/{r['n']}); {kinds}; unsure {r['unsure']['fraction']:.0%}"
