@@ -147,6 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-upload-mb", type=int, default=10, help="max request body in MiB (default: 10)")
     p.add_argument("--log-level", default="info", help="uvicorn log level (default: info)")
     p.add_argument("--access-log", action="store_true", help="log every request (default: off)")
+    p.add_argument("--pipeline", choices=["robust", "paper"], default="robust",
+                   help="photo conversion: robust (find the item) or paper (the dataset's recipe) (default: robust)")
 
     # ---- export
     p = sub.add_parser("export", help="export a checkpoint to ONNX (optionally int8)",

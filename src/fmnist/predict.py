@@ -102,6 +102,17 @@ class Predictor:
             return Preprocessed(a, "dark", (0, 0, 28, 28))
         return preprocess(item, pipeline=self.pipeline, options=self.robust_options)
 
+    def judge(self, item_found: bool, note: str, p: np.ndarray) -> tuple[bool, str | None]:
+        """(unsure, reason) for one image: no clear item, or a top probability under the
+        threshold below which this model was wrong more often than right on validation."""
+        if not item_found:
+            return True, note or "no clear item found in the photo"
+        top = float(np.max(p))
+        if top < self.threshold:
+            return True, (f"low confidence: {top:.0%} is under the {self.threshold:.0%} below which this "
+                          f"model is wrong more often than right (validation)")
+        return False, None
+
     def predict(self, items, top_k: int = 3) -> list[Prediction]:
         """Paths, bytes, PIL images or arrays. A bad item gets .error; the others still run."""
         if isinstance(items, (str, Path, np.ndarray)) or hasattr(items, "size") and hasattr(items, "mode"):
@@ -123,10 +134,8 @@ class Predictor:
             order = np.argsort(-p)[:k]
             preds[slot].top = [(self.class_names[j], float(p[j])) for j in order]
             preds[slot].probabilities = [float(v) for v in p]
-            if not preds[slot].unsure and p[order[0]] < self.threshold:
-                preds[slot].unsure = True
-                preds[slot].reason = (f"low confidence: {p[order[0]]:.0%} is under the {self.threshold:.0%} "
-                                      f"below which this model is wrong more often than right (validation)")
+            if not preds[slot].unsure:
+                preds[slot].unsure, preds[slot].reason = self.judge(True, "", p)
         return preds
 
 

@@ -75,11 +75,15 @@ def _resize_longest(a: np.ndarray, size: int, interp=cv2.INTER_AREA) -> np.ndarr
     return cv2.resize(a, (max(1, round(w * s)), max(1, round(h * s))), interpolation=interp)
 
 
-def seed_mask(lab: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(h, w, 3) float32 Lab -> (distance from border colour, seed foreground mask)."""
-    border = _border_pixels(lab)
-    bg = np.median(border, axis=0)
-    d = np.sqrt(((lab - bg) ** 2).sum(-1))
+def seed_mask(lab: np.ndarray, k: int = 4) -> tuple[np.ndarray, np.ndarray]:
+    """(h, w, 3) float32 Lab -> (distance to the nearest border colour, seed foreground mask).
+    The border is modelled by k colour clusters, not one: a floor below and a wall above, a
+    bed sheet and its shadow, are each background."""
+    border = _border_pixels(lab).astype(np.float32)
+    crit = (cv2.TERM_CRITERIA_MAX_ITER + cv2.TERM_CRITERIA_EPS, 10, 1.0)
+    cv2.setRNGSeed(0)   # k-means++ seeding: the same photo always gives the same mask
+    _, _, centres = cv2.kmeans(border, k, None, crit, 1, cv2.KMEANS_PP_CENTERS)
+    d = np.sqrt(((lab[:, :, None, :] - centres[None, None]) ** 2).sum(-1)).min(-1)
     spread = float(np.percentile(_border_pixels(d), 90))
     # Far beyond what the border itself varies by, and at least a visible step (Lab units ~ 1 JND).
     thr = max(2.0 * spread, 10.0)
@@ -92,8 +96,9 @@ def grabcut(rgb: np.ndarray, seed: np.ndarray, iters: int = 2) -> np.ndarray:
     gc = np.where(seed, cv2.GC_PR_FGD, cv2.GC_PR_BGD).astype(np.uint8)
     b = max(1, int(round(BORDER * min(h, w))))
     gc[:b], gc[-b:], gc[:, :b], gc[:, -b:] = cv2.GC_BGD, cv2.GC_BGD, cv2.GC_BGD, cv2.GC_BGD
-    if not (gc == cv2.GC_PR_FGD).any():
-        # Nothing stands out (white on white): let GrabCut look for an item in the middle.
+    if seed.mean() < 0.05:
+        # Little stands out (white on white, or an item that fills the frame and shares the
+        # border's colours): let GrabCut look for an item in the middle, as its rectangle mode does.
         gc[h // 6: h - h // 6, w // 6: w - w // 6] = cv2.GC_PR_FGD
     bgd, fgd = np.zeros((1, 65), np.float64), np.zeros((1, 65), np.float64)
     try:
@@ -145,7 +150,12 @@ def clean(m: np.ndarray) -> np.ndarray:
 def item_mask(rgb_small: np.ndarray, opt: RobustOptions) -> np.ndarray:
     lab = cv2.cvtColor(rgb_small, cv2.COLOR_RGB2LAB).astype(np.float32)
     _, seed = seed_mask(lab)
-    m = grabcut(rgb_small, clean(seed)) if opt.grabcut else seed
+    seed = clean(seed)
+    m = grabcut(rgb_small, seed) if opt.grabcut else seed
+    if m.sum() < 0.25 * seed.sum():
+        # GrabCut gave the item away to a background of the same colours (a brown bag on a
+        # brown floor): the seed, which only says "unlike every border colour", is the better guess.
+        m = seed
     m = clean(m)
     return main_component(m) if opt.main_component else m
 

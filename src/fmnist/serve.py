@@ -31,7 +31,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .batcher import DynamicBatcher
 from .predict import Predictor
-from .preprocess import PreprocessError, is_dataset_style, open_image, preprocess
+from .preprocess import Preprocessed, PreprocessError, is_dataset_style, open_image, preprocess
 
 ACCEPTED_FORMATS = {"PNG", "JPEG", "GIF", "WEBP", "BMP", "TIFF", "MPO"}  # MPO: phone JPEGs
 
@@ -62,8 +62,9 @@ def load_samples() -> tuple[np.ndarray, np.ndarray]:
         return z["images"], z["labels"]
 
 
-def _prepare(data: bytes, name: str, cfg: ServeConfig) -> np.ndarray:
-    """Upload bytes -> (28, 28) uint8; raises HTTPException with a 4xx a person can act on."""
+def _prepare(data: bytes, name: str, cfg: ServeConfig, pipeline: str = "robust") -> Preprocessed:
+    """Upload bytes -> Preprocessed (28x28 uint8 and whether an item was found); raises
+    HTTPException with a 4xx a person can act on."""
     if not data:
         raise HTTPException(400, detail=("empty_file", f"{name}: the file is empty (0 bytes)"))
     try:
@@ -81,8 +82,8 @@ def _prepare(data: bytes, name: str, cfg: ServeConfig) -> np.ndarray:
                                          f"{name}: {fmt} images are not accepted; send PNG, JPEG, GIF, WebP, BMP or TIFF"))
     try:
         if is_dataset_style(img):
-            return np.asarray(img, dtype=np.uint8)
-        return preprocess(img, max_pixels=cfg.max_pixels).image
+            return Preprocessed(np.asarray(img, dtype=np.uint8), "dark", (0, 0, 28, 28), "dataset")
+        return preprocess(img, max_pixels=cfg.max_pixels, pipeline=pipeline)
     except PreprocessError as e:
         raise HTTPException(422, detail=("unprocessable_image", f"{name}: {str(e).removeprefix('image: ')}")) from None
 
@@ -188,15 +189,17 @@ def create_app(predictor: Predictor | None = None, cfg: ServeConfig | None = Non
             raise HTTPException(413, detail=("too_many_files", f"{len(files)} files; at most {cfg.max_files} per request"))
         names = [f.filename or f"file {i + 1}" for i, f in enumerate(files)]
         datas = [await f.read() for f in files]
-        imgs = [await run_in_threadpool(_prepare, d, n, cfg) for d, n in zip(datas, names)]
-        probs = await batcher.submit(np.stack(imgs))
+        pres = [await run_in_threadpool(_prepare, d, n, cfg, predictor.pipeline) for d, n in zip(datas, names)]
+        probs = await batcher.submit(np.stack([pre.image for pre in pres]))
         out = []
-        for name, img, p in zip(names, imgs, probs):
+        for name, pre, p in zip(names, pres, probs):
             order = np.argsort(-p)[:top_k]
+            unsure, reason = predictor.judge(pre.item_found, pre.note, p)
             item = {"filename": name, "label": predictor.class_names[order[0]], "probability": float(p[order[0]]),
+                    "verdict": "unsure" if unsure else "sure", "reason": reason,
                     "top": [{"label": predictor.class_names[j], "probability": float(p[j])} for j in order]}
             if include_image:
-                item["preprocessed"] = png_data_url(img)
+                item["preprocessed"] = png_data_url(pre.image)
             out.append(item)
         return {"predictions": out}
 
@@ -208,7 +211,7 @@ def main(args) -> int:
 
     cfg = ServeConfig(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
                       max_upload_bytes=args.max_upload_mb << 20)
-    predictor = Predictor(args.checkpoint, backend=args.backend)
+    predictor = Predictor(args.checkpoint, backend=args.backend, pipeline=getattr(args, "pipeline", "robust"))
     app = create_app(predictor, cfg)
     print(f"serving {predictor.meta.get('model')} ({predictor.backend}) on http://{args.host}:{args.port}/  "
           f"API docs: /docs  batching: max {cfg.max_batch}, wait {cfg.max_wait_ms} ms", flush=True)

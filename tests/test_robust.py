@@ -1,0 +1,128 @@
+"""The robust photo conversion (robust.py) on made-up scenes and on committed real photos."""
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+
+from fmnist import realphotos, robust
+from fmnist.preprocess import load_rgb, preprocess
+
+REAL = Path(__file__).resolve().parent.parent / "photos" / "real"
+
+
+def scene(w=400, h=300, bg=(235, 235, 230)):
+    img = Image.new("RGB", (w, h), bg)
+    return img, ImageDraw.Draw(img)
+
+
+def jpeg(img, q=92):
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=q)
+    return buf.getvalue()
+
+
+def test_badge_and_text_do_not_stretch_the_box():
+    """A shop listing: the garment, a price badge in a corner and a text banner. The paper's trim
+    takes everything unlike the corners; the robust box is the garment's."""
+    img, d = scene()
+    d.rectangle((150, 60, 250, 250), fill=(40, 60, 120))           # the item
+    d.ellipse((10, 10, 60, 60), fill=(220, 30, 30))                 # price badge
+    d.text((300, 270), "SALE -50%", fill=(0, 0, 0))                 # banner text
+    r = preprocess(jpeg(img))
+    assert r.pipeline == "robust" and r.item_found
+    l, t, rr, b = r.box
+    assert abs(l - 150) <= 6 and abs(t - 60) <= 6 and abs(rr - 251) <= 6 and abs(b - 251) <= 6
+    paper = preprocess(jpeg(img), pipeline="paper")
+    assert paper.box[0] < 20 and paper.box[1] < 20                   # the badge defines it there
+
+
+def test_background_is_exactly_zero_and_item_is_light():
+    img, d = scene(bg=(200, 190, 180))
+    d.rectangle((120, 40, 280, 260), fill=(30, 30, 30))
+    a = preprocess(jpeg(img)).image
+    assert a.dtype == np.uint8 and a.shape == (28, 28)
+    cols = np.flatnonzero(a.max(0) > 0)
+    assert a[:, : cols[0]].max() == 0 and a[:, cols[-1] + 1:].max() == 0   # ground left and right
+    assert a[14, 14] > 150                                                 # dark item -> light
+
+
+def test_uneven_light_and_textured_ground():
+    """Vignetted, noisy floor with a gradient: the paper's corner colour fails, GrabCut does not."""
+    h, w = 300, 400
+    yy, xx = np.mgrid[:h, :w]
+    ground = 150 + 60 * (xx / w) - 40 * ((yy - h / 2) / h) ** 2
+    rng = np.random.default_rng(0)
+    a = np.clip(ground[..., None] + rng.normal(0, 6, (h, w, 3)), 0, 255)
+    a[70:230, 150:260] = (20, 25, 30)
+    r = preprocess(jpeg(Image.fromarray(a.astype(np.uint8))))
+    assert r.item_found
+    l, t, rr, b = r.box
+    assert abs(l - 150) <= 8 and abs(rr - 260) <= 8 and abs(t - 70) <= 8 and abs(b - 230) <= 8
+
+
+def test_white_item_on_white_keeps_its_silhouette():
+    img, d = scene(bg=(246, 246, 246))
+    d.rectangle((140, 50, 260, 250), fill=(255, 255, 255), outline=(200, 200, 200), width=3)
+    r = preprocess(jpeg(img))
+    assert (r.image > 0).sum() > 100            # not erased by the negation
+
+
+def test_blank_photo_is_no_clear_item():
+    img, _ = scene()
+    r = preprocess(jpeg(img))
+    assert not r.item_found and "no clear item" in r.note
+
+
+def test_large_jpeg_decodes_reduced():
+    """A 1-MP JPEG is decoded at a DCT-reduced scale and shrunk to the working size."""
+    img, d = scene(1200, 900)
+    d.rectangle((400, 200, 800, 700), fill=(50, 50, 50))
+    rgb = load_rgb(jpeg(img), work=robust.WORK)
+    assert max(rgb.size) == robust.WORK and rgb.info["orig_size"] == (1200, 900)
+    assert preprocess(jpeg(img)).box[2] > 700     # box reported in the original's pixels
+
+
+def test_each_ablation_switch_runs():
+    img, d = scene()
+    d.rectangle((150, 60, 250, 250), fill=(40, 60, 120))
+    rgb = np.asarray(img)
+    for kw in ({"grabcut": False}, {"main_component": False}, {"zero_background": False},
+               {"polarity": False}, {"antialias": False}):
+        out = robust.convert(rgb, robust.RobustOptions(**kw))
+        assert out.image.shape == (28, 28) and out.image.max() > 100
+
+
+def test_real_photos_manifest_verifies_and_every_class_is_there():
+    photos = realphotos.read_manifest(REAL)
+    assert len(photos) >= 150
+    assert {p.label for p in photos} == set(realphotos.CLASS_NAMES)
+    assert {p.kind for p in photos} >= {"clean", "casual"} and {p.split for p in photos} == {"dev", "heldout"}
+
+
+def test_real_photos_convert_to_an_item_on_black():
+    """Real casual photos (a coat on a floor, shoes on tiles): an item is found, its ground is 0."""
+    photos = [p for p in realphotos.read_manifest(REAL, verify=False) if p.kind == "casual"][::25]
+    assert len(photos) >= 5
+    for p in photos:
+        r = preprocess(p.path)
+        a = r.image
+        assert r.item_found, p.path.name
+        border = np.concatenate([a[0], a[-1], a[:, 0], a[:, -1]])
+        assert (border == 0).mean() > 0.5, p.path.name         # mostly ground around the item
+        assert (a > 0).mean() > 0.1, p.path.name                # and an item of some size
+
+
+def test_manifest_errors_name_the_problem(tmp_path):
+    with pytest.raises(realphotos.PhotoSetError, match="manifest.csv: missing"):
+        realphotos.read_manifest(tmp_path)
+    src = realphotos.read_manifest(REAL, verify=False)[0]
+    (tmp_path / "a.jpg").write_bytes(src.path.read_bytes() + b"x")
+    (tmp_path / "manifest.csv").write_text(f"file,label,kind,split,sha256\na.jpg,Bag,clean,dev,{'0' * 64}\n")
+    with pytest.raises(realphotos.PhotoSetError, match="does not match its SHA-256"):
+        realphotos.read_manifest(tmp_path)
+    (tmp_path / "manifest.csv").write_text(f"file,label,kind,split,sha256\na.jpg,Hat,clean,dev,{'0' * 64}\n")
+    with pytest.raises(realphotos.PhotoSetError, match="'Hat' is not a class"):
+        realphotos.read_manifest(tmp_path)
