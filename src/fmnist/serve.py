@@ -30,6 +30,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .batcher import DynamicBatcher
+from .guards import RequestGuard
 from .predict import Predictor
 from .preprocess import PreprocessError, is_dataset_style, open_image, preprocess
 
@@ -43,6 +44,7 @@ class ServeConfig:
     max_upload_bytes: int = 10 << 20  # whole request body
     max_files: int = 16              # per request
     max_pixels: int = 25_000_000     # per image (decoded), against decompression bombs
+    body_timeout_s: float = 60.0     # whole request body; 10 MiB in 60 s needs ~1.4 Mbit/s
 
 
 def _err(status: int, code: str, message: str) -> JSONResponse:
@@ -122,17 +124,8 @@ def create_app(predictor: Predictor | None = None, cfg: ServeConfig | None = Non
     app.mount("/static", StaticFiles(directory=static), name="static")
     _mount_docs(app)
 
-    @app.middleware("http")
-    async def limit_body(request: Request, call_next):
-        if request.method == "POST":
-            length = request.headers.get("content-length")
-            if length is None:
-                return _err(411, "length_required", "send a Content-Length header (any HTTP client does for a "
-                                                    "multipart form upload)")
-            if not length.isdigit() or int(length) > cfg.max_upload_bytes:
-                return _err(413, "payload_too_large", f"request body is {length} bytes; the limit is "
-                                                      f"{cfg.max_upload_bytes:,} bytes: send fewer or smaller images")
-        return await call_next(request)
+    # Bytes are counted as they arrive: a chunked body ignores its Content-Length header.
+    app.add_middleware(RequestGuard, max_body_bytes=cfg.max_upload_bytes, body_timeout_s=cfg.body_timeout_s)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request, exc):

@@ -1,0 +1,75 @@
+"""Attacks on `fmnist serve` (issue 12), each against a real server process on loopback,
+bounded in bytes and seconds."""
+
+import json
+import socket
+import threading
+import time
+
+import httpx
+import pytest
+
+from test_serve import start_server
+
+LIMIT_MB = 1
+
+
+@pytest.fixture(scope="module")
+def server():
+    proc, url = start_server("--max-upload-mb", str(LIMIT_MB))
+    yield url
+    proc.terminate()
+    proc.wait(10)
+
+
+def _port(url: str) -> int:
+    return int(url.rsplit(":", 1)[1])
+
+
+class RawReader(threading.Thread):
+    """Reads a raw socket until EOF or error, so a response sent mid-upload is not lost."""
+
+    def __init__(self, sock):
+        super().__init__(daemon=True)
+        self.sock, self.data, self.closed_at = sock, b"", None
+
+    def run(self):
+        try:
+            while chunk := self.sock.recv(65536):
+                self.data += chunk
+        except OSError:
+            pass
+        self.closed_at = time.monotonic()
+
+    def response(self) -> tuple[int, dict]:
+        head, _, body = self.data.partition(b"\r\n\r\n")
+        return int(head.split()[1]), json.loads(body)
+
+
+def test_chunked_body_is_counted_not_trusted(server):
+    """Transfer-Encoding: chunked plus a small Content-Length: the header lies, the bytes count.
+    Before the fix the whole body was read into memory and answered 415 after the fact."""
+    sock = socket.create_connection(("127.0.0.1", _port(server)), timeout=5)
+    reader = RawReader(sock)
+    reader.start()
+    boundary = b"b0undary"
+    sock.sendall(b"POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\nTransfer-Encoding: chunked\r\n"
+                 b"Content-Type: multipart/form-data; boundary=" + boundary + b"\r\n\r\n")
+    part = (b"--" + boundary + b'\r\nContent-Disposition: form-data; name="files"; filename="a.png"\r\n'
+            b"Content-Type: image/png\r\n\r\n")
+    chunk = b"\0" * 65536
+    sent, cap = 0, 64 << 20  # 64x the limit at most
+    try:
+        sock.sendall(b"%x\r\n%s\r\n" % (len(part), part))
+        while sent < cap and reader.closed_at is None:
+            sock.sendall(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+            sent += len(chunk)
+    except OSError:  # the server hung up on us: what it should do
+        pass
+    reader.join(5)
+    sock.close()
+    assert reader.data, f"no answer after {sent:,} bytes: the server is still reading"
+    status, body = reader.response()
+    assert status == 413 and body["error"]["code"] == "payload_too_large", reader.data[:300]
+    assert sent < cap / 2, f"the server kept reading: {sent:,} bytes sent"
+    assert httpx.get(server + "/healthz").status_code == 200
