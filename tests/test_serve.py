@@ -22,10 +22,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(*extra):
+def start_server(*extra, env=None):
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "fmnist", "serve", "--port", str(port), "--log-level", "warning",
-                             *extra], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                             *extra], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 60
     while time.time() < deadline:

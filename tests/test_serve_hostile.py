@@ -2,6 +2,7 @@
 bounded in bytes and seconds."""
 
 import json
+import os
 import socket
 import threading
 import time
@@ -12,11 +13,25 @@ import pytest
 from test_serve import start_server
 
 LIMIT_MB = 1
+EPS = (b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 28 28\n%%EndComments\n"
+       b"newpath 0 0 moveto 28 28 lineto stroke\nshowpage\n%%EOF\n")
 
 
 @pytest.fixture(scope="module")
-def server():
-    proc, url = start_server("--max-upload-mb", str(LIMIT_MB))
+def fake_ghostscript(tmp_path_factory):
+    """A `gs` first on PATH that records every call: Pillow's EPS plugin would run it."""
+    d = tmp_path_factory.mktemp("gs")
+    marker = d / "calls.txt"
+    gs = d / "gs"
+    gs.write_text(f'#!/bin/sh\necho "$@" >> {marker}\n[ "$1" = "--version" ] && echo 10.0 && exit 0\nexit 1\n')
+    gs.chmod(0o755)
+    return d, marker
+
+
+@pytest.fixture(scope="module")
+def server(fake_ghostscript):
+    env = dict(os.environ, PATH=f"{fake_ghostscript[0]}{os.pathsep}{os.environ['PATH']}")
+    proc, url = start_server("--max-upload-mb", str(LIMIT_MB), env=env)
     yield url
     proc.terminate()
     proc.wait(10)
@@ -73,3 +88,21 @@ def test_chunked_body_is_counted_not_trusted(server):
     assert status == 413 and body["error"]["code"] == "payload_too_large", reader.data[:300]
     assert sent < cap / 2, f"the server kept reading: {sent:,} bytes sent"
     assert httpx.get(server + "/healthz").status_code == 200
+
+
+def test_eps_upload_never_reaches_ghostscript(server, fake_ghostscript):
+    """Before the fix Pillow identified the EPS and ran `gs` on the uploaded PostScript."""
+    r = httpx.post(server + "/v1/predict", files={"files": ("x.png", EPS, "image/png")}, timeout=10)
+    assert r.status_code == 415 and r.json()["error"]["code"] == "unsupported_media_type", r.text
+    assert "accepted format" in r.json()["error"]["message"]
+    assert not fake_ghostscript[1].exists(), "Ghostscript was run: " + fake_ghostscript[1].read_text()
+
+
+def test_open_image_tries_only_accepted_formats(fake_ghostscript, monkeypatch):
+    """The same for the CLI and Python API, which open files through preprocess.open_image."""
+    from fmnist.preprocess import PreprocessError, open_image
+
+    monkeypatch.setenv("PATH", f"{fake_ghostscript[0]}{os.pathsep}{os.environ['PATH']}")
+    with pytest.raises(PreprocessError, match="accepted format"):
+        open_image(EPS)
+    assert not fake_ghostscript[1].exists()
