@@ -55,7 +55,8 @@ def png(a: np.ndarray) -> bytes:
 
 
 def test_health_model_docs(server):
-    assert httpx.get(server + "/healthz").json() == {"status": "ok"}
+    health = httpx.get(server + "/healthz").json()
+    assert health["status"] == "ok" and health["batcher"]["alive"] is True
     m = httpx.get(server + "/v1/model").json()
     assert m["classes"][0] == "T-shirt/top" and m["parameters"] > 1000 and 0.8 < m["accuracy"] <= 1
     assert httpx.get(server + "/docs").status_code == 200

@@ -8,9 +8,10 @@ import threading
 import time
 
 import httpx
+import numpy as np
 import pytest
 
-from test_serve import start_server
+from test_serve import free_port, png, start_server
 
 LIMIT_MB = 1
 EPS = (b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 28 28\n%%EndComments\n"
@@ -106,3 +107,40 @@ def test_open_image_tries_only_accepted_formats(fake_ghostscript, monkeypatch):
     with pytest.raises(PreprocessError, match="accepted format"):
         open_image(EPS)
     assert not fake_ghostscript[1].exists()
+
+
+@pytest.fixture
+def inprocess_server():
+    """The app on a real uvicorn server in a thread, so a test can reach into its batcher."""
+    import uvicorn
+
+    from fmnist.serve import create_app
+
+    app = create_app()
+    port = free_port()
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    t = threading.Thread(target=srv.run, daemon=True)
+    t.start()
+    deadline = time.monotonic() + 30
+    while not srv.started and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert srv.started, "in-process server did not start in 30 s"
+    yield app, f"http://127.0.0.1:{port}"
+    srv.should_exit = True
+    t.join(10)
+
+
+def test_dead_batcher_shows_in_healthz_and_requests_fail_fast(inprocess_server):
+    """Before: the worker died silently, /healthz said ok and every prediction hung."""
+    app, url = inprocess_server
+    assert httpx.get(url + "/healthz").json()["batcher"]["alive"] is True
+    task = app.state.batcher.task
+    task.get_loop().call_soon_threadsafe(task.cancel)
+    time.sleep(0.2)
+    h = httpx.get(url + "/healthz")
+    assert h.status_code == 503 and h.json()["batcher"]["alive"] is False and h.json()["batcher"]["error"]
+    t = time.monotonic()
+    r = httpx.post(url + "/v1/predict", files={"files": ("a.png", png(np.zeros((28, 28), np.uint8)), "image/png")},
+                   timeout=5)
+    assert r.status_code == 503 and r.json()["error"]["code"] == "inference_unavailable", r.text
+    assert r.headers["retry-after"] and time.monotonic() - t < 2

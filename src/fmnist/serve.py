@@ -29,7 +29,7 @@ from PIL import Image
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .batcher import DynamicBatcher
+from .batcher import BatcherUnavailable, DynamicBatcher
 from .guards import RequestGuard
 from .predict import Predictor
 from .preprocess import PreprocessError, is_dataset_style, open_image, preprocess
@@ -45,10 +45,11 @@ class ServeConfig:
     max_files: int = 16              # per request
     max_pixels: int = 25_000_000     # per image (decoded), against decompression bombs
     body_timeout_s: float = 60.0     # whole request body; 10 MiB in 60 s needs ~1.4 Mbit/s
+    inference_timeout_s: float = 30.0  # a request's wait for the batcher before 503
 
 
-def _err(status: int, code: str, message: str) -> JSONResponse:
-    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status)
+def _err(status: int, code: str, message: str, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
 
 
 def png_data_url(img28: np.ndarray) -> str:
@@ -107,7 +108,7 @@ def _mount_docs(app: FastAPI) -> None:
 def create_app(predictor: Predictor | None = None, cfg: ServeConfig | None = None) -> FastAPI:
     cfg = cfg or ServeConfig()
     predictor = predictor or Predictor()
-    batcher = DynamicBatcher(predictor.probabilities, cfg.max_batch, cfg.max_wait_ms)
+    batcher = DynamicBatcher(predictor.probabilities, cfg.max_batch, cfg.max_wait_ms, cfg.inference_timeout_s)
     samples = load_samples()
     rng = np.random.default_rng()
 
@@ -133,7 +134,7 @@ def create_app(predictor: Predictor | None = None, cfg: ServeConfig | None = Non
             code, msg = exc.detail
         else:
             code, msg = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "error"), str(exc.detail)
-        return _err(exc.status_code, code, msg)
+        return _err(exc.status_code, code, msg, getattr(exc, "headers", None))
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request, exc):
@@ -153,9 +154,12 @@ def create_app(predictor: Predictor | None = None, cfg: ServeConfig | None = Non
     async def index():
         return FileResponse(static / "index.html")
 
-    @app.get("/healthz", summary="Liveness check")
+    @app.get("/healthz", summary="Liveness check: 503 when inference cannot run")
     async def healthz():
-        return {"status": "ok"}
+        state = batcher.state()
+        if not state["alive"]:
+            return JSONResponse({"status": "unavailable", "batcher": state}, status_code=503)
+        return {"status": "ok", "batcher": state}
 
     @app.get("/v1/model", summary="The model being served")
     async def model_info():
@@ -182,7 +186,11 @@ def create_app(predictor: Predictor | None = None, cfg: ServeConfig | None = Non
         names = [f.filename or f"file {i + 1}" for i, f in enumerate(files)]
         datas = [await f.read() for f in files]
         imgs = [await run_in_threadpool(_prepare, d, n, cfg) for d, n in zip(datas, names)]
-        probs = await batcher.submit(np.stack(imgs))
+        try:
+            probs = await batcher.submit(np.stack(imgs))
+        except BatcherUnavailable as e:
+            raise HTTPException(503, detail=("inference_unavailable", f"inference is unavailable: {e}"),
+                                headers={"Retry-After": "5"}) from None
         out = []
         for name, img, p in zip(names, imgs, probs):
             order = np.argsort(-p)[:top_k]
