@@ -51,6 +51,8 @@ class RequestGuard:
         if length is not None and (not length.isdigit() or int(length) > self.max_body_bytes):
             for msg in self._too_large(length.decode("latin-1")):  # declared too large: refuse unread
                 await send(msg)
+
+
             return
 
         loop = asyncio.get_running_loop()
@@ -100,3 +102,51 @@ class RequestGuard:
         if refusal and not started:
             for msg in refusal:
                 await send(msg)
+
+
+class Busy(Exception):
+    """Every conversion slot stayed taken for the whole wait."""
+
+    def __init__(self, retry_after_s: int):
+        super().__init__(f"busy: retry after {retry_after_s} s")
+        self.retry_after_s = retry_after_s
+
+
+class ConversionSlots:
+    """At most `limit` image conversions at once across all requests. A caller waits up to
+    `wait_s` for a slot, then gets `Busy`. Counters feed /healthz."""
+
+    def __init__(self, limit: int, wait_s: float):
+        if limit < 1:
+            raise ValueError(f"conversion limit must be >= 1, got {limit}")
+        if wait_s < 0:
+            raise ValueError(f"conversion wait must be >= 0 s, got {wait_s}")
+        self.limit = limit
+        self.wait_s = wait_s
+        self._sem = asyncio.Semaphore(limit)
+        self.running = 0
+        self.refused = 0   # requests answered 503 because every slot was taken
+        self.dropped = 0   # conversions skipped because the client had left
+
+    @asynccontextmanager
+    async def slot(self):
+        if self._sem.locked():
+            try:
+                if self.wait_s <= 0:
+                    raise TimeoutError
+                async with asyncio.timeout(self.wait_s):
+                    await self._sem.acquire()
+            except TimeoutError:
+                self.refused += 1
+                raise Busy(max(1, round(self.wait_s))) from None
+        else:
+            await self._sem.acquire()
+        self.running += 1
+        try:
+            yield
+        finally:
+            self.running -= 1
+            self._sem.release()
+
+    def state(self) -> dict:
+        return {"running": self.running, "limit": self.limit, "refused": self.refused, "dropped": self.dropped}

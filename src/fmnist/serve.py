@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import base64
 import io
+import logging
+import os
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from importlib import resources
@@ -23,16 +25,18 @@ from pathlib import Path
 import numpy as np
 from fastapi import FastAPI, File, HTTPException, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from PIL import Image
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .batcher import BatcherUnavailable, DynamicBatcher
-from .guards import RequestGuard
+from .guards import Busy, ConversionSlots, RequestGuard
 from .predict import Predictor
 from .preprocess import PreprocessError, is_dataset_style, open_image, preprocess
+
+log = logging.getLogger(__name__)
 
 ACCEPTED_FORMATS = {"PNG", "JPEG", "GIF", "WEBP", "BMP", "TIFF", "MPO"}  # MPO: phone JPEGs
 
@@ -46,6 +50,13 @@ class ServeConfig:
     max_pixels: int = 25_000_000     # per image (decoded), against decompression bombs
     body_timeout_s: float = 60.0     # whole request body; 10 MiB in 60 s needs ~1.4 Mbit/s
     inference_timeout_s: float = 30.0  # a request's wait for the batcher before 503
+    # A photo costs up to ~1 s of CPU and hundreds of MB while converting: one per core.
+    max_conversions: int = max(1, os.cpu_count() or 1)
+    conversion_wait_s: float = 2.0   # a request's wait for a free conversion slot before 503
+    # Connections (uvicorn's limit_concurrency): past it, requests get 503. 64 load-test clients fit.
+    limit_concurrency: int = 256
+    keep_alive_s: float = 5.0        # idle keep-alive connection closed after this (uvicorn's default)
+    header_timeout_s: float = 10.0   # request head, from its first byte (httpserver.py)
 
 
 def _err(status: int, code: str, message: str, headers: dict | None = None) -> JSONResponse:
@@ -109,6 +120,7 @@ def create_app(predictor: Predictor | None = None, cfg: ServeConfig | None = Non
     cfg = cfg or ServeConfig()
     predictor = predictor or Predictor()
     batcher = DynamicBatcher(predictor.probabilities, cfg.max_batch, cfg.max_wait_ms, cfg.inference_timeout_s)
+    slots = ConversionSlots(cfg.max_conversions, cfg.conversion_wait_s)
     samples = load_samples()
     rng = np.random.default_rng()
 
@@ -121,6 +133,7 @@ def create_app(predictor: Predictor | None = None, cfg: ServeConfig | None = Non
     app = FastAPI(title="fmnist", version="1", lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="Fashion-MNIST classifier: upload clothing photos, get the top classes.")
     app.state.batcher = batcher
+    app.state.conversions = slots
     static = Path(str(resources.files("fmnist") / "static"))
     app.mount("/static", StaticFiles(directory=static), name="static")
     _mount_docs(app)
@@ -158,8 +171,9 @@ def create_app(predictor: Predictor | None = None, cfg: ServeConfig | None = Non
     async def healthz():
         state = batcher.state()
         if not state["alive"]:
-            return JSONResponse({"status": "unavailable", "batcher": state}, status_code=503)
-        return {"status": "ok", "batcher": state}
+            return JSONResponse({"status": "unavailable", "batcher": state, "conversions": slots.state()},
+                                status_code=503)
+        return {"status": "ok", "batcher": state, "conversions": slots.state()}
 
     @app.get("/v1/model", summary="The model being served")
     async def model_info():
@@ -178,14 +192,31 @@ def create_app(predictor: Predictor | None = None, cfg: ServeConfig | None = Non
                              "image": png_data_url(imgs[i])} for i in idx]}
 
     @app.post("/v1/predict", summary="Classify one or several images")
-    async def predict(files: list[UploadFile] = File(..., description="image files (PNG, JPEG, GIF, WebP, BMP, TIFF)"),
+    async def predict(request: Request,
+                      files: list[UploadFile] = File(..., description="image files (PNG, JPEG, GIF, WebP, BMP, TIFF)"),
                       top_k: int = Query(3, ge=1, le=10, description="classes per image"),
                       include_image: bool = Query(False, description="also return the 28x28 image the model saw")):
         if len(files) > cfg.max_files:
             raise HTTPException(413, detail=("too_many_files", f"{len(files)} files; at most {cfg.max_files} per request"))
         names = [f.filename or f"file {i + 1}" for i, f in enumerate(files)]
         datas = [await f.read() for f in files]
-        imgs = [await run_in_threadpool(_prepare, d, n, cfg) for d, n in zip(datas, names)]
+        imgs = []
+        for d, n in zip(datas, names):
+            try:
+                async with slots.slot():
+                    # Checked once a slot is ours: a client that left while we waited costs nothing more.
+                    if await request.is_disconnected():
+                        slots.dropped += len(datas) - len(imgs)
+                        log.info("client left: %d conversion(s) dropped", len(datas) - len(imgs))
+                        return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
+                    imgs.append(await run_in_threadpool(_prepare, d, n, cfg))
+            except Busy as e:
+                raise HTTPException(503, detail=("busy", f"every image conversion slot ({cfg.max_conversions}) "
+                                                         f"stayed busy for {cfg.conversion_wait_s:g} s: retry shortly"),
+                                    headers={"Retry-After": str(e.retry_after_s)}) from None
+        if await request.is_disconnected():
+            log.info("client left before inference: %d image(s) dropped", len(imgs))
+            return Response(status_code=499)
         try:
             probs = await batcher.submit(np.stack(imgs))
         except BatcherUnavailable as e:
@@ -207,11 +238,19 @@ def create_app(predictor: Predictor | None = None, cfg: ServeConfig | None = Non
 def main(args) -> int:
     import uvicorn
 
+    from .httpserver import protocol_with_head_deadline
+
     cfg = ServeConfig(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
-                      max_upload_bytes=args.max_upload_mb << 20)
+                      max_upload_bytes=args.max_upload_mb << 20,
+                      max_conversions=args.max_conversions or ServeConfig.max_conversions,
+                      conversion_wait_s=args.conversion_wait, limit_concurrency=args.limit_concurrency,
+                      keep_alive_s=args.keep_alive_timeout, header_timeout_s=args.header_timeout,
+                      body_timeout_s=args.body_timeout)
     predictor = Predictor(args.checkpoint, backend=args.backend)
     app = create_app(predictor, cfg)
     print(f"serving {predictor.meta.get('model')} ({predictor.backend}) on http://{args.host}:{args.port}/  "
           f"API docs: /docs  batching: max {cfg.max_batch}, wait {cfg.max_wait_ms} ms", flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=args.access_log)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=args.access_log,
+                http=protocol_with_head_deadline(cfg.header_timeout_s), limit_concurrency=cfg.limit_concurrency,
+                timeout_keep_alive=cfg.keep_alive_s)
     return 0
