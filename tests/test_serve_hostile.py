@@ -287,3 +287,22 @@ def test_work_for_a_client_that_left_is_dropped(server):
                             and h["conversions"]["running"] == 0)
     assert after["conversions"]["dropped"] - before["conversions"]["dropped"] >= 6
     assert after["batcher"]["items"] == before["batcher"]["items"]
+
+
+@pytest.mark.parametrize("content_type,body", [
+    ("multipart/form-data", b"--x\r\nnonsense"),                    # no boundary parameter
+    ("multipart/form-data; boundary=x", b"--x\r\nno colon in this header\r\n\r\nabc\r\n--x--\r\n"),
+])
+def test_broken_multipart_gets_its_own_code(server, content_type, body):
+    r = httpx.post(server + "/v1/predict", content=body, headers={"content-type": content_type}, timeout=5)
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_multipart", r.text
+    assert "files" in r.json()["error"]["message"]
+
+
+def test_negative_max_wait_is_refused_by_the_cli():
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "fmnist", "serve", "--max-wait-ms", "-1"], capture_output=True,
+                       text=True, timeout=30)
+    assert r.returncode == 2 and "--max-wait-ms: must be >= 0, got -1" in r.stderr

@@ -33,7 +33,8 @@ class OnnxModel:
                      "metrics": {k: float(props[k]) for k in ("test_acc", "val_acc") if props.get(k)},
                      "quantization": props.get("quantization"), "tta_flip": props.get("tta_flip") == "true",
                      "checkpoint": str(path),
-                     "parameters": None}
+                     # files exported before fmnist wrote the count have none
+                     "parameters": int(props["parameters"]) if props.get("parameters", "").isdigit() else None}
         self.input = self.session.get_inputs()[0].name
 
     def logits(self, x: np.ndarray) -> np.ndarray:

@@ -145,8 +145,14 @@ def create_app(predictor: Predictor | None = None, cfg: ServeConfig | None = Non
     async def http_error(request, exc):
         if isinstance(exc.detail, tuple):
             code, msg = exc.detail
+        elif exc.status_code == 400 and request.url.path == "/v1/predict":
+            # FastAPI's only 400 here: the multipart body did not parse.
+            code, msg = "invalid_multipart", ("the multipart/form-data body could not be parsed: send images as "
+                                              "form field 'files', e.g. curl -F files=@photo.jpg URL/v1/predict")
         else:
-            code, msg = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "error"), str(exc.detail)
+            code = {400: "bad_request", 404: "not_found", 405: "method_not_allowed"}.get(
+                exc.status_code, f"http_{exc.status_code}")
+            msg = str(exc.detail)
         return _err(exc.status_code, code, msg, getattr(exc, "headers", None))
 
     @app.exception_handler(RequestValidationError)
