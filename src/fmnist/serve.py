@@ -3,12 +3,14 @@
   POST /v1/predict   multipart field `files` (one or several images) -> top-k per image
   GET  /v1/model     name, classes, parameters, accuracy
   GET  /v1/samples   random test images for the page's strip
-  GET  /healthz      liveness
+  GET  /healthz      liveness: 503 when inference cannot run; batcher and conversion counters
   GET  /docs         OpenAPI (Swagger UI, served locally)
   GET  /             the web page (every asset served by this app: no CDN, no font service)
 
-Preprocessing runs in a thread pool and inference in the dynamic batcher's thread, so the
-event loop only moves bytes. Every bad request gets a 4xx JSON error {"error": {code, message}}.
+Preprocessing runs in a thread pool (at most `max_conversions` at once) and inference in the
+dynamic batcher's thread, so the event loop only moves bytes. Every bad request gets a 4xx
+JSON error {"error": {code, message}}; overload gets 503 with Retry-After. Limits on bodies
+and slow clients live in guards.py and httpserver.py.
 """
 
 from __future__ import annotations
