@@ -88,7 +88,8 @@ class DynamicBatcher:
             self.death = "the batching worker was cancelled"
         else:
             exc = task.exception()
-            self.death = f"the batching worker died: {type(exc).__name__}: {exc}" if exc else "the batching worker exited"
+            self.death = (f"the batching worker died: {type(exc).__name__}: {exc}" if exc
+                          else "the batching worker exited")
         if not self._stopping:
             log.error("%s; inference requests now fail with 503 until the server is restarted", self.death,
                       exc_info=None if task.cancelled() else task.exception())
