@@ -58,6 +58,7 @@ def test_metadata_in_file(exported):
     m = OnnxModel(exported[1])
     assert m.meta["class_names"][9] == "Ankle boot" and m.meta["quantization"] == "int8-static-qdq"
     assert 0.8 < m.meta["metrics"]["test_acc"] < 1
+    assert m.meta["parameters"] == Predictor(default_checkpoint()).meta["parameters"]  # was None: the page broke
 
 
 def test_dynamic_batch_axis(exported):

@@ -22,10 +22,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(*extra):
+def start_server(*extra, env=None):
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "fmnist", "serve", "--port", str(port), "--log-level", "warning",
-                             *extra], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                             *extra], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 60
     while time.time() < deadline:
@@ -55,7 +55,8 @@ def png(a: np.ndarray) -> bytes:
 
 
 def test_health_model_docs(server):
-    assert httpx.get(server + "/healthz").json() == {"status": "ok"}
+    health = httpx.get(server + "/healthz").json()
+    assert health["status"] == "ok" and health["batcher"]["alive"] is True
     m = httpx.get(server + "/v1/model").json()
     assert m["classes"][0] == "T-shirt/top" and m["parameters"] > 1000 and 0.8 < m["accuracy"] <= 1
     assert httpx.get(server + "/docs").status_code == 200

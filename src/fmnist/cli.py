@@ -10,6 +10,19 @@ from .config import PRESETS, TrainConfig
 EXIT_USAGE = 2
 
 
+def _at_least(lo: float, kind=float, strict: bool = False):
+    """argparse type: a number >= lo (> lo when strict), refused at parse time with the reason."""
+    def parse(text: str):
+        try:
+            v = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if v < lo or (strict and v == lo):
+            raise argparse.ArgumentTypeError(f"must be {'>' if strict else '>='} {lo}, got {text}")
+        return v
+    return parse
+
+
 def _preset_default(key: str) -> str:
     base = TrainConfig()
     vals = []
@@ -140,11 +153,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", choices=["torch", "onnx"], default="torch", help="inference engine (default: torch)")
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (default: 127.0.0.1; 0.0.0.0 for all)")
     p.add_argument("--port", type=int, default=8000, help="TCP port (default: 8000)")
-    p.add_argument("--max-batch", type=int, default=32, help="dynamic batching: max images per forward pass; "
-                                                             "1 disables batching (default: 32)")
-    p.add_argument("--max-wait-ms", type=float, default=2.0,
-                   help="dynamic batching: max wait for a batch to fill (default: 2.0)")
-    p.add_argument("--max-upload-mb", type=int, default=10, help="max request body in MiB (default: 10)")
+    p.add_argument("--max-batch", type=_at_least(1, int), default=32,
+                   help="dynamic batching: max images per forward pass; 1 disables batching (default: 32)")
+    p.add_argument("--max-wait-ms", type=_at_least(0), default=2.0,
+                   help="dynamic batching: max wait for a batch to fill, >= 0 (default: 2.0)")
+    p.add_argument("--max-upload-mb", type=_at_least(1, int), default=10,
+                   help="max request body in MiB, counted as it arrives (default: 10)")
+    p.add_argument("--max-conversions", type=_at_least(1, int), default=None,
+                   help="images converted at once across all requests (default: one per CPU core)")
+    p.add_argument("--conversion-wait", type=_at_least(0), default=2.0, metavar="SECONDS",
+                   help="how long a request waits for a conversion slot before 503 + Retry-After (default: 2.0)")
+    p.add_argument("--limit-concurrency", type=_at_least(1, int), default=256,
+                   help="open connections + requests in progress; past it requests get 503 (default: 256)")
+    p.add_argument("--keep-alive-timeout", type=_at_least(0, strict=True), default=5.0, metavar="SECONDS",
+                   help="close an idle keep-alive connection after this (default: 5.0)")
+    p.add_argument("--header-timeout", type=_at_least(0, strict=True), default=10.0, metavar="SECONDS",
+                   help="time for a request head to arrive, from its first byte, else 408 (default: 10.0)")
+    p.add_argument("--body-timeout", type=_at_least(0, strict=True), default=60.0, metavar="SECONDS",
+                   help="time for a whole request body to arrive, else 408 (default: 60.0)")
     p.add_argument("--log-level", default="info", help="uvicorn log level (default: info)")
     p.add_argument("--access-log", action="store_true", help="log every request (default: off)")
     p.add_argument("--pipeline", choices=["robust", "paper"], default="robust",

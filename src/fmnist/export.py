@@ -13,7 +13,7 @@ import torch
 from . import checkpoint
 from .atomic import atomic_path
 from .classes import MEAN, STD
-from .models import FlipTTA
+from .models import FlipTTA, count_parameters
 
 OPSET = 17
 INSTALL_HINT = "ONNX export needs the optional extra: pip install 'fmnist[onnx]' (onnx and onnxruntime)"
@@ -131,7 +131,9 @@ def export(ckpt_path, out: str | Path | None = None, int8: bool = False, calib_n
         quantize_int8(fp32, out, calibration_images(calib_n))
         fp32.unlink(missing_ok=True)
     proto = onnx.load(str(out))
-    _set_metadata(proto, metadata(ckpt, "int8-static-qdq" if int8 else "none", tta_flip))
+    meta = metadata(ckpt, "int8-static-qdq" if int8 else "none", tta_flip)
+    meta["parameters"] = str(count_parameters(model))  # /v1/model and the page show it
+    _set_metadata(proto, meta)
     onnx.checker.check_model(proto)
     with atomic_path(out) as tmp:
         onnx.save(proto, str(tmp))

@@ -34,7 +34,8 @@ class OnnxModel:
                      "quantization": props.get("quantization"), "tta_flip": props.get("tta_flip") == "true",
                      "checkpoint": str(path),
                      "calibration": json.loads(props.get("calibration", "null")),
-                     "parameters": None}
+                     # files exported before fmnist wrote the count have none
+                     "parameters": int(props["parameters"]) if props.get("parameters", "").isdigit() else None}
         self.input = self.session.get_inputs()[0].name
 
     def logits(self, x: np.ndarray) -> np.ndarray:

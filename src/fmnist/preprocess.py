@@ -28,6 +28,9 @@ from .classes import IMAGE_SIZE
 MAX_PIXELS = 40_000_000   # ~ a 7,700 x 5,200 photo; larger files are refused, not resampled
 TRIM_FUZZ = 0.05          # the paper's "within 5% of the maximum possible intensity in RGB space"
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".gif", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
+# Pillow plugins tried on open; the rest (EPS runs Ghostscript on the file) never see the bytes.
+# JPEG also opens MPO (phone JPEGs); PPM also reads PGM/PBM.
+OPEN_FORMATS = ("PNG", "JPEG", "GIF", "WEBP", "BMP", "TIFF", "PPM")
 
 
 class PreprocessError(Exception):
@@ -66,9 +69,10 @@ def open_image(src, max_pixels: int = MAX_PIXELS, draft: int | None = None) -> I
         if not data:
             raise PreprocessError(f"{name}: empty file (0 bytes)")
         try:
-            img = Image.open(io.BytesIO(data))
+            img = Image.open(io.BytesIO(data), formats=OPEN_FORMATS)
         except UnidentifiedImageError:
-            raise PreprocessError(f"{name}: not an image Pillow can read (PNG, JPEG, GIF, WebP, BMP, TIFF...)") from None
+            raise PreprocessError(f"{name}: not an image in an accepted format "
+                                  "(PNG, JPEG, GIF, WebP, BMP, TIFF, PPM/PGM)") from None
         except Image.DecompressionBombError:
             raise PreprocessError(f"{name}: too many pixels (limit {max_pixels:,}); resize it first") from None
         except (OSError, SyntaxError, ValueError) as e:

@@ -3,18 +3,22 @@
   POST /v1/predict   multipart field `files` (one or several images) -> top-k per image
   GET  /v1/model     name, classes, parameters, accuracy
   GET  /v1/samples   random test images for the page's strip
-  GET  /healthz      liveness
+  GET  /healthz      liveness: 503 when inference cannot run; batcher and conversion counters
   GET  /docs         OpenAPI (Swagger UI, served locally)
   GET  /             the web page (every asset served by this app: no CDN, no font service)
 
-Preprocessing runs in a thread pool and inference in the dynamic batcher's thread, so the
-event loop only moves bytes. Every bad request gets a 4xx JSON error {"error": {code, message}}.
+Preprocessing runs in a thread pool (at most `max_conversions` at once) and inference in the
+dynamic batcher's thread, so the event loop only moves bytes. Every bad request gets a 4xx
+JSON error {"error": {code, message}}; overload gets 503 with Retry-After. Limits on bodies
+and slow clients live in guards.py and httpserver.py.
 """
 
 from __future__ import annotations
 
 import base64
 import io
+import logging
+import os
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from importlib import resources
@@ -23,15 +27,18 @@ from pathlib import Path
 import numpy as np
 from fastapi import FastAPI, File, HTTPException, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from PIL import Image
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .batcher import DynamicBatcher
+from .batcher import BatcherUnavailable, DynamicBatcher
+from .guards import Busy, ConversionSlots, RequestGuard
 from .predict import Predictor
 from .preprocess import Preprocessed, PreprocessError, is_dataset_style, open_image, preprocess
+
+log = logging.getLogger(__name__)
 
 ACCEPTED_FORMATS = {"PNG", "JPEG", "GIF", "WEBP", "BMP", "TIFF", "MPO"}  # MPO: phone JPEGs
 
@@ -43,10 +50,19 @@ class ServeConfig:
     max_upload_bytes: int = 10 << 20  # whole request body
     max_files: int = 16              # per request
     max_pixels: int = 25_000_000     # per image (decoded), against decompression bombs
+    body_timeout_s: float = 60.0     # whole request body; 10 MiB in 60 s needs ~1.4 Mbit/s
+    inference_timeout_s: float = 30.0  # a request's wait for the batcher before 503
+    # A photo costs up to ~1 s of CPU and hundreds of MB while converting: one per core.
+    max_conversions: int = max(1, os.cpu_count() or 1)
+    conversion_wait_s: float = 2.0   # a request's wait for a free conversion slot before 503
+    # Connections (uvicorn's limit_concurrency): past it, requests get 503. 64 load-test clients fit.
+    limit_concurrency: int = 256
+    keep_alive_s: float = 5.0        # idle keep-alive connection closed after this (uvicorn's default)
+    header_timeout_s: float = 10.0   # request head, from its first byte (httpserver.py)
 
 
-def _err(status: int, code: str, message: str) -> JSONResponse:
-    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status)
+def _err(status: int, code: str, message: str, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
 
 
 def png_data_url(img28: np.ndarray) -> str:
@@ -106,7 +122,8 @@ def _mount_docs(app: FastAPI) -> None:
 def create_app(predictor: Predictor | None = None, cfg: ServeConfig | None = None) -> FastAPI:
     cfg = cfg or ServeConfig()
     predictor = predictor or Predictor()
-    batcher = DynamicBatcher(predictor.probabilities, cfg.max_batch, cfg.max_wait_ms)
+    batcher = DynamicBatcher(predictor.probabilities, cfg.max_batch, cfg.max_wait_ms, cfg.inference_timeout_s)
+    slots = ConversionSlots(cfg.max_conversions, cfg.conversion_wait_s)
     samples = load_samples()
     rng = np.random.default_rng()
 
@@ -119,29 +136,27 @@ def create_app(predictor: Predictor | None = None, cfg: ServeConfig | None = Non
     app = FastAPI(title="fmnist", version="1", lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="Fashion-MNIST classifier: upload clothing photos, get the top classes.")
     app.state.batcher = batcher
+    app.state.conversions = slots
     static = Path(str(resources.files("fmnist") / "static"))
     app.mount("/static", StaticFiles(directory=static), name="static")
     _mount_docs(app)
 
-    @app.middleware("http")
-    async def limit_body(request: Request, call_next):
-        if request.method == "POST":
-            length = request.headers.get("content-length")
-            if length is None:
-                return _err(411, "length_required", "send a Content-Length header (any HTTP client does for a "
-                                                    "multipart form upload)")
-            if not length.isdigit() or int(length) > cfg.max_upload_bytes:
-                return _err(413, "payload_too_large", f"request body is {length} bytes; the limit is "
-                                                      f"{cfg.max_upload_bytes:,} bytes: send fewer or smaller images")
-        return await call_next(request)
+    # Bytes are counted as they arrive: a chunked body ignores its Content-Length header.
+    app.add_middleware(RequestGuard, max_body_bytes=cfg.max_upload_bytes, body_timeout_s=cfg.body_timeout_s)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request, exc):
         if isinstance(exc.detail, tuple):
             code, msg = exc.detail
+        elif exc.status_code == 400 and request.url.path == "/v1/predict":
+            # FastAPI's only 400 here: the multipart body did not parse.
+            code, msg = "invalid_multipart", ("the multipart/form-data body could not be parsed: send images as "
+                                              "form field 'files', e.g. curl -F files=@photo.jpg URL/v1/predict")
         else:
-            code, msg = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "error"), str(exc.detail)
-        return _err(exc.status_code, code, msg)
+            code = {400: "bad_request", 404: "not_found", 405: "method_not_allowed"}.get(
+                exc.status_code, f"http_{exc.status_code}")
+            msg = str(exc.detail)
+        return _err(exc.status_code, code, msg, getattr(exc, "headers", None))
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request, exc):
@@ -161,9 +176,13 @@ def create_app(predictor: Predictor | None = None, cfg: ServeConfig | None = Non
     async def index():
         return FileResponse(static / "index.html")
 
-    @app.get("/healthz", summary="Liveness check")
+    @app.get("/healthz", summary="Liveness check: 503 when inference cannot run")
     async def healthz():
-        return {"status": "ok"}
+        state = batcher.state()
+        if not state["alive"]:
+            return JSONResponse({"status": "unavailable", "batcher": state, "conversions": slots.state()},
+                                status_code=503)
+        return {"status": "ok", "batcher": state, "conversions": slots.state()}
 
     @app.get("/v1/model", summary="The model being served")
     async def model_info():
@@ -182,15 +201,36 @@ def create_app(predictor: Predictor | None = None, cfg: ServeConfig | None = Non
                              "image": png_data_url(imgs[i])} for i in idx]}
 
     @app.post("/v1/predict", summary="Classify one or several images")
-    async def predict(files: list[UploadFile] = File(..., description="image files (PNG, JPEG, GIF, WebP, BMP, TIFF)"),
+    async def predict(request: Request,
+                      files: list[UploadFile] = File(..., description="image files (PNG, JPEG, GIF, WebP, BMP, TIFF)"),
                       top_k: int = Query(3, ge=1, le=10, description="classes per image"),
                       include_image: bool = Query(False, description="also return the 28x28 image the model saw")):
         if len(files) > cfg.max_files:
             raise HTTPException(413, detail=("too_many_files", f"{len(files)} files; at most {cfg.max_files} per request"))
         names = [f.filename or f"file {i + 1}" for i, f in enumerate(files)]
         datas = [await f.read() for f in files]
-        pres = [await run_in_threadpool(_prepare, d, n, cfg, predictor.pipeline) for d, n in zip(datas, names)]
-        probs = await batcher.submit(np.stack([pre.image for pre in pres]))
+        pres = []
+        for d, n in zip(datas, names):
+            try:
+                async with slots.slot():
+                    # Checked once a slot is ours: a client that left while we waited costs nothing more.
+                    if await request.is_disconnected():
+                        slots.dropped += len(datas) - len(pres)
+                        log.info("client left: %d conversion(s) dropped", len(datas) - len(pres))
+                        return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
+                    pres.append(await run_in_threadpool(_prepare, d, n, cfg, predictor.pipeline))
+            except Busy as e:
+                raise HTTPException(503, detail=("busy", f"every image conversion slot ({cfg.max_conversions}) "
+                                                         f"stayed busy for {cfg.conversion_wait_s:g} s: retry shortly"),
+                                    headers={"Retry-After": str(e.retry_after_s)}) from None
+        if await request.is_disconnected():
+            log.info("client left before inference: %d image(s) dropped", len(pres))
+            return Response(status_code=499)
+        try:
+            probs = await batcher.submit(np.stack([pre.image for pre in pres]))
+        except BatcherUnavailable as e:
+            raise HTTPException(503, detail=("inference_unavailable", f"inference is unavailable: {e}"),
+                                headers={"Retry-After": "5"}) from None
         out = []
         for name, pre, p in zip(names, pres, probs):
             order = np.argsort(-p)[:top_k]
@@ -209,11 +249,19 @@ def create_app(predictor: Predictor | None = None, cfg: ServeConfig | None = Non
 def main(args) -> int:
     import uvicorn
 
+    from .httpserver import protocol_with_head_deadline
+
     cfg = ServeConfig(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
-                      max_upload_bytes=args.max_upload_mb << 20)
+                      max_upload_bytes=args.max_upload_mb << 20,
+                      max_conversions=args.max_conversions or ServeConfig.max_conversions,
+                      conversion_wait_s=args.conversion_wait, limit_concurrency=args.limit_concurrency,
+                      keep_alive_s=args.keep_alive_timeout, header_timeout_s=args.header_timeout,
+                      body_timeout_s=args.body_timeout)
     predictor = Predictor(args.checkpoint, backend=args.backend, pipeline=getattr(args, "pipeline", "robust"))
     app = create_app(predictor, cfg)
     print(f"serving {predictor.meta.get('model')} ({predictor.backend}) on http://{args.host}:{args.port}/  "
           f"API docs: /docs  batching: max {cfg.max_batch}, wait {cfg.max_wait_ms} ms", flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=args.access_log)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=args.access_log,
+                http=protocol_with_head_deadline(cfg.header_timeout_s), limit_concurrency=cfg.limit_concurrency,
+                timeout_keep_alive=cfg.keep_alive_s)
     return 0

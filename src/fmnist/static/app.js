@@ -79,10 +79,19 @@ async function loadSamples() {
 
 async function loadModel() {
   try {
-    const m = await (await fetch("/v1/model")).json();
-    const acc = m.accuracy ? `, ${(m.accuracy * 100).toFixed(1)}% test accuracy` : "";
-    $("model-info").textContent = `Model: ${m.name} (${m.parameters.toLocaleString()} parameters${acc}).`;
-  } catch (e) { /* the page still works without it */ }
+    const r = await fetch("/v1/model");
+    if (!r.ok) throw new Error(`/v1/model answered ${r.status}`);
+    const m = await r.json();
+    // parameters and accuracy are null when unknown (e.g. an ONNX file exported by an older fmnist)
+    const facts = [m.backend];
+    if (m.parameters != null) facts.push(`${m.parameters.toLocaleString()} parameters`);
+    if (m.accuracy != null) facts.push(`${(m.accuracy * 100).toFixed(1)}% test accuracy`);
+    $("model-info").textContent = `Model: ${m.name} (${facts.filter(Boolean).join(", ")}).`;
+  } catch (e) {
+    // The page still classifies without this line; say why it is missing instead of hiding it.
+    console.error("model info:", e);
+    $("model-info").textContent = `Model details unavailable (${e.message}).`;
+  }
 }
 
 const drop = $("drop");
