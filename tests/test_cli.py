@@ -43,6 +43,18 @@ def test_bad_inputs_give_one_line_errors(tmp_path):
     assert r.returncode == 1 and "--epochs must be >= 1" in r.stderr
     r = run("train", "--model", "nope")
     assert r.returncode == 2 and "invalid choice" in r.stderr
-    r = run("data", "--data-dir", str(tmp_path), env={**os.environ, "XDG_CACHE_HOME": str(tmp_path / "c")})
-    # an empty --data-dir is skipped with a note, the real copy is still found
-    assert r.returncode == 0 and "has no complete Fashion-MNIST set" in r.stderr
+
+
+
+def test_named_data_dir_is_used_or_refused(tmp_path):
+    # an empty --data-dir is an error naming the missing files, not a quiet switch to another copy
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "c")}
+    env.pop("FMNIST_DATA", None)
+    r = run("data", "--data-dir", str(tmp_path), env=env)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    assert "train-images-idx3-ubyte.gz" in r.stderr and "t10k-labels-idx1-ubyte.gz" in r.stderr
+    assert "verified" not in r.stdout
+    r = run("train", "--epochs", "1", "--out-dir", str(tmp_path / "runs"), env={**env, "FMNIST_DATA": str(tmp_path / "x")})
+    assert r.returncode == 1 and "$FMNIST_DATA" in r.stderr and "does not exist" in r.stderr, r.stderr
+    assert not (tmp_path / "c").exists() and not (tmp_path / "runs").exists()  # nothing downloaded, no run started

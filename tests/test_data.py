@@ -93,25 +93,16 @@ def test_locate_order(tmp_path, monkeypatch):
     a, b, deb, cache = (tmp_path / n for n in ("a", "b", "deb", "cache"))
     monkeypatch.setattr(data, "DEBIAN_DIR", deb)
     monkeypatch.setenv("XDG_CACHE_HOME", str(cache))
-    monkeypatch.setenv("FMNIST_DATA", str(b))
+    monkeypatch.delenv("FMNIST_DATA", raising=False)
     _fake_set(cache / "fmnist")
     assert data.locate(None, download=False, quiet=True) == cache / "fmnist"
     _fake_set(deb)
     assert data.locate(None, download=False, quiet=True) == deb
     _fake_set(b)
+    monkeypatch.setenv("FMNIST_DATA", str(b))
     assert data.locate(None, download=False, quiet=True) == b
     _fake_set(a)
     assert data.locate(a, download=False, quiet=True) == a
-
-
-def test_locate_incomplete_dir_is_skipped_with_note(tmp_path, monkeypatch, capsys):
-    deb = _fake_set(tmp_path / "deb")
-    monkeypatch.setattr(data, "DEBIAN_DIR", deb)
-    monkeypatch.delenv("FMNIST_DATA", raising=False)
-    partial = _fake_set(tmp_path / "partial")
-    (partial / "t10k-labels-idx1-ubyte.gz").unlink()
-    assert data.locate(partial, download=False) == deb
-    assert "has no complete Fashion-MNIST set" in capsys.readouterr().err
 
 
 def test_locate_nothing_and_no_download(tmp_path, monkeypatch):
@@ -138,3 +129,68 @@ def test_stratified_split():
     assert va.equal(va2)
     _, va3 = data.stratified_split(labels, 0.1, seed=2)
     assert not va.equal(va3)
+
+
+# ---------------------------------------------------------------------------- a place the user named
+
+def _refusing_mirror():
+    """An http URL on loopback where nothing listens: a download attempt fails fast, never reaches out."""
+    import socket
+
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return f"http://127.0.0.1:{port}/"
+
+
+@pytest.fixture
+def fallbacks(tmp_path, monkeypatch):
+    """A complete (fake) Debian copy and an empty cache: what an explicit place must not fall back to."""
+    deb = _fake_set(tmp_path / "deb")
+    monkeypatch.setattr(data, "DEBIAN_DIR", deb)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.delenv("FMNIST_DATA", raising=False)
+    return tmp_path / "cache" / "fmnist"
+
+
+def test_explicit_data_dir_missing_a_file_is_an_error_naming_it(tmp_path, fallbacks):
+    partial = _fake_set(tmp_path / "partial")
+    (partial / "t10k-labels-idx1-ubyte.gz").unlink()
+    with pytest.raises(DataError) as e:
+        data.locate(partial, download=True, mirrors=[_refusing_mirror()], quiet=True)
+    msg = str(e.value)
+    assert "--data-dir" in msg and str(partial) in msg and "t10k-labels-idx1-ubyte" in msg
+    assert "train-images" not in msg  # only what is missing is named
+    assert not fallbacks.exists()  # nothing downloaded in its place
+
+
+def test_explicit_data_dir_that_does_not_exist(tmp_path, fallbacks):
+    missing = tmp_path / "nope"
+    with pytest.raises(DataError, match=r"--data-dir .*nope.*does not exist"):
+        data.locate(missing, download=True, mirrors=[_refusing_mirror()], quiet=True)
+    assert not fallbacks.exists() and not missing.exists()
+
+
+def test_explicit_data_dir_that_is_a_file(tmp_path, fallbacks):
+    f = tmp_path / "file"
+    f.write_text("x")
+    with pytest.raises(DataError, match="is not a directory"):
+        data.locate(f, download=False)
+
+
+def test_fmnist_data_env_missing_files_is_an_error(tmp_path, fallbacks, monkeypatch):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    monkeypatch.setenv("FMNIST_DATA", str(empty))
+    with pytest.raises(DataError) as e:
+        data.locate(None, download=True, mirrors=[_refusing_mirror()], quiet=True)
+    msg = str(e.value)
+    assert "$FMNIST_DATA" in msg and all(s.stem in msg for s in data.FILES.values())
+    assert not fallbacks.exists()
+
+
+def test_data_dir_wins_over_env(tmp_path, fallbacks, monkeypatch):
+    monkeypatch.setenv("FMNIST_DATA", str(tmp_path / "does-not-exist"))
+    d = _fake_set(tmp_path / "d")
+    assert data.locate(d, download=False) == d  # --data-dir is used; the broken $FMNIST_DATA is not consulted

@@ -21,8 +21,9 @@ def _preset_default(key: str) -> str:
 
 def _add_data_dir(p):
     p.add_argument("--data-dir", default=None,
-                   help="directory holding the four Fashion-MNIST IDX files (.gz or raw). Default: search "
-                        "$FMNIST_DATA, /usr/share/datasets/fashion-mnist, ~/.cache/fmnist, else download")
+                   help="directory holding the four Fashion-MNIST IDX files (.gz or raw); used or refused, "
+                        "never replaced by another copy. Default: $FMNIST_DATA if set (same rule), else "
+                        "/usr/share/datasets/fashion-mnist, ~/.cache/fmnist, else download")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -131,30 +131,49 @@ def has_dataset(directory: Path) -> bool:
     return all(find_file(directory, f.stem) is not None for f in FILES.values())
 
 
-def candidate_dirs(data_dir: str | Path | None = None) -> list[tuple[str, Path]]:
-    """Where to look, in order: --data-dir, $FMNIST_DATA, Debian's package, the user cache."""
-    out = []
+def named_dir(data_dir: str | Path | None = None) -> tuple[str, Path] | None:
+    """The place the user named, if any: --data-dir, else $FMNIST_DATA."""
     if data_dir:
-        out.append(("--data-dir", Path(data_dir)))
+        return "--data-dir", Path(data_dir)
     if os.environ.get("FMNIST_DATA"):
-        out.append(("$FMNIST_DATA", Path(os.environ["FMNIST_DATA"])))
-    out.append(("Debian package dataset-fashion-mnist", DEBIAN_DIR))
-    out.append(("user cache", cache_dir()))
-    return out
+        return "$FMNIST_DATA", Path(os.environ["FMNIST_DATA"])
+    return None
+
+
+def candidate_dirs(data_dir: str | Path | None = None) -> list[tuple[str, Path]]:
+    """Where to look: the place the user named alone, else Debian's package, then the user cache."""
+    named = named_dir(data_dir)
+    if named:
+        return [named]
+    return [("Debian package dataset-fashion-mnist", DEBIAN_DIR), ("user cache", cache_dir())]
+
+
+def check_named_dir(label: str, d: Path) -> None:
+    """A place the user named is used or refused, never quietly replaced by another copy."""
+    undo = "leave out --data-dir" if label == "--data-dir" else "unset FMNIST_DATA"
+    todo = (f"put the four Fashion-MNIST files there (`fmnist data --download` fetches them into {cache_dir()}), "
+            f"or {undo} to use the Debian package or the cache")
+    if not d.exists():
+        raise DataError(f"{label} {d} does not exist; {todo}")
+    if not d.is_dir():
+        raise DataError(f"{label} {d} is not a directory; {todo}")
+    missing = [s.stem + ".gz" for s in FILES.values() if find_file(d, s.stem) is None]
+    if missing:
+        raise DataError(f"{label} {d} lacks {', '.join(missing)} (or the same without .gz); {todo}")
 
 
 def locate(data_dir: str | Path | None = None, download: bool = True, mirrors=None, quiet: bool = False) -> Path:
-    """Return the first directory holding all four files; download into the cache if none does."""
-    skipped = []
-    for label, d in candidate_dirs(data_dir):
+    """The directory holding all four files. A place the user named (--data-dir, $FMNIST_DATA) is
+    the only one tried; otherwise Debian's package, then the cache, then a download into the cache."""
+    named = named_dir(data_dir)
+    if named:
+        check_named_dir(*named)
+        return named[1]
+    for _, d in candidate_dirs():
         if has_dataset(d):
-            if skipped and not quiet:
-                print(f"note: {'; '.join(skipped)}; using {d} ({label})", file=sys.stderr)
             return d
-        if label in ("--data-dir", "$FMNIST_DATA"):
-            skipped.append(f"{label} {d} has no complete Fashion-MNIST set")
     if not download:
-        raise DataError("Fashion-MNIST not found in " + ", ".join(str(d) for _, d in candidate_dirs(data_dir))
+        raise DataError("Fashion-MNIST not found in " + ", ".join(str(d) for _, d in candidate_dirs())
                         + "; run `fmnist data --download`, or `apt-get install dataset-fashion-mnist` on Debian")
     target = cache_dir()
     if not quiet:
