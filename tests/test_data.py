@@ -194,3 +194,56 @@ def test_data_dir_wins_over_env(tmp_path, fallbacks, monkeypatch):
     monkeypatch.setenv("FMNIST_DATA", str(tmp_path / "does-not-exist"))
     d = _fake_set(tmp_path / "d")
     assert data.locate(d, download=False) == d  # --data-dir is used; the broken $FMNIST_DATA is not consulted
+
+
+# ---------------------------------------------------------------------------- bounded reads
+
+BOMB_CHECK = """
+import resource, sys, time
+from fmnist import data
+spec = data.FILES["t10k-labels"]
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+t = time.perf_counter()
+try:
+    data.read_idx(sys.argv[1], spec.kind, spec.count, spec.sha256)
+    print("accepted")
+except data.DataError as e:
+    print("refused:", e)
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)  # peak RSS growth, MiB
+print(time.perf_counter() - t)
+"""
+
+
+def test_gzip_bomb_is_refused_without_expanding_it(tmp_path):
+    """A ~1 MB .gz that expands to 256 MiB, under the name of a 10 kB file: refused after ~10 kB."""
+    import subprocess
+    import sys
+
+    bomb = tmp_path / "t10k-labels-idx1-ubyte.gz"
+    with gzip.open(bomb, "wb", compresslevel=1) as f:
+        f.write(idx_bytes(np.zeros(10_000, np.uint8), "labels"))  # a plausible start
+        for _ in range(256):
+            f.write(bytes(1 << 20))
+    assert bomb.stat().st_size < 4 << 20
+    r = subprocess.run([sys.executable, "-c", BOMB_CHECK, str(bomb)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    verdict, rss_mib, seconds = r.stdout.strip().splitlines()
+    assert verdict.startswith("refused:") and str(bomb) in verdict and "more than 10,008 bytes" in verdict, verdict
+    assert float(rss_mib) < 32, f"peak RSS grew {rss_mib} MiB reading a bomb"
+    assert float(seconds) < 5
+
+
+def test_raw_file_too_large_is_refused_by_its_size(tmp_path):
+    p = tmp_path / "t10k-labels-idx1-ubyte"
+    with open(p, "wb") as f:
+        f.truncate(1 << 30)  # sparse: 1 GiB that takes no disk; read whole it would take 1 GiB of RAM
+    with pytest.raises(DataError, match="more than 10,008 bytes"):
+        read_idx(p, "labels", 10_000)
+
+
+def test_read_checks_sha256_of_the_decompressed_stream(tmp_path):
+    big = rng.integers(0, 256, (3000, 28, 28), dtype=np.uint8)  # > one read chunk
+    p = write_idx(tmp_path / "x.gz", big, "images")
+    good = hashlib.sha256(idx_bytes(big, "images")).hexdigest()
+    assert np.array_equal(read_idx(p, "images", 3000, sha256=good), big)
+    assert np.array_equal(read_idx(p, "images"), big)  # no count given: still read, under the largest file's size
