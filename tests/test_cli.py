@@ -58,3 +58,59 @@ def test_named_data_dir_is_used_or_refused(tmp_path):
     r = run("train", "--epochs", "1", "--out-dir", str(tmp_path / "runs"), env={**env, "FMNIST_DATA": str(tmp_path / "x")})
     assert r.returncode == 1 and "$FMNIST_DATA" in r.stderr and "does not exist" in r.stderr, r.stderr
     assert not (tmp_path / "c").exists() and not (tmp_path / "runs").exists()  # nothing downloaded, no run started
+
+
+# ---------------------------------------------------------------------------- bad paths and ports
+
+DEFAULT_PT = os.path.join(os.path.dirname(__file__), "..", "src", "fmnist", "assets", "default.pt")
+
+
+def _one_line_error(r, *words, code=1):
+    assert r.returncode == code, (r.returncode, r.stderr)
+    assert "Traceback" not in r.stderr, r.stderr
+    errors = [line for line in r.stderr.splitlines() if "error" in line]
+    assert len(errors) == 1 and all(w in errors[0] for w in words), r.stderr
+
+
+def test_train_out_dir_that_is_a_file(tmp_path):
+    f = tmp_path / "file"
+    f.write_text("x")
+    _one_line_error(run("train", "--epochs", "1", "--out-dir", str(f)), "--out-dir", str(f), "not a directory")
+    _one_line_error(run("train", "--epochs", "1", "--out-dir", str(f / "sub")), "--out-dir", "not a directory")
+    assert f.read_text() == "x"
+
+
+def test_evaluate_out_that_is_a_file(tmp_path):
+    f = tmp_path / "file"
+    f.write_text("x")
+    _one_line_error(run("evaluate", DEFAULT_PT, "--out", str(f)), "--out", str(f), "not a directory")
+
+
+def test_export_out_that_is_a_directory(tmp_path):
+    _one_line_error(run("export", DEFAULT_PT, "--out", str(tmp_path)), "--out", str(tmp_path), "is a directory")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_serve_port_out_of_range():
+    for port in ("99999", "-1"):
+        _one_line_error(run("serve", "--port", port), "--port", "0..65535", code=2)
+
+
+def test_serve_port_in_use():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        r = run("serve", "--port", str(s.getsockname()[1]))
+    assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr
+    assert "address already in use" in r.stderr.lower()
+
+
+def test_closed_stdout_pipe_exits_quietly(dataset):
+    """`fmnist data | head -1`: the reader leaves early; no traceback, no 'Exception ignored'."""
+    p = subprocess.Popen([*FMNIST, "data"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    p.stdout.close()  # the reader is gone before anything is written
+    err = p.stderr.read()
+    assert p.wait(timeout=300) == 141, err  # 128 + SIGPIPE, what a shell reports for `cat big | head -1`
+    assert err == ""
