@@ -55,7 +55,8 @@ def test_named_data_dir_is_used_or_refused(tmp_path):
     assert len(r.stderr.strip().splitlines()) == 1
     assert "train-images-idx3-ubyte.gz" in r.stderr and "t10k-labels-idx1-ubyte.gz" in r.stderr
     assert "verified" not in r.stdout
-    r = run("train", "--epochs", "1", "--out-dir", str(tmp_path / "runs"), env={**env, "FMNIST_DATA": str(tmp_path / "x")})
+    env["FMNIST_DATA"] = str(tmp_path / "x")
+    r = run("train", "--epochs", "1", "--out-dir", str(tmp_path / "runs"), env=env)
     assert r.returncode == 1 and "$FMNIST_DATA" in r.stderr and "does not exist" in r.stderr, r.stderr
     assert not (tmp_path / "c").exists() and not (tmp_path / "runs").exists()  # nothing downloaded, no run started
 
@@ -94,6 +95,7 @@ def test_export_out_that_is_a_directory(tmp_path):
 def test_serve_port_out_of_range():
     for port in ("99999", "-1"):
         _one_line_error(run("serve", "--port", port), "--port", "0..65535", code=2)
+    _one_line_error(run("serve", "--max-batch", "0"), "--max-batch", "must be > 0", code=2)
 
 
 def test_serve_port_in_use():

@@ -78,7 +78,8 @@ def _refusal(p: Path, e: Exception) -> CheckpointError:
                                f"plain values, and fmnist loads nothing else; {REMEDY}")
     reason = text.split("WeightsUnpickler error:", 1)[-1].strip().splitlines() if "WeightsUnpickler" in text else []
     detail = reason[0] if reason and "weights_only" not in reason[0] else type(e).__name__
-    return CheckpointError(f"{p}: not a readable checkpoint (truncated, corrupt or not a torch file: {detail}); {REMEDY}")
+    return CheckpointError(f"{p}: not a readable checkpoint (truncated, corrupt or not a torch file: {detail}); "
+                           f"{REMEDY}")
 
 
 def check(ckpt: dict, p: Path) -> None:
@@ -123,19 +124,19 @@ def _shape(t: torch.Tensor) -> str:
 
 def state_dict_mismatch(expected: dict, got: dict) -> str:
     """'' if `got` fits `expected` key for key and shape for shape, else what does not (first few)."""
-    def first(keys, n=3):
-        keys = sorted(keys)
-        return ", ".join(keys[:n]) + (f" and {len(keys) - n} more" if len(keys) > n else "")
+    def first(items, n=3):
+        items = list(items)
+        return ", ".join(items[:n]) + (f" and {len(items) - n} more" if len(items) > n else "")
 
     parts = []
-    if missing := set(expected) - set(got):
+    if missing := sorted(set(expected) - set(got)):
         parts.append(f"missing {first(missing)}")
-    if unexpected := set(got) - set(expected):
+    if unexpected := sorted(set(got) - set(expected)):
         parts.append(f"unexpected {first(unexpected)}")
     wrong = sorted(k for k in set(expected) & set(got) if expected[k].shape != got[k].shape)
     if wrong:
-        parts.append("wrong shape " + ", ".join(f"{k} {_shape(got[k])} in the file, {_shape(expected[k])} in the model"
-                                                for k in wrong[:3]) + (f" and {len(wrong) - 3} more" if len(wrong) > 3 else ""))
+        parts.append("wrong shape " + first(f"{k} {_shape(got[k])} in the file, {_shape(expected[k])} in the model"
+                                            for k in wrong))
     return "; ".join(parts)
 
 

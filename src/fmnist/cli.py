@@ -166,8 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", choices=["torch", "onnx"], default="torch", help="inference engine (default: torch)")
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (default: 127.0.0.1; 0.0.0.0 for all)")
     p.add_argument("--port", type=_port, default=8000, help="TCP port, 0..65535 (default: 8000)")
-    p.add_argument("--max-batch", type=_positive(int), default=32, help="dynamic batching: max images per forward pass; "
-                                                             "1 disables batching (default: 32)")
+    p.add_argument("--max-batch", type=_positive(int), default=32,
+                   help="dynamic batching: max images per forward pass; 1 disables batching (default: 32)")
     p.add_argument("--max-wait-ms", type=float, default=2.0,
                    help="dynamic batching: max wait for a batch to fill (default: 2.0)")
     p.add_argument("--max-upload-mb", type=_positive(int), default=10, help="max request body in MiB (default: 10)")
