@@ -43,6 +43,76 @@ def test_bad_inputs_give_one_line_errors(tmp_path):
     assert r.returncode == 1 and "--epochs must be >= 1" in r.stderr
     r = run("train", "--model", "nope")
     assert r.returncode == 2 and "invalid choice" in r.stderr
-    r = run("data", "--data-dir", str(tmp_path), env={**os.environ, "XDG_CACHE_HOME": str(tmp_path / "c")})
-    # an empty --data-dir is skipped with a note, the real copy is still found
-    assert r.returncode == 0 and "has no complete Fashion-MNIST set" in r.stderr
+
+
+
+def test_named_data_dir_is_used_or_refused(tmp_path):
+    # an empty --data-dir is an error naming the missing files, not a quiet switch to another copy
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "c")}
+    env.pop("FMNIST_DATA", None)
+    r = run("data", "--data-dir", str(tmp_path), env=env)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    assert "train-images-idx3-ubyte.gz" in r.stderr and "t10k-labels-idx1-ubyte.gz" in r.stderr
+    assert "verified" not in r.stdout
+    env["FMNIST_DATA"] = str(tmp_path / "x")
+    r = run("train", "--epochs", "1", "--out-dir", str(tmp_path / "runs"), env=env)
+    assert r.returncode == 1 and "$FMNIST_DATA" in r.stderr and "does not exist" in r.stderr, r.stderr
+    assert not (tmp_path / "c").exists() and not (tmp_path / "runs").exists()  # nothing downloaded, no run started
+
+
+# ---------------------------------------------------------------------------- bad paths and ports
+
+DEFAULT_PT = os.path.join(os.path.dirname(__file__), "..", "src", "fmnist", "assets", "default.pt")
+
+
+def _one_line_error(r, *words, code=1):
+    assert r.returncode == code, (r.returncode, r.stderr)
+    assert "Traceback" not in r.stderr, r.stderr
+    errors = [line for line in r.stderr.splitlines() if "error" in line]
+    assert len(errors) == 1 and all(w in errors[0] for w in words), r.stderr
+
+
+def test_train_out_dir_that_is_a_file(tmp_path):
+    f = tmp_path / "file"
+    f.write_text("x")
+    _one_line_error(run("train", "--epochs", "1", "--out-dir", str(f)), "--out-dir", str(f), "not a directory")
+    _one_line_error(run("train", "--epochs", "1", "--out-dir", str(f / "sub")), "--out-dir", "not a directory")
+    assert f.read_text() == "x"
+
+
+def test_evaluate_out_that_is_a_file(tmp_path):
+    f = tmp_path / "file"
+    f.write_text("x")
+    _one_line_error(run("evaluate", DEFAULT_PT, "--out", str(f)), "--out", str(f), "not a directory")
+
+
+def test_export_out_that_is_a_directory(tmp_path):
+    _one_line_error(run("export", DEFAULT_PT, "--out", str(tmp_path)), "--out", str(tmp_path), "is a directory")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_serve_port_out_of_range():
+    for port in ("99999", "-1"):
+        _one_line_error(run("serve", "--port", port), "--port", "0..65535", code=2)
+    _one_line_error(run("serve", "--max-batch", "0"), "--max-batch", "must be > 0", code=2)
+
+
+def test_serve_port_in_use():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        r = run("serve", "--port", str(s.getsockname()[1]))
+    assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr
+    assert "address already in use" in r.stderr.lower()
+
+
+def test_closed_stdout_pipe_exits_quietly(dataset):
+    """`fmnist data | head -1`: the reader leaves early; no traceback, no 'Exception ignored'."""
+    p = subprocess.Popen([*FMNIST, "data"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    p.stdout.close()  # the reader is gone before anything is written
+    err = p.stderr.read()
+    assert p.wait(timeout=300) == 141, err  # 128 + SIGPIPE, what a shell reports for `cat big | head -1`
+    assert err == ""

@@ -32,6 +32,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
             if body is None:
                 self.send_error(404)
                 return
+        elif self.mode == "bomb":  # 8 MiB of zeros after a valid header, gzipped to ~8 kB
+            body = gzip.compress(idx_bytes(LABELS, "labels") + bytes(8 << 20))
+        elif self.mode == "huge":  # a body far larger than any gzip of the expected file can be
+            body = bytes(4 << 20)
         elif self.mode == "corrupt":  # valid gzip of a different IDX file: only the checksum catches it
             body = gzip.compress(idx_bytes(LABELS[::-1].copy(), "labels"))
         else:
@@ -106,3 +110,16 @@ def test_full_dataset_download_into_cache(server, tmp_path, monkeypatch, dataset
     assert root == tmp_path / "cache" / "fmnist" and len(hits) == 4
     arrays = data.load_arrays(root)
     assert arrays["train-images"].shape == (60000, 28, 28)
+
+
+@pytest.mark.parametrize("mode", ["bomb", "huge"])
+def test_oversized_content_is_refused_and_not_retried(server, tmp_path, mode):
+    bad, bad_hits = server(mode)
+    good, _ = server("good")
+    p = data.fetch_file(SPEC, tmp_path, mirrors=[bad, good], quiet=True)
+    assert p.read_bytes() == PAYLOAD
+    assert len(bad_hits) == 1  # wrong bytes from a mirror will not fix themselves: next mirror
+    with pytest.raises(DataError, match="more than") as e:
+        data.fetch_file(SPEC, tmp_path / "only-bad", mirrors=[bad], quiet=True)
+    assert "could not download" in str(e.value)
+    assert not any((tmp_path / "only-bad").iterdir())

@@ -8,6 +8,9 @@ torch.load(weights_only=True) (no pickled code runs). Keys:
 
 from __future__ import annotations
 
+import pickle
+import re
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -58,23 +61,98 @@ def resolve_path(path: str | Path) -> Path:
     return p
 
 
+REMEDY = "use another checkpoint (best.pt / last.pt of a finished run) or retrain with `fmnist train`"
+
+# What every command needs to rebuild and label the model; anything else is read with .get().
+REQUIRED = {"model": str, "model_config": dict, "state_dict": dict, "class_names": list}
+
+
+def _refusal(p: Path, e: Exception) -> CheckpointError:
+    """Our own words for torch's unpickling errors: torch's text suggests weights_only=False,
+    which would run whatever code an untrusted file carries, so none of it is passed on."""
+    text = str(e)
+    bad_global = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+    if bad_global:
+        return CheckpointError(f"{p}: refused: the file holds pickled Python objects ({bad_global.group(1)}), "
+                               f"which could run code when loaded; fmnist checkpoints hold only tensors and "
+                               f"plain values, and fmnist loads nothing else; {REMEDY}")
+    reason = text.split("WeightsUnpickler error:", 1)[-1].strip().splitlines() if "WeightsUnpickler" in text else []
+    detail = reason[0] if reason and "weights_only" not in reason[0] else type(e).__name__
+    return CheckpointError(f"{p}: not a readable checkpoint (truncated, corrupt or not a torch file: {detail}); "
+                           f"{REMEDY}")
+
+
+def check(ckpt: dict, p: Path) -> None:
+    """The keys and types every loader relies on; a file with the right format key can still lack them."""
+    problems = []
+    for key, typ in REQUIRED.items():
+        if key not in ckpt:
+            problems.append(f"no {key!r}")
+        elif not isinstance(ckpt[key], typ):
+            problems.append(f"{key!r} is {type(ckpt[key]).__name__}, expected {typ.__name__}")
+    if not problems:
+        bad = [k for k, v in ckpt["state_dict"].items() if not isinstance(v, torch.Tensor)]
+        if bad:
+            problems.append(f"state_dict entry {bad[0]!r} is not a tensor")
+    if problems:
+        raise CheckpointError(f"{p}: damaged fmnist checkpoint: {'; '.join(problems)}; {REMEDY}")
+
+
 def load(path: str | Path, map_location="cpu") -> dict:
     p = resolve_path(path)
     try:
-        ckpt = torch.load(p, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():
+            # torch warns about pickle protocols before refusing or reading a file; the outcome is what counts
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            ckpt = torch.load(p, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise _refusal(p, e) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise CheckpointError(f"{p}: not a readable checkpoint (truncated or corrupt: {msg}); "
-                              f"use another checkpoint (best.pt / last.pt of a finished run) or retrain") from None
+        raise CheckpointError(f"{p}: not a readable checkpoint (truncated or corrupt: {msg}); {REMEDY}") from None
     except Exception as e:  # unpickling errors of arbitrary files come in many types
-        raise CheckpointError(f"{p}: not an fmnist checkpoint ({type(e).__name__}: {str(e)[:200]})") from None
+        raise CheckpointError(f"{p}: not an fmnist checkpoint ({type(e).__name__}); {REMEDY}") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise CheckpointError(f"{p}: not an fmnist checkpoint (expected format {FORMAT!r})")
+    check(ckpt, p)
     return ckpt
 
 
-def build_model(ckpt: dict, device="cpu") -> torch.nn.Module:
-    model = create_model(ckpt["model"], ckpt["model_config"])
+def _shape(t: torch.Tensor) -> str:
+    return str(tuple(t.shape))
+
+
+def state_dict_mismatch(expected: dict, got: dict) -> str:
+    """'' if `got` fits `expected` key for key and shape for shape, else what does not (first few)."""
+    def first(items, n=3):
+        items = list(items)
+        return ", ".join(items[:n]) + (f" and {len(items) - n} more" if len(items) > n else "")
+
+    parts = []
+    if missing := sorted(set(expected) - set(got)):
+        parts.append(f"missing {first(missing)}")
+    if unexpected := sorted(set(got) - set(expected)):
+        parts.append(f"unexpected {first(unexpected)}")
+    wrong = sorted(k for k in set(expected) & set(got) if expected[k].shape != got[k].shape)
+    if wrong:
+        parts.append("wrong shape " + first(f"{k} {_shape(got[k])} in the file, {_shape(expected[k])} in the model"
+                                            for k in wrong))
+    return "; ".join(parts)
+
+
+def build_model(ckpt: dict, device="cpu", source: str | Path | None = None) -> torch.nn.Module:
+    """The model a loaded checkpoint describes, with its weights; CheckpointError if they do not fit."""
+    where = f"{source}: " if source else ""
+    name = ckpt["model"]
+    try:
+        model = create_model(name, ckpt["model_config"])
+    except (ValueError, TypeError, KeyError) as e:
+        raise CheckpointError(f"{where}cannot rebuild model {name!r} from the checkpoint's model_config ({e}); "
+                              f"{REMEDY}") from None
+    mismatch = state_dict_mismatch(model.state_dict(), ckpt["state_dict"])
+    if mismatch:
+        raise CheckpointError(f"{where}weights do not fit model {name!r} as its model_config describes: "
+                              f"{mismatch}; {REMEDY}")
     model.load_state_dict(ckpt["state_dict"])
     return model.to(device).eval()
 
@@ -86,4 +164,4 @@ def trained_with_tta(ckpt: dict) -> bool:
 
 def load_model(path: str | Path, device="cpu") -> tuple[torch.nn.Module, dict]:
     ckpt = load(path)
-    return build_model(ckpt, device), ckpt
+    return build_model(ckpt, device, source=resolve_path(path)), ckpt

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from pathlib import Path
 
 from .config import PRESETS, TrainConfig
 
 EXIT_USAGE = 2
+EXIT_SIGPIPE = 141  # 128 + SIGPIPE: what a shell reports for a Unix tool whose reader left (`| head`)
 
 
 def _at_least(lo: float, kind=float, strict: bool = False):
@@ -32,10 +35,57 @@ def _preset_default(key: str) -> str:
     return "; ".join(vals)
 
 
+def _port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        port = -1
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a TCP port number; use 0..65535 (0 = any free port)")
+    return port
+
+
+def _positive(cast):
+    def check(text: str):
+        try:
+            value = cast(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        return value
+    return check
+
+
+def _check_dir_arg(flag: str, value: str | None) -> None:
+    """A directory we will write into: a directory already, or creatable (no file in the way)."""
+    if value is None:
+        return
+    p = Path(value)
+    for place in (p, *p.parents):
+        if place.exists():
+            if not place.is_dir():
+                raise ValueError(f"{flag} {value}: {place} is not a directory; pass a directory "
+                                 f"(missing ones are created)")
+            if not os.access(place, os.W_OK | os.X_OK):
+                raise ValueError(f"{flag} {value}: {place} is not writable; pass a directory you can write to")
+            return
+
+
+def _check_file_arg(flag: str, value: str | None) -> None:
+    """A file we will write: not a directory, and its folder writable or creatable."""
+    if value is None:
+        return
+    if Path(value).is_dir():
+        raise ValueError(f"{flag} {value} is a directory; pass a file name, e.g. {Path(value) / 'model.onnx'}")
+    _check_dir_arg(flag, str(Path(value).parent))
+
+
 def _add_data_dir(p):
     p.add_argument("--data-dir", default=None,
-                   help="directory holding the four Fashion-MNIST IDX files (.gz or raw). Default: search "
-                        "$FMNIST_DATA, /usr/share/datasets/fashion-mnist, ~/.cache/fmnist, else download")
+                   help="directory holding the four Fashion-MNIST IDX files (.gz or raw); used or refused, "
+                        "never replaced by another copy. Default: $FMNIST_DATA if set (same rule), else "
+                        "/usr/share/datasets/fashion-mnist, ~/.cache/fmnist, else download")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -152,7 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", default=None, help="checkpoint, run directory or .onnx (default: shipped model)")
     p.add_argument("--backend", choices=["torch", "onnx"], default="torch", help="inference engine (default: torch)")
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (default: 127.0.0.1; 0.0.0.0 for all)")
-    p.add_argument("--port", type=int, default=8000, help="TCP port (default: 8000)")
+    p.add_argument("--port", type=_port, default=8000, help="TCP port, 0..65535 (default: 8000)")
     p.add_argument("--max-batch", type=_at_least(1, int), default=32,
                    help="dynamic batching: max images per forward pass; 1 disables batching (default: 32)")
     p.add_argument("--max-wait-ms", type=_at_least(0), default=2.0,
@@ -235,6 +285,7 @@ def cmd_serve(args) -> int:
 def cmd_export(args) -> int:
     from .export import export
 
+    _check_file_arg("--out", args.out)
     export(args.checkpoint, args.out, int8=args.int8, calib_n=args.calibration_images, tta_flip=args.tta_flip)
     return 0
 
@@ -326,6 +377,7 @@ def cmd_train(args) -> int:
     from . import config
     from .train import train
 
+    _check_dir_arg("--out-dir", args.out_dir)
     overrides = {k: getattr(args, k) for k in (
         "model", "epochs", "batch_size", "lr", "weight_decay", "optimizer", "schedule", "label_smoothing", "ema",
         "translate", "flip", "erase", "photo", "pairs", "tta_flip", "amp", "compile", "channels_last", "val_fraction", "seed", "device",
@@ -350,6 +402,7 @@ def cmd_train(args) -> int:
 def cmd_evaluate(args) -> int:
     from .evaluate import evaluate_checkpoint
 
+    _check_dir_arg("--out", args.out)
     ds = None
     if args.data_dir:
         from . import data
@@ -371,9 +424,19 @@ def main(argv=None) -> int:
                 "bench": cmd_bench, "serve": cmd_serve,
                 "export": cmd_export}
     try:
-        return handlers[args.command](args)
-    except (DataError, CheckpointError, ValueError, FileNotFoundError, ImportError) as e:
+        rc = handlers[args.command](args)
+        sys.stdout.flush()  # a reader that left shows up here, not as a traceback at exit
+        return rc
+    except BrokenPipeError:
+        # `fmnist data | head -1`: the reader has what it wanted; stop quietly, as Unix tools do.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the flush at exit cannot fail
+        return EXIT_SIGPIPE
+    except (DataError, CheckpointError, ValueError, ImportError) as e:
         print(f"fmnist {args.command}: error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:  # a path we were given cannot be written or read: one line, not a traceback
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"fmnist {args.command}: error: {where}{e.strerror or e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -3,6 +3,8 @@
 Nothing here trains on data it has not verified: every file is checked against the
 SHA-256 of its *decompressed* bytes (gzip wrappers differ between mirrors and Debian's
 package, the content does not), and every header is checked before a byte is used.
+Files and downloads are read in chunks, hashed as they stream, and cut off at the size
+the expected file has, so a gzip bomb or an endless body costs kilobytes, not gigabytes.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,18 +70,46 @@ def cache_dir() -> Path:
 
 # ---------------------------------------------------------------------------- parsing
 
-def read_bytes(path: Path) -> bytes:
-    """Whole file, decompressed if it is gzip (decided by content, not by name)."""
+CHUNK = 1 << 20  # read and hash 1 MiB at a time: memory stays bounded by the expected size
+
+
+def idx_size(kind: str, count: int) -> int:
+    """Bytes of an IDX ubyte file: magic + one uint32 per dimension + the items."""
+    dims = 3 if kind == "images" else 1
+    return 4 + 4 * dims + count * (IMAGE_SIZE * IMAGE_SIZE if kind == "images" else 1)
+
+
+# The largest file there is (train images, 47 MB): the cap when a caller gives no item count.
+MAX_IDX_BYTES = max(idx_size(f.kind, f.count) for f in FILES.values())
+
+
+def read_content(path: Path, limit: int = MAX_IDX_BYTES) -> tuple[bytearray, str]:
+    """(content, SHA-256 hex) of a file, decompressed if it is gzip (decided by content, not name).
+
+    Never more than limit + 1 bytes of content are produced: a small .gz that expands to
+    gigabytes (a gzip bomb, from a mirror or a disk) is refused once it passes `limit`,
+    and an oversized raw file by its size, before it is read."""
+    path = Path(path)
+    too_big = (f"{path}: content is more than {limit:,} bytes, the most the expected file holds; "
+               f"it is the wrong file or corrupt; {FIX_HINT}")
     try:
-        raw = Path(path).read_bytes()
+        with open(path, "rb") as raw:
+            gz = raw.read(2) == b"\x1f\x8b"
+            raw.seek(0)
+            if not gz and os.fstat(raw.fileno()).st_size > limit:
+                raise DataError(too_big)
+            src = gzip.GzipFile(fileobj=raw) if gz else raw
+            data, digest = bytearray(), hashlib.sha256()
+            while len(data) <= limit and (chunk := src.read(min(CHUNK, limit + 1 - len(data)))):
+                data += chunk
+                digest.update(chunk)
+    except (gzip.BadGzipFile, EOFError, zlib.error) as e:
+        raise DataError(f"{path}: gzip stream is corrupt or truncated ({e}); {FIX_HINT}") from None
     except OSError as e:
-        raise DataError(f"{path}: cannot read ({e.strerror}); {FIX_HINT}") from None
-    if raw[:2] == b"\x1f\x8b":
-        try:
-            return gzip.decompress(raw)
-        except (OSError, EOFError, gzip.BadGzipFile) as e:
-            raise DataError(f"{path}: gzip stream is corrupt or truncated ({e}); {FIX_HINT}") from None
-    return raw
+        raise DataError(f"{path}: cannot read ({e.strerror or e}); {FIX_HINT}") from None
+    if len(data) > limit:
+        raise DataError(too_big)
+    return data, digest.hexdigest()
 
 
 def parse_idx(data: bytes, kind: str, expected_count: int | None, name: str = "<bytes>") -> np.ndarray:
@@ -108,9 +139,9 @@ def parse_idx(data: bytes, kind: str, expected_count: int | None, name: str = "<
 
 
 def read_idx(path: Path, kind: str, expected_count: int | None = None, sha256: str | None = None) -> np.ndarray:
-    data = read_bytes(path)
+    limit = MAX_IDX_BYTES if expected_count is None else idx_size(kind, expected_count)
+    data, got = read_content(path, limit)
     if sha256 is not None:
-        got = hashlib.sha256(data).hexdigest()
         if got != sha256:
             raise DataError(f"{path}: checksum mismatch: SHA-256 of the decompressed content is {got[:16]}…, "
                             f"expected {sha256[:16]}…; the file is corrupt or not Fashion-MNIST; {FIX_HINT}")
@@ -131,30 +162,49 @@ def has_dataset(directory: Path) -> bool:
     return all(find_file(directory, f.stem) is not None for f in FILES.values())
 
 
-def candidate_dirs(data_dir: str | Path | None = None) -> list[tuple[str, Path]]:
-    """Where to look, in order: --data-dir, $FMNIST_DATA, Debian's package, the user cache."""
-    out = []
+def named_dir(data_dir: str | Path | None = None) -> tuple[str, Path] | None:
+    """The place the user named, if any: --data-dir, else $FMNIST_DATA."""
     if data_dir:
-        out.append(("--data-dir", Path(data_dir)))
+        return "--data-dir", Path(data_dir)
     if os.environ.get("FMNIST_DATA"):
-        out.append(("$FMNIST_DATA", Path(os.environ["FMNIST_DATA"])))
-    out.append(("Debian package dataset-fashion-mnist", DEBIAN_DIR))
-    out.append(("user cache", cache_dir()))
-    return out
+        return "$FMNIST_DATA", Path(os.environ["FMNIST_DATA"])
+    return None
+
+
+def candidate_dirs(data_dir: str | Path | None = None) -> list[tuple[str, Path]]:
+    """Where to look: the place the user named alone, else Debian's package, then the user cache."""
+    named = named_dir(data_dir)
+    if named:
+        return [named]
+    return [("Debian package dataset-fashion-mnist", DEBIAN_DIR), ("user cache", cache_dir())]
+
+
+def check_named_dir(label: str, d: Path) -> None:
+    """A place the user named is used or refused, never quietly replaced by another copy."""
+    undo = "leave out --data-dir" if label == "--data-dir" else "unset FMNIST_DATA"
+    todo = (f"put the four Fashion-MNIST files there (`fmnist data --download` fetches them into {cache_dir()}), "
+            f"or {undo} to use the Debian package or the cache")
+    if not d.exists():
+        raise DataError(f"{label} {d} does not exist; {todo}")
+    if not d.is_dir():
+        raise DataError(f"{label} {d} is not a directory; {todo}")
+    missing = [s.stem + ".gz" for s in FILES.values() if find_file(d, s.stem) is None]
+    if missing:
+        raise DataError(f"{label} {d} lacks {', '.join(missing)} (or the same without .gz); {todo}")
 
 
 def locate(data_dir: str | Path | None = None, download: bool = True, mirrors=None, quiet: bool = False) -> Path:
-    """Return the first directory holding all four files; download into the cache if none does."""
-    skipped = []
-    for label, d in candidate_dirs(data_dir):
+    """The directory holding all four files. A place the user named (--data-dir, $FMNIST_DATA) is
+    the only one tried; otherwise Debian's package, then the cache, then a download into the cache."""
+    named = named_dir(data_dir)
+    if named:
+        check_named_dir(*named)
+        return named[1]
+    for _, d in candidate_dirs():
         if has_dataset(d):
-            if skipped and not quiet:
-                print(f"note: {'; '.join(skipped)}; using {d} ({label})", file=sys.stderr)
             return d
-        if label in ("--data-dir", "$FMNIST_DATA"):
-            skipped.append(f"{label} {d} has no complete Fashion-MNIST set")
     if not download:
-        raise DataError("Fashion-MNIST not found in " + ", ".join(str(d) for _, d in candidate_dirs(data_dir))
+        raise DataError("Fashion-MNIST not found in " + ", ".join(str(d) for _, d in candidate_dirs())
                         + "; run `fmnist data --download`, or `apt-get install dataset-fashion-mnist` on Debian")
     target = cache_dir()
     if not quiet:
@@ -165,18 +215,30 @@ def locate(data_dir: str | Path | None = None, download: bool = True, mirrors=No
 
 # ---------------------------------------------------------------------------- download
 
-def _fetch(url: str, dest: Path, timeout: float, quiet: bool) -> None:
-    """Stream url to dest through a temp file; the progress bar shows bytes."""
+def download_limit(spec: IdxFile) -> int:
+    """Most bytes a mirror may send for spec: its content size plus gzip's worst-case growth on
+    incompressible data (well under 1% + a header), so an endless or padded body is cut off."""
+    size = idx_size(spec.kind, spec.count)
+    return size + size // 100 + (64 << 10)
+
+
+def _fetch(url: str, dest: Path, timeout: float, quiet: bool, limit: int) -> None:
+    """Stream url to dest through a temp file, at most `limit` bytes; the progress bar shows bytes."""
     from tqdm import tqdm
 
+    too_big = f"{url}: sends more than {limit:,} bytes, more than the file can be; the mirror serves the wrong file"
     with urllib.request.urlopen(url, timeout=timeout) as resp, atomic_path(dest) as tmp:
         total = int(resp.headers.get("Content-Length") or 0) or None
+        if total is not None and total > limit:
+            raise DataError(too_big)
         got = 0
         with open(tmp, "wb") as f, tqdm(total=total, unit="B", unit_scale=True, desc=dest.name,
                                          disable=quiet, leave=False) as bar:
             while chunk := resp.read(1 << 16):
-                f.write(chunk)
                 got += len(chunk)
+                if got > limit:
+                    raise DataError(too_big)
+                f.write(chunk)
                 bar.update(len(chunk))
             if total is not None and got != total:
                 raise DataError(f"{url}: connection closed after {got} of {total} bytes")
@@ -194,14 +256,14 @@ def fetch_file(spec: IdxFile, dest_dir: Path, mirrors=None, retries: int = 3, ti
         for attempt in range(1, retries + 1):
             staging = dest.with_name(dest.name + ".download")
             try:
-                _fetch(url, staging, timeout, quiet)
+                _fetch(url, staging, timeout, quiet, download_limit(spec))
                 read_idx(staging, spec.kind, spec.count, spec.sha256)  # verify before it becomes visible
                 os.replace(staging, dest)
                 return dest
             except (urllib.error.URLError, http.client.HTTPException, OSError, DataError, TimeoutError) as e:
                 errors.append(f"{url} (try {attempt}): {getattr(e, 'reason', None) or e}")
                 staging.unlink(missing_ok=True)
-                if isinstance(e, DataError) and "checksum" in str(e):
+                if isinstance(e, DataError) and ("checksum" in str(e) or "more than" in str(e)):
                     break  # a mirror serving wrong bytes will not fix itself; next mirror
                 time.sleep(min(2 ** (attempt - 1), 4) * 0.25)
     raise DataError(f"could not download {spec.stem}.gz:\n  " + "\n  ".join(errors)

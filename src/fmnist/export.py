@@ -117,7 +117,7 @@ def export(ckpt_path, out: str | Path | None = None, int8: bool = False, calib_n
     in the metadata describes the file (at 2x the compute)."""
     onnx = require("onnx")
     ckpt = checkpoint.load(ckpt_path)
-    model = checkpoint.build_model(ckpt)
+    model = checkpoint.build_model(ckpt, source=checkpoint.resolve_path(ckpt_path))
     if tta_flip is None:
         tta_flip = checkpoint.trained_with_tta(ckpt)
     if tta_flip:

@@ -1,0 +1,128 @@
+"""Checkpoints that are damaged or hostile: each gets a one-line CheckpointError naming the
+file and what to do, in the library and in every command that loads one."""
+
+import pathlib
+import subprocess
+import sys
+
+import pytest
+import torch
+from PIL import Image
+
+from fmnist import checkpoint
+from fmnist.checkpoint import CheckpointError
+from fmnist.models import create_model, model_config
+
+
+
+def _ckpt(**changes) -> dict:
+    """A real, untrained `seed` checkpoint (what `fmnist train` writes), with some keys changed."""
+    torch.manual_seed(0)
+    model = create_model("seed", {})
+    ck = checkpoint.make("seed", model_config("seed"), model.state_dict(), metrics={}, epoch=1, train_config={})
+    for k, v in changes.items():
+        if v is None:
+            del ck[k]
+        else:
+            ck[k] = v
+    return ck
+
+
+def _save(tmp_path, name="bad.pt", **changes):
+    p = tmp_path / name
+    torch.save(_ckpt(**changes), p)
+    return p
+
+
+def _state(**changes):
+    sd = dict(_ckpt()["state_dict"])
+    for k, v in changes.items():
+        if v is None:
+            del sd[k]
+        else:
+            sd[k] = v
+    return sd
+
+
+def test_good_checkpoint_builds(tmp_path):
+    model, ck = checkpoint.load_model(_save(tmp_path, "good.pt"))
+    assert ck["model"] == "seed" and model(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
+
+
+def _first_conv_key():
+    return next(k for k, v in _ckpt()["state_dict"].items() if v.ndim == 4)
+
+
+@pytest.mark.parametrize("changes, expect", [
+    ({"model_config": None}, "no 'model_config'"),
+    ({"state_dict": None}, "no 'state_dict'"),
+    ({"class_names": None}, "no 'class_names'"),
+    ({"model": 3}, "'model' is int, expected str"),
+    ({"model": "resnet9000"}, "unknown model 'resnet9000'"),
+    ({"model_config": {"bogus": 1}}, "bogus"),
+])
+def test_damaged_structure_is_a_clear_error(tmp_path, changes, expect):
+    p = _save(tmp_path, **changes)
+    with pytest.raises(CheckpointError) as e:
+        checkpoint.load_model(p)
+    msg = str(e.value)
+    assert msg.startswith(f"{p}: ") and expect in msg and "\n" not in msg
+    assert "fmnist train" in msg  # what to do
+
+
+def test_wrong_shapes_name_the_tensor_and_both_shapes(tmp_path):
+    key = _first_conv_key()
+    p = _save(tmp_path, state_dict=_state(**{key: torch.zeros(3, 3, 3, 3)}))
+    with pytest.raises(CheckpointError) as e:
+        checkpoint.load_model(p)
+    msg = str(e.value)
+    assert msg.startswith(f"{p}: ") and key in msg and "(3, 3, 3, 3)" in msg and "\n" not in msg
+
+
+def test_missing_and_unexpected_tensors(tmp_path):
+    key = _first_conv_key()
+    p = _save(tmp_path, state_dict=_state(**{key: None, "extra.weight": torch.zeros(1)}))
+    with pytest.raises(CheckpointError, match=rf"missing {key}.*unexpected extra\.weight"):
+        checkpoint.load_model(p)
+
+
+def test_non_tensor_in_state_dict(tmp_path):
+    p = _save(tmp_path, state_dict=_state(**{_first_conv_key(): [1, 2, 3]}))
+    with pytest.raises(CheckpointError, match="not a tensor"):
+        checkpoint.load_model(p)
+
+
+def test_pickled_code_is_refused_without_suggesting_weights_only_false(tmp_path):
+    p = _save(tmp_path, metrics={"note": pathlib.PurePosixPath("x")})  # a global torch will not unpickle
+    with pytest.raises(CheckpointError) as e:
+        checkpoint.load(p)
+    msg = str(e.value)
+    assert msg.startswith(f"{p}: ") and "pathlib.PurePosixPath" in msg and "\n" not in msg
+    assert "weights_only" not in msg and "False" not in msg and "\x1b" not in msg
+
+
+def test_random_bytes_are_not_a_checkpoint(tmp_path):
+    p = tmp_path / "noise.pt"
+    p.write_bytes(torch.randint(0, 256, (4096,), generator=torch.Generator().manual_seed(1),
+                                dtype=torch.uint8).numpy().tobytes())
+    with pytest.raises(CheckpointError) as e:
+        checkpoint.load(p)
+    msg = str(e.value)
+    assert "not a readable checkpoint" in msg and "weights_only" not in msg and "\n" not in msg
+
+
+@pytest.mark.parametrize("argv", [
+    ["predict", "{tmp}/shirt.png", "--checkpoint", "{p}"],
+    ["evaluate", "{p}"],
+    ["serve", "--checkpoint", "{p}", "--port", "0"],
+    ["export", "{p}", "--out", "{tmp}/x.onnx"],
+])
+def test_commands_give_one_line_errors(tmp_path, argv):
+    p = _save(tmp_path, model_config=None)
+    Image.new("L", (40, 40), 255).save(tmp_path / "shirt.png")
+    argv = [a.format(p=p, tmp=tmp_path) for a in argv]
+    r = subprocess.run([sys.executable, "-m", "fmnist", *argv], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1, r.stderr
+    assert "Traceback" not in r.stderr and "model_config" in r.stderr and str(p) in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert not (tmp_path / "x.onnx").exists()
