@@ -81,3 +81,18 @@ def test_bad_file_shows_error(browser, page_url, tmp_path):
     page.wait_for_selector("#error:not([hidden])", timeout=15000)
     assert "not an image" in page.inner_text("#error")
     page.close()
+
+
+def test_unsure_verdict_is_shown_with_its_reason(browser, page_url, tmp_path):
+    """A photo with no item in it (a blank wall) comes back unsure, and the page says why."""
+    from PIL import Image
+
+    blank = tmp_path / "wall.jpg"
+    Image.new("RGB", (400, 300), (236, 232, 225)).save(blank, "JPEG", quality=90)
+    page = browser.new_page()
+    page.goto(page_url)
+    page.set_input_files("#file", str(blank))
+    page.wait_for_function("document.getElementById('label').textContent.includes('%')", timeout=15000)
+    assert page.inner_text("#label").startswith("Unsure")
+    assert "no clear item" in page.inner_text("#reason")
+    page.close()

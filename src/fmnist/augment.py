@@ -128,6 +128,21 @@ def _blur(x, g, p):
     return torch.where(on, xb.view(B, C, H, W), x)
 
 
+def _texture(x, g, p):
+    """Prints, checks and knit: a random blotchy pattern (7x7 or 14x14 cells, upsampled) multiplied
+    into the item, so the model leans on the silhouette rather than on the dataset's smooth fills."""
+    B, _, H, W = x.shape
+    dev = x.device
+    out = x
+    for cells in (7, 14):
+        on = (_rand(B, g, dev) < p / 2).to(x.dtype)[:, None, None, None]
+        amp = _u(B, g, dev, 0.2, 0.6)[:, None, None, None]
+        f = _u(B * cells * cells, g, dev, -1, 1).view(B, 1, cells, cells)
+        f = F.interpolate(f, size=(H, W), mode="bilinear", align_corners=False)
+        out = out * (1 + on * amp * f)
+    return out.clamp(0, 1)
+
+
 def _mask_edge(x, g, p):
     """The segmentation mask a pixel too tight (edge eaten) or too loose (a rim of background)."""
     B = x.shape[0]
@@ -224,6 +239,7 @@ def photo_artefacts(x: torch.Tensor, p: float, g: torch.Generator) -> torch.Tens
     lit = (x.clamp_min(0) ** gamma) * field * gain
     x = torch.where(on, lit, x)
     x = _folds(x, g, p * 0.6)
+    x = _texture(x, g, p * 0.6)
     # A white item on a white ground keeps only robust.py's floor plus its texture.
     white = (_rand(B, g, dev) < p * 0.08)[:, None, None, None]
     x = torch.where(white, support * (40 / 255) + 0.3 * x * (1 - x), x)

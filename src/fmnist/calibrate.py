@@ -2,9 +2,8 @@
 
 Temperature scaling (Guo et al. 2017) divides the logits by one scalar T fitted to minimise
 the validation NLL: the ranking (and so accuracy) is unchanged, the probabilities become
-calibrated. The unsure threshold is the largest calibrated top probability below which the
-model is right at most half the time on validation: under it, the answer is more likely
-wrong than right. Both go into the checkpoint under "calibration"; predict.py reads them.
+calibrated. The unsure threshold is the calibrated top probability at which the model's local
+accuracy on validation falls to 50%: under it, the answer is more likely wrong than right. Both go into the checkpoint under "calibration"; predict.py reads them.
 The test set is used only to report the expected calibration error before and after.
 """
 
@@ -60,15 +59,20 @@ def ece(probs: np.ndarray, labels: np.ndarray, bins: int = 15) -> float:
 
 
 def choose_threshold(conf: np.ndarray, correct: np.ndarray) -> float:
-    """Largest t such that predictions with confidence < t are right at most half the time."""
+    """The confidence where the model's local accuracy crosses 50%: scanning predictions by
+    confidence, the highest one whose neighbourhood (a window of ~2% of them, at least
+    MIN_BELOW) is right at most half the time. Below it, an answer is more likely wrong."""
     order = np.argsort(conf)
     c, ok = conf[order], correct[order].astype(np.float64)
-    run_acc = np.cumsum(ok) / np.arange(1, len(ok) + 1)   # accuracy of the k lowest-confidence
-    good = np.flatnonzero((run_acc <= 0.5) & (np.arange(1, len(ok) + 1) >= MIN_BELOW))
-    if not len(good):
-        return float(c[min(MIN_BELOW, len(c)) - 1]) if len(c) else 0.5
-    k = good[-1]
-    return float(c[k + 1]) if k + 1 < len(c) else float(c[k])
+    n = len(c)
+    if n < MIN_BELOW:
+        return 0.5
+    w = max(MIN_BELOW, n // 50)
+    local = np.convolve(ok, np.ones(w) / w, mode="valid")      # accuracy of c[i : i + w]
+    low = np.flatnonzero(local <= 0.5)
+    if not len(low):
+        return float(c[0])                                      # never mostly wrong: flag nothing
+    return float(c[low[-1] + w // 2])                           # the window's middle
 
 
 def calibrate(path, dataset=None, device: str = "cpu", val_idx: torch.Tensor | None = None,

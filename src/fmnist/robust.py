@@ -35,6 +35,7 @@ THUMB = 73     # Zalando's thumbnails were 51x73; the paper subsampled those to 
 BORDER = 0.04  # border strip (fraction of the short side) that models the background
 MIN_ITEM = 0.01   # main component under 1% of the photo: no clear item
 MIN_CONTRAST = 8.0  # median |item - background| in gray levels under this: no clear item
+NORM_TO = 220.0     # with normalize: the item's 95th percentile lands here (the dataset's items are bright)
 WHITE_FLOOR = 40.0  # gray level given to item pixels that are no darker than the background
 
 cv2.setNumThreads(1)  # one image is small; the server parallelises across requests instead
@@ -48,6 +49,11 @@ class RobustOptions:
     zero_background: bool = True  # set outside-mask pixels to 0 (off: keep what is there)
     polarity: bool = True         # item light on black whichever is darker (off: negate if bg light)
     antialias: bool = True        # area downscale to THUMB before subsampling (off: subsample only)
+    rect_prior: bool = True       # GrabCut also starts from the inner rectangle as probable item
+    seed_k: float = 1.0           # seed threshold, in multiples of the border's own colour spread
+    direct: bool = True           # area downscale straight to 28 (off: THUMB, then the paper's subsampling)
+    sharpen: float = 0.5          # unsharp-mask amount (the paper: 1.0)
+    normalize: bool = True        # stretch the item so its 95th percentile is NORM_TO
 
 
 @dataclass
@@ -75,7 +81,7 @@ def _resize_longest(a: np.ndarray, size: int, interp=cv2.INTER_AREA) -> np.ndarr
     return cv2.resize(a, (max(1, round(w * s)), max(1, round(h * s))), interpolation=interp)
 
 
-def seed_mask(lab: np.ndarray, k: int = 4) -> tuple[np.ndarray, np.ndarray]:
+def seed_mask(lab: np.ndarray, k: int = 4, seed_k: float = 2.0) -> tuple[np.ndarray, np.ndarray]:
     """(h, w, 3) float32 Lab -> (distance to the nearest border colour, seed foreground mask).
     The border is modelled by k colour clusters, not one: a floor below and a wall above, a
     bed sheet and its shadow, are each background."""
@@ -86,17 +92,22 @@ def seed_mask(lab: np.ndarray, k: int = 4) -> tuple[np.ndarray, np.ndarray]:
     d = np.sqrt(((lab[:, :, None, :] - centres[None, None]) ** 2).sum(-1)).min(-1)
     spread = float(np.percentile(_border_pixels(d), 90))
     # Far beyond what the border itself varies by, and at least a visible step (Lab units ~ 1 JND).
-    thr = max(2.0 * spread, 10.0)
+    thr = max(seed_k * spread, 10.0)
     return d, d > thr
 
 
-def grabcut(rgb: np.ndarray, seed: np.ndarray, iters: int = 2) -> np.ndarray:
+def grabcut(rgb: np.ndarray, seed: np.ndarray, iters: int = 2, rect_prior: bool = False) -> np.ndarray:
     """Refine `seed` with GrabCut; border = sure background. Falls back to the seed on failure."""
     h, w = seed.shape
     gc = np.where(seed, cv2.GC_PR_FGD, cv2.GC_PR_BGD).astype(np.uint8)
     b = max(1, int(round(BORDER * min(h, w))))
     gc[:b], gc[-b:], gc[:, :b], gc[:, -b:] = cv2.GC_BGD, cv2.GC_BGD, cv2.GC_BGD, cv2.GC_BGD
-    if seed.mean() < 0.05:
+    if rect_prior:
+        i = max(1, int(round(0.08 * min(h, w))))
+        inner = np.zeros_like(seed)
+        inner[i:h - i, i:w - i] = True
+        gc[inner] = cv2.GC_PR_FGD
+    elif seed.mean() < 0.05:
         # Little stands out (white on white, or an item that fills the frame and shares the
         # border's colours): let GrabCut look for an item in the middle, as its rectangle mode does.
         gc[h // 6: h - h // 6, w // 6: w - w // 6] = cv2.GC_PR_FGD
@@ -149,9 +160,9 @@ def clean(m: np.ndarray) -> np.ndarray:
 
 def item_mask(rgb_small: np.ndarray, opt: RobustOptions) -> np.ndarray:
     lab = cv2.cvtColor(rgb_small, cv2.COLOR_RGB2LAB).astype(np.float32)
-    _, seed = seed_mask(lab)
+    _, seed = seed_mask(lab, seed_k=opt.seed_k)
     seed = clean(seed)
-    m = grabcut(rgb_small, seed) if opt.grabcut else seed
+    m = grabcut(rgb_small, seed, rect_prior=opt.rect_prior) if opt.grabcut else seed
     if m.sum() < 0.25 * seed.sum():
         # GrabCut gave the item away to a background of the same colours (a brown bag on a
         # brown floor): the seed, which only says "unlike every border colour", is the better guess.
@@ -160,17 +171,21 @@ def item_mask(rgb_small: np.ndarray, opt: RobustOptions) -> np.ndarray:
     return main_component(m) if opt.main_component else m
 
 
-def to_28(v: np.ndarray, antialias: bool = True) -> np.ndarray:
+def to_28(v: np.ndarray, antialias: bool = True, direct: bool = False, sharpen: float = 1.0) -> np.ndarray:
     """(h, w) float item crop, 0 = background -> (28, 28) float, longest side 28, centred."""
-    if antialias:
-        v = _resize_longest(v, THUMB, cv2.INTER_AREA)
     h, w = v.shape
     s = IMAGE_SIZE / max(h, w)
     nw, nh = max(1, round(w * s)), max(1, round(h * s))
-    v = cv2.resize(v, (nw, nh), interpolation=cv2.INTER_NEAREST)   # the paper's subsampling
-    # The paper's sharpening: Gaussian unsharp mask, sigma 1.0.
-    blur = cv2.GaussianBlur(v, (0, 0), 1.0, borderType=cv2.BORDER_CONSTANT)
-    v = v + (v - blur)
+    if direct:
+        v = cv2.resize(v, (nw, nh), interpolation=cv2.INTER_AREA)
+    else:
+        if antialias:
+            v = _resize_longest(v, THUMB, cv2.INTER_AREA)
+        v = cv2.resize(v, (nw, nh), interpolation=cv2.INTER_NEAREST)   # the paper's subsampling
+    if sharpen:
+        # The paper's sharpening: Gaussian unsharp mask, sigma 1.0.
+        blur = cv2.GaussianBlur(v, (0, 0), 1.0, borderType=cv2.BORDER_CONSTANT)
+        v = v + sharpen * (v - blur)
     out = np.zeros((IMAGE_SIZE, IMAGE_SIZE), np.float32)
     y0, x0 = (IMAGE_SIZE - nh) // 2, (IMAGE_SIZE - nw) // 2
     out[y0:y0 + nh, x0:x0 + nw] = v
@@ -217,6 +232,9 @@ def convert(rgb: np.ndarray, opt: RobustOptions | None = None) -> Conversion:
         # Item pixels no darker than the ground (a white shirt on a white sheet) keep a floor,
         # so the silhouette survives; outside the mask is exactly 0, as in the dataset.
         v = np.where(mask, np.maximum(v, WHITE_FLOOR), 0.0)
+    if opt.normalize and mask.any():
+        top = float(np.percentile(v[mask], 95))
+        v = v * min(NORM_TO / max(top, 1.0), 3.0)
     l, t, r, b = box
-    out = to_28(np.clip(v[t:b, l:r], 0, 255).astype(np.float32), opt.antialias)
+    out = to_28(np.clip(v[t:b, l:r], 0, 255).astype(np.float32), opt.antialias, opt.direct, opt.sharpen)
     return Conversion(np.clip(out + 0.5, 0, 255).astype(np.uint8), box, negated, item_found, note, mask)

@@ -11,7 +11,13 @@ function render(pred, originalUrl, truth) {
   $("result").hidden = false;
   $("original").src = originalUrl;
   $("preprocessed").src = pred.preprocessed;
-  $("label").textContent = `${pred.label} (${(pred.probability * 100).toFixed(1)}%)`;
+  const pct = `${(pred.probability * 100).toFixed(1)}%`;
+  const unsure = pred.verdict === "unsure";
+  // An unsure verdict leads with the doubt and says why; the best guess stays visible below it.
+  $("label").textContent = unsure ? `Unsure — perhaps ${pred.label} (${pct})` : `${pred.label} (${pct})`;
+  $("label").classList.toggle("unsure", unsure);
+  $("reason").textContent = unsure && pred.reason ? pred.reason : "";
+  $("reason").hidden = !(unsure && pred.reason);
   $("truth").textContent = truth ? `true label: ${truth}` : "";
   const bars = $("bars");
   bars.replaceChildren();
