@@ -115,7 +115,81 @@ def serve(s):
     return "\n".join(out)
 
 
+def _cell(r):
+    return "-" if r is None or r.get("acc") is None else f"{r['acc'] * 100:.1f} % ({r['correct']}/{r['n']})"
+
+
+def real_photos(old, new):
+    """old, new: bench.json dicts with photos_real, from the model before and after photo training."""
+    o, n = old["photos_real"], new["photos_real"]
+    cols = [("paper conversion, previous model", o["variants"]["paper"]),
+            ("robust conversion, previous model", o["variants"]["robust"]),
+            ("robust conversion, photo-trained model", n["variants"]["robust"])]
+    out = [f"{n['n_photos']} photos in `{n['root']}` (manifest SHA-256 `{n['manifest_sha256'][:12]}`); previous "
+           f"model `{o['checkpoint']}`, photo-trained model `{n['checkpoint']}`.", ""]
+    for split in ("heldout", "dev"):
+        out += [f"**{split}** ({'never tuned on' if split == 'heldout' else 'used to choose the conversion and augmentation'})", "",
+                "| | " + " | ".join(c for c, _ in cols) + " |", "|---|" + "---:|" * len(cols)]
+        out.append("| all | " + " | ".join(_cell(v[split]) for _, v in cols) + " |")
+        for kind in ("clean", "casual"):
+            out.append(f"| {kind} | " + " | ".join(_cell(v[split]["per_kind"].get(kind)) for _, v in cols) + " |")
+        for cls in cols[0][1][split]["per_class"]:
+            out.append(f"| {cls} | " + " | ".join(_cell(v[split]["per_class"].get(cls)) for _, v in cols) + " |")
+        u = n["variants"]["robust"][split]["unsure"]
+        out += ["", f"Photo-trained model, {split}: {u['fraction']:.0%} of photos unsure; accuracy "
+                    f"{pct(u['acc_when_sure'])} when sure, {pct(u['acc_when_unsure'])} when unsure.", ""]
+    return "\n".join(out)
+
+
+def ablation(new):
+    v = new["photos_real"]["variants"]
+    out = ["| conversion (photo-trained model) | dev | dev clean | dev casual | held-out | held-out clean | held-out casual |",
+           "|---|---:|---:|---:|---:|---:|---:|"]
+    for name, r in v.items():
+        cells = []
+        for split in ("dev", "heldout"):
+            cells += [_cell(r[split]), _cell(r[split]["per_kind"].get("clean")), _cell(r[split]["per_kind"].get("casual"))]
+        out.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
+def confidence(new):
+    c, out = new["photos_real"].get("calibration") or {}, []
+    if c:
+        out += [f"Temperature {c['temperature']:.3f} and threshold {c['threshold']:.1%} ({c['fitted_on']}). "
+                f"Test set: expected calibration error (15 bins) {c['test_ece_before']:.4f} before, "
+                f"{c['test_ece_after']:.4f} after; {c['test_unsure_fraction']:.1%} of test images unsure, accuracy "
+                f"{pct(c['test_acc_when_sure'])} when sure and {pct(c['test_acc_when_unsure'])} when unsure.", ""]
+    nc = new["photos_real"].get("nonclothing")
+    if nc:
+        out += ["| photos of no clothing | n | unsure | why |", "|---|---:|---:|---|"]
+        for split, r in nc.items():
+            out.append(f"| {split} | {r['n']} | {r['unsure']} ({r['fraction']:.0%}) | "
+                       + ", ".join(f"{k} {v}" for k, v in r["reasons"].items()) + " |")
+    s = new.get("conversion_speed")
+    if s:
+        out += ["", f"Conversion of a {s['megapixels']:g}-megapixel JPEG on one core (decode included; {s['photos']} "
+                    f"real photos scaled to 1 MP, {s['reps']} runs each): robust median {s['robust']['median_ms']:.1f} ms "
+                    f"(p90 {s['robust']['p90_ms']:.1f} ms); paper median {s['paper']['median_ms']:.1f} ms "
+                    f"(p90 {s['paper']['p90_ms']:.1f} ms)."]
+    return "\n".join(out)
+
+
 def main(paths):
+    if paths and paths[0] == "--photos":   # --photos OLD.json NEW.json: the real-photo tables
+        with open(paths[1]) as f:
+            old = json.load(f)
+        with open(paths[2]) as f:
+            new = json.load(f)
+        print(f"### Environment\n\n{environment(new['environment'])}\n")
+        print(f"### Real photos\n\n{real_photos(old, new)}\n")
+        if len(new["photos_real"]["variants"]) > 2:
+            print(f"### Ablation of the robust conversion\n\n{ablation(new)}\n")
+        print(f"### Confidence\n\n{confidence(new)}\n")
+        if "photos" in new:
+            print(f"### Test images rendered as photos\n\nPrevious model: {photos(old['photos'])}\n\n"
+                  f"Photo-trained model: {photos(new['photos'])}\n")
+        return
     merged = {}
     for p in paths:
         with open(p) as f:

@@ -326,7 +326,9 @@ def run(args) -> int:
     if "photos" in args.parts:
         report["photos"] = photos(checkpoint_path=args.checkpoint, figure=out / "photo_pipeline.png")
         if args.real:
-            report["photos_real"] = photos_real(args.real, args.checkpoint, out, ablation=args.ablation)
+            report["photos_real"] = photos_real(args.real, args.checkpoint, out, ablation=args.ablation,
+                                                nonclothing=args.nonclothing)
+            report["conversion_speed"] = conversion_speed(args.real)
         write_json(out / "bench.json", report)
     if "onnx" in args.parts:
         report["onnx"] = onnx_backends(checkpoint_path=args.checkpoint)
@@ -480,7 +482,8 @@ ABLATION = {  # name -> robust.RobustOptions overrides; each drops one step of t
 }
 
 
-def photos_real(root, checkpoint_path=None, out: Path | None = None, ablation: bool = False, log=print) -> dict:
+def photos_real(root, checkpoint_path=None, out: Path | None = None, ablation: bool = False,
+                nonclothing=None, log=print) -> dict:
     """Real labelled photos (realphotos.py): paper vs robust conversion (and, with ablation, the
     robust pipeline with each step dropped), per split, kind and class, with confusion matrices."""
     import hashlib
@@ -511,7 +514,56 @@ def photos_real(root, checkpoint_path=None, out: Path | None = None, ablation: b
 
                 confusion_matrix(np.array(r["confusion"]), out / f"real_confusion_{name}_{split}.png",
                                  title=f"real photos, {split}, {name} conversion")
+    pred = Predictor(checkpoint_path)
+    res["calibration"] = pred.meta.get("calibration")
+    if nonclothing:
+        res["nonclothing"] = {}
+        for split in ("dev", "heldout"):
+            sel = realphotos.select(realphotos.read_manifest(nonclothing), split)
+            r = realphotos.unsure_rate(pred, sel)
+            res["nonclothing"][split] = r
+            log(f"photos --nonclothing [{split}]: {r['unsure']}/{r['n']} unsure ({r['reasons']})")
     return res
+
+
+def conversion_speed(root, n: int = 12, reps: int = 5, megapixels: float = 1.0, log=print) -> dict:
+    """ms to convert a 1-megapixel JPEG on one core (decode included): real photos scaled up to
+    1 MP and re-encoded (quality 90), each converted `reps` times; median and 90th percentile."""
+    import io
+
+    import cv2
+    from PIL import Image
+
+    from . import realphotos
+    from .preprocess import preprocess
+
+    allp = realphotos.read_manifest(root, verify=False)
+    photos_ = allp[:: max(1, len(allp) // n)][:n]
+    blobs = []
+    for p in photos_:
+        im = Image.open(p.path).convert("RGB")
+        s = (megapixels * 1e6 / (im.width * im.height)) ** 0.5
+        im = im.resize((round(im.width * s), round(im.height * s)), Image.Resampling.BICUBIC)
+        buf = io.BytesIO()
+        im.save(buf, "JPEG", quality=90)
+        blobs.append(buf.getvalue())
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    cv2.setNumThreads(1)
+    out = {"megapixels": megapixels, "photos": len(blobs), "reps": reps, "threads": 1}
+    for pipeline in ("robust", "paper"):
+        ts = []
+        for b in blobs:
+            preprocess(b, pipeline=pipeline)                    # warm-up
+            for _ in range(reps):
+                t = time.perf_counter()
+                preprocess(b, pipeline=pipeline)
+                ts.append((time.perf_counter() - t) * 1000)
+        out[pipeline] = {"median_ms": float(np.median(ts)), "p90_ms": float(np.percentile(ts, 90))}
+        log(f"conversion of a {megapixels:g}-MP JPEG, one core, {pipeline}: median {out[pipeline]['median_ms']:.1f} ms, "
+            f"p90 {out[pipeline]['p90_ms']:.1f} ms")
+    torch.set_num_threads(threads)
+    return out
 
 
 # ---------------------------------------------------------------------------- onnx

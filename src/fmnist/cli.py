@@ -124,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="random horizontal flips (preset's)")
     p.add_argument("--erase", type=float, default=None, help="random-erasing probability, 0 = off (preset's)")
     p.add_argument("--photo", type=float, default=None,
-                   help="probability of each real-photo artefact (tilt, uneven light, folds, blur, noise, mask "
+                   help="fraction of training images given real-photo artefacts (tilt, uneven light, folds, prints, blur, noise, mask "
                         "edges), so the model knows what converted photos look like; 0 = off (preset's)")
     p.add_argument("--pairs", type=float, default=None,
                    help="probability that a shoe image becomes a pair of shoes, as photos show them; 0 = off "
@@ -256,6 +256,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="photos part: also score a folder of real labelled photos with a manifest.csv (e.g. "
                         "photos/real): paper vs robust conversion, per split (dev / heldout), kind and class, "
                         "confusion matrices (default: off)")
+    p.add_argument("--nonclothing", metavar="DIR", default=None,
+                   help="with --real: also count how many photos of no clothing (manifest label 'none', e.g. "
+                        "photos/nonclothing) come back unsure (default: off)")
     p.add_argument("--ablation", action="store_true",
                    help="with --real: also run the robust conversion with each step dropped (default: off)")
     p.add_argument("--presets", default="seed,fast,best-cpu",

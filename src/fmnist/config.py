@@ -10,7 +10,7 @@ class AugmentConfig:
     translate: int = 0      # max shift in pixels (pad + random crop); 0 = off
     flip: bool = False      # random horizontal flip (clothes are left/right symmetric enough)
     erase: float = 0.0      # probability of random erasing one rectangle per image; 0 = off
-    photo: float = 0.0      # probability of each real-photo artefact (augment.photo_artefacts); 0 = off
+    photo: float = 0.0      # fraction of images given real-photo artefacts (augment.photo_artefacts); 0 = off
     pairs: float = 0.0      # probability that a shoe image becomes a pair of shoes (augment.pairs); 0 = off
 
 

@@ -19,6 +19,7 @@ import numpy as np
 from .classes import CLASS_NAMES
 
 REQUIRED = ("file", "label", "kind", "split", "sha256")
+NONE = "none"   # label of a photo that shows no clothing: the right answer is "unsure"
 
 
 class PhotoSetError(Exception):
@@ -47,8 +48,9 @@ def read_manifest(root: str | Path, verify: bool = True) -> list[Photo]:
     out = []
     for i, r in enumerate(rows, start=2):
         where = f"{man}, line {i}"
-        if r["label"] not in CLASS_NAMES:
-            raise PhotoSetError(f"{where}: label {r['label']!r} is not a class ({', '.join(CLASS_NAMES)})")
+        if r["label"] not in CLASS_NAMES and r["label"] != NONE:
+            raise PhotoSetError(f"{where}: label {r['label']!r} is not a class ({', '.join(CLASS_NAMES)}) "
+                                f"nor {NONE!r} (a photo of no clothing)")
         p = root / r["file"]
         if not p.is_file():
             raise PhotoSetError(f"{where}: {p} is missing")
@@ -96,6 +98,21 @@ def evaluate(predictor, photos: list[Photo]) -> dict:
                   "unsure": bool(getattr(r, "unsure", False)), "error": r.error}
                  for p, r in zip(photos, preds)],
     }
+
+
+def unsure_rate(predictor, photos: list[Photo]) -> dict:
+    """Photos of no clothing: how many come back unsure (the right answer), and why."""
+    preds = predictor.predict([p.path for p in photos], top_k=1)
+    unsure = [r.unsure for r in preds if r.ok]
+    why = {}
+    for r in preds:
+        if r.ok and r.unsure:
+            key = "no clear item" if r.reason.startswith("no clear item") else "low confidence"
+            why[key] = why.get(key, 0) + 1
+    return {"n": len(unsure), "unsure": int(sum(unsure)), "fraction": float(np.mean(unsure)) if unsure else None,
+            "reasons": why, "rows": [{"file": p.path.name, "pred": r.top[0][0] if r.ok else None,
+                                      "prob": round(r.top[0][1], 4) if r.ok else None, "unsure": r.unsure}
+                                     for p, r in zip(photos, preds)]}
 
 
 def summary_line(name: str, r: dict) -> str:
