@@ -116,7 +116,8 @@ def calibrate(path, dataset=None, device: str = "cpu", val_idx: torch.Tensor | N
                     "test_acc_when_unsure": float(right[~sure].mean()) if (~sure).any() else None})
     ckpt["calibration"] = res
     checkpoint.save(ckpt, path)
-    write_json(path.parent / "calibration.json", res)
+    if path.name in ("best.pt", "last.pt"):   # a run directory keeps the figures beside the weights
+        write_json(path.parent / "calibration.json", res)
     log.info("calibrated %s: T=%.3f, unsure below %.2f; validation ECE %.4f -> %.4f", path, t, thr,
              res["val_ece_before"], res["val_ece_after"])
     return res

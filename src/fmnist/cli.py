@@ -106,7 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
                        )
     p.add_argument("--model", "--preset", dest="preset", default="fast", choices=list(PRESETS),
                    help="recipe: seed = the lab assignment's Keras CNN unchanged; fast = best time-to-accuracy "
-                        "on a CPU; best-cpu = highest accuracy (~35 min on 2 cores)")
+                        "on a CPU; photo = fast that has also seen what converted real photos look like (the "
+                        "shipped model, ~4 min); best-cpu = highest accuracy (~35 min on 2 cores)")
     p.add_argument("--arch", dest="model", default=None,
                    help="override the preset's architecture (a name in fmnist.models.REGISTRY)")
     p.add_argument("--epochs", type=int, default=None, help=f"epochs ({_preset_default('epochs')})")
