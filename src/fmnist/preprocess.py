@@ -86,7 +86,10 @@ def open_image(src, max_pixels: int = MAX_PIXELS, draft: int | None = None) -> I
         if getattr(img, "is_animated", False):
             img.seek(0)  # first frame of GIF / APNG / WebP animations
         if draft and img.format == "JPEG" and img.mode in ("RGB", "L"):
-            img.draft(img.mode, (draft, draft))
+            # Request the aspect-preserving size whose longest side is `draft`: asking for a
+            # square would keep the short side >= draft too and often decode at twice the scale.
+            s = draft / max(w, h)
+            img.draft(img.mode, (max(1, int(w * s)), max(1, int(h * s))))
         img.load()
         fmt = img.format
         img = ImageOps.exif_transpose(img)
