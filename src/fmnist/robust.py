@@ -82,19 +82,30 @@ def _resize_longest(a: np.ndarray, size: int, interp=cv2.INTER_AREA) -> np.ndarr
     return cv2.resize(a, (max(1, round(w * s)), max(1, round(h * s))), interpolation=interp)
 
 
-def seed_mask(lab: np.ndarray, k: int = 4, seed_k: float = 2.0) -> tuple[np.ndarray, np.ndarray]:
-    """(h, w, 3) float32 Lab -> (distance to the nearest border colour, seed foreground mask).
-    The border is modelled by k colour clusters, not one: a floor below and a wall above, a
-    bed sheet and its shadow, are each background."""
+def border_model(lab: np.ndarray, k: int = 4) -> np.ndarray:
+    """(k, 3) Lab colours of the border: a floor below and a wall above, a bed sheet and its
+    shadow, are each background."""
     border = _border_pixels(lab).astype(np.float32)
     crit = (cv2.TERM_CRITERIA_MAX_ITER + cv2.TERM_CRITERIA_EPS, 10, 1.0)
     cv2.setRNGSeed(0)   # k-means++ seeding: the same photo always gives the same mask
     _, _, centres = cv2.kmeans(border, k, None, crit, 1, cv2.KMEANS_PP_CENTERS)
-    d = np.sqrt(((lab[:, :, None, :] - centres[None, None]) ** 2).sum(-1)).min(-1)
+    return centres
+
+
+def border_distance(lab: np.ndarray, centres: np.ndarray) -> np.ndarray:
+    """Distance of each pixel to the nearest border colour."""
+    return np.sqrt(((lab[:, :, None, :] - centres[None, None]) ** 2).sum(-1)).min(-1)
+
+
+def seed_mask(lab: np.ndarray, seed_k: float = 2.0) -> tuple[np.ndarray, np.ndarray, float]:
+    """(h, w, 3) float32 Lab -> (border colours, seed foreground mask, threshold): pixels unlike
+    every border colour by more than the border itself varies."""
+    centres = border_model(lab)
+    d = border_distance(lab, centres)
     spread = float(np.percentile(_border_pixels(d), 90))
     # Far beyond what the border itself varies by, and at least a visible step (Lab units ~ 1 JND).
     thr = max(seed_k * spread, 10.0)
-    return d, d > thr
+    return centres, d > thr, thr
 
 
 def grabcut(rgb: np.ndarray, seed: np.ndarray, iters: int = 2, rect_prior: bool = False) -> np.ndarray:
@@ -159,9 +170,10 @@ def clean(m: np.ndarray) -> np.ndarray:
     return cv2.morphologyEx(m, cv2.MORPH_CLOSE, ker).astype(bool)
 
 
-def item_mask(rgb_small: np.ndarray, opt: RobustOptions) -> np.ndarray:
+def item_mask(rgb_small: np.ndarray, opt: RobustOptions) -> tuple[np.ndarray, np.ndarray, float]:
+    """-> (item mask at the small size, border colours, seed threshold)."""
     lab = cv2.cvtColor(rgb_small, cv2.COLOR_RGB2LAB).astype(np.float32)
-    _, seed = seed_mask(lab, seed_k=opt.seed_k)
+    centres, seed, thr = seed_mask(lab, seed_k=opt.seed_k)
     seed = clean(seed)
     m = grabcut(rgb_small, seed, rect_prior=opt.rect_prior) if opt.grabcut else seed
     if m.sum() < 0.25 * seed.sum():
@@ -169,7 +181,18 @@ def item_mask(rgb_small: np.ndarray, opt: RobustOptions) -> np.ndarray:
         # brown floor): the seed, which only says "unlike every border colour", is the better guess.
         m = seed
     m = clean(m)
-    return main_component(m) if opt.main_component else m
+    return (main_component(m) if opt.main_component else m), centres, thr
+
+
+def refine_edges(mask: np.ndarray, rgb: np.ndarray, centres: np.ndarray, thr: float, band: int) -> np.ndarray:
+    """The mask comes up from SEG px with blocky edges; within `band` px of them, a pixel is item
+    if it is unlike every border colour (at the working size), else it keeps the coarse call."""
+    ker = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * band + 1, 2 * band + 1))
+    m8 = mask.astype(np.uint8)
+    inner, outer = cv2.erode(m8, ker) > 0, cv2.dilate(m8, ker) > 0
+    d = border_distance(cv2.cvtColor(rgb, cv2.COLOR_RGB2LAB).astype(np.float32), centres)
+    edge = outer & ~inner
+    return inner | (edge & (d > thr)) | (edge & mask & (d > 0.5 * thr))
 
 
 def to_28(v: np.ndarray, antialias: bool = True, direct: bool = False, sharpen: float = 1.0) -> np.ndarray:
@@ -199,8 +222,10 @@ def convert(rgb: np.ndarray, opt: RobustOptions | None = None) -> Conversion:
     rgb = _resize_longest(np.ascontiguousarray(rgb), WORK)
     h, w = rgb.shape[:2]
     small = _resize_longest(rgb, SEG)
-    m_small = item_mask(small, opt)
+    m_small, centres, thr = item_mask(small, opt)
     mask = cv2.resize(m_small.astype(np.uint8), (w, h), interpolation=cv2.INTER_NEAREST).astype(bool)
+    if mask.any():
+        mask = refine_edges(mask, rgb, centres, thr, band=int(np.ceil(max(h, w) / SEG)) + 1)
 
     item_found, note = True, ""
     frac = float(mask.mean())
