@@ -475,8 +475,8 @@ def photos(n: int = 2000, checkpoint_path=None, seed: int = 0, log=print, figure
 ABLATION = {  # name -> robust.RobustOptions overrides; each drops one step of the robust pipeline
     "robust": {}, "robust - GrabCut": {"grabcut": False}, "robust - main component": {"main_component": False},
     "robust - zero background": {"zero_background": False}, "robust - polarity": {"polarity": False},
-    "robust - rectangle prior": {"rect_prior": False}, "robust - lenient seed": {"seed_k": 2.0},
-    "robust - contrast stretch": {"normalize": False},
+    "robust - rectangle prior": {"rect_prior": False}, "robust, strict seed (2x border spread)": {"seed_k": 2.0},
+    "robust + contrast stretch": {"normalize": True},
     "robust, thumbnail + subsampling": {"direct": False, "sharpen": 1.0},
     "robust - antialiasing": {"direct": False, "antialias": False, "sharpen": 1.0},
 }
