@@ -95,7 +95,7 @@ def test_export_out_that_is_a_directory(tmp_path):
 def test_serve_port_out_of_range():
     for port in ("99999", "-1"):
         _one_line_error(run("serve", "--port", port), "--port", "0..65535", code=2)
-    _one_line_error(run("serve", "--max-batch", "0"), "--max-batch", "must be > 0", code=2)
+    _one_line_error(run("serve", "--max-batch", "0"), "--max-batch", "must be >= 1", code=2)
 
 
 def test_serve_port_in_use():

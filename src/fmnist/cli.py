@@ -45,18 +45,6 @@ def _port(text: str) -> int:
     return port
 
 
-def _positive(cast):
-    def check(text: str):
-        try:
-            value = cast(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-        return value
-    return check
-
-
 def _check_dir_arg(flag: str, value: str | None) -> None:
     """A directory we will write into: a directory already, or creatable (no file in the way)."""
     if value is None:
