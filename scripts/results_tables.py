@@ -126,7 +126,8 @@ def real_photos(old, new):
             ("robust conversion, previous model", o["variants"]["robust"]),
             ("robust conversion, photo-trained model", n["variants"]["robust"])]
     out = [f"{n['n_photos']} photos in `{n['root']}` (manifest SHA-256 `{n['manifest_sha256'][:12]}`); previous "
-           f"model `{o['checkpoint']}`, photo-trained model `{n['checkpoint']}`.", ""]
+           f"model `{o['checkpoint']}` ({pct(o.get('test_acc_28x28'))} on the 10,000 test images), photo-trained "
+           f"model `{n['checkpoint']}` ({pct(n.get('test_acc_28x28'))}).", ""]
     for split in ("heldout", "dev"):
         out += [f"**{split}** ({'never tuned on' if split == 'heldout' else 'used to choose the conversion and augmentation'})", "",
                 "| | " + " | ".join(c for c, _ in cols) + " |", "|---|" + "---:|" * len(cols)]

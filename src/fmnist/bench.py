@@ -516,6 +516,10 @@ def photos_real(root, checkpoint_path=None, out: Path | None = None, ablation: b
                                  title=f"real photos, {split}, {name} conversion")
     pred = Predictor(checkpoint_path)
     res["calibration"] = pred.meta.get("calibration")
+    from . import data
+
+    ds = data.load(quiet=True)   # the model's own 28x28 test accuracy, beside its photo figures
+    res["test_acc_28x28"] = float((pred.probabilities(ds.test_images.numpy()).argmax(1) == ds.test_labels.numpy()).mean())
     if nonclothing:
         res["nonclothing"] = {}
         for split in ("dev", "heldout"):
