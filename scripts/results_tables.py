@@ -119,31 +119,35 @@ def _cell(r):
     return "-" if r is None or r.get("acc") is None else f"{r['acc'] * 100:.1f} % ({r['correct']}/{r['n']})"
 
 
-def real_photos(old, new):
-    """old, new: bench.json dicts with photos_real, from the model before and after photo training."""
-    o, n = old["photos_real"], new["photos_real"]
+def real_photos(old, mid, new):
+    """bench.json dicts with photos_real: the previous model, the photo-trained one, and the
+    shipped one (photo-trained with the dev photos in its training set)."""
+    o, m, n = old["photos_real"], mid["photos_real"], new["photos_real"]
     cols = [("paper conversion, previous model", o["variants"]["paper"]),
             ("robust conversion, previous model", o["variants"]["robust"]),
-            ("robust conversion, photo-trained model", n["variants"]["robust"])]
-    out = [f"{n['n_photos']} photos in `{n['root']}` (manifest SHA-256 `{n['manifest_sha256'][:12]}`); previous "
-           f"model `{o['checkpoint']}` ({pct(o.get('test_acc_28x28'))} on the 10,000 test images), photo-trained "
-           f"model `{n['checkpoint']}` ({pct(n.get('test_acc_28x28'))}).", ""]
+            ("robust, photo-trained model", m["variants"]["robust"]),
+            ("robust, photo-trained + dev photos (shipped)", n["variants"]["robust"])]
+    out = [f"{n['n_photos']} photos in `{n['root']}` (manifest SHA-256 `{n['manifest_sha256'][:12]}`). Test accuracy on "
+           f"the 10,000 28x28 test images: previous model {pct(o.get('test_acc_28x28'))}, photo-trained "
+           f"{pct(m.get('test_acc_28x28'))}, shipped {pct(n.get('test_acc_28x28'))}.", ""]
     for split in ("heldout", "dev"):
-        out += [f"**{split}** ({'never tuned on' if split == 'heldout' else 'used to choose the conversion and augmentation'})", "",
+        out += [f"**{split}** ({'never tuned on, never trained on' if split == 'heldout' else 'used to choose the conversion and augmentation; the shipped model was also trained on it, so its dev column is training accuracy'})", "",
                 "| | " + " | ".join(c for c, _ in cols) + " |", "|---|" + "---:|" * len(cols)]
         out.append("| all | " + " | ".join(_cell(v[split]) for _, v in cols) + " |")
         for kind in ("clean", "casual"):
             out.append(f"| {kind} | " + " | ".join(_cell(v[split]["per_kind"].get(kind)) for _, v in cols) + " |")
         for cls in cols[0][1][split]["per_class"]:
             out.append(f"| {cls} | " + " | ".join(_cell(v[split]["per_class"].get(cls)) for _, v in cols) + " |")
-        u = n["variants"]["robust"][split]["unsure"]
-        out += ["", f"Photo-trained model, {split}: {u['fraction']:.0%} of photos unsure; accuracy "
-                    f"{pct(u['acc_when_sure'])} when sure, {pct(u['acc_when_unsure'])} when unsure.", ""]
+        for label, r in (("Photo-trained model", m), ("Shipped model", n)):
+            u = r["variants"]["robust"][split]["unsure"]
+            out += ["", f"{label}, {split}: {u['fraction']:.0%} of photos unsure; accuracy "
+                        f"{pct(u['acc_when_sure'])} when sure, {pct(u['acc_when_unsure'])} when unsure."]
+        out.append("")
     return "\n".join(out)
 
 
-def ablation(new):
-    v = new["photos_real"]["variants"]
+def ablation(mid):
+    v = mid["photos_real"]["variants"]
     out = ["| conversion (photo-trained model) | dev | dev clean | dev casual | held-out | held-out clean | held-out casual |",
            "|---|---:|---:|---:|---:|---:|---:|"]
     for name, r in v.items():
@@ -177,19 +181,15 @@ def confidence(new):
 
 
 def main(paths):
-    if paths and paths[0] == "--photos":   # --photos OLD.json NEW.json: the real-photo tables
-        with open(paths[1]) as f:
-            old = json.load(f)
-        with open(paths[2]) as f:
-            new = json.load(f)
+    if paths and paths[0] == "--photos":   # --photos PREVIOUS.json PHOTO-TRAINED.json SHIPPED.json
+        old, mid, new = [json.load(open(p)) for p in paths[1:4]]
         print(f"### Environment\n\n{environment(new['environment'])}\n")
-        print(f"### Real photos\n\n{real_photos(old, new)}\n")
-        if len(new["photos_real"]["variants"]) > 2:
-            print(f"### Ablation of the robust conversion\n\n{ablation(new)}\n")
-        print(f"### Confidence\n\n{confidence(new)}\n")
-        if "photos" in new:
-            print(f"### Test images rendered as photos\n\nPrevious model: {photos(old['photos'])}\n\n"
-                  f"Photo-trained model: {photos(new['photos'])}\n")
+        print(f"### Real photos\n\n{real_photos(old, mid, new)}\n")
+        print("### Ablation of the robust conversion (photo-trained model, not trained on the dev photos)"
+              f"\n\n{ablation(mid)}\n")
+        print(f"### Confidence (shipped model)\n\n{confidence(new)}\n")
+        print(f"### Test images rendered as photos\n\nPrevious model: {photos(old['photos'])}\n\n"
+              f"Photo-trained model: {photos(mid['photos'])}\n\nShipped model: {photos(new['photos'])}\n")
         return
     merged = {}
     for p in paths:

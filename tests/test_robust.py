@@ -126,3 +126,18 @@ def test_manifest_errors_name_the_problem(tmp_path):
     (tmp_path / "manifest.csv").write_text(f"file,label,kind,split,sha256\na.jpg,Hat,clean,dev,{'0' * 64}\n")
     with pytest.raises(realphotos.PhotoSetError, match="'Hat' is not a class"):
         realphotos.read_manifest(tmp_path)
+
+
+def test_real_training_images_are_the_dev_split_only():
+    """--real-photos trains on the dev split as predict converts it; held-out photos never enter."""
+    from fmnist.train import real_training_images
+
+    x, y = real_training_images(str(REAL))
+    dev = realphotos.select(realphotos.read_manifest(REAL, verify=False), "dev")
+    assert x.shape == (len(dev), 28, 28) and x.dtype.is_floating_point is False and len(y) == len(dev)
+    assert y.tolist() == [realphotos.CLASS_NAMES.index(p.label) for p in dev]
+    assert torch_equal_first(x, dev[0].path)
+
+
+def torch_equal_first(x, path):
+    return np.array_equal(x[0].numpy(), preprocess(path).image)

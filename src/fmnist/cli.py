@@ -118,6 +118,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pairs", type=float, default=None,
                    help="probability that a shoe image becomes a pair of shoes, as photos show them; 0 = off "
                         "(preset's)")
+    p.add_argument("--real-photos", metavar="DIR", default=None,
+                   help="also train on the dev split of a folder of real labelled photos (e.g. photos/real), "
+                        "converted as predict does; its held-out split is never read (default: off)")
+    p.add_argument("--real-repeat", type=int, default=None,
+                   help="times each real photo appears per epoch (default: 20)")
     p.add_argument("--tta-flip", action=argparse.BooleanOptionalAction, default=None,
                    help=f"average with mirrored images at evaluation ({_preset_default('tta_flip')})")
     p.add_argument("--amp", choices=["auto", "bf16", "off"], default=None,
@@ -373,7 +378,7 @@ def cmd_train(args) -> int:
     overrides = {k: getattr(args, k) for k in (
         "model", "epochs", "batch_size", "lr", "weight_decay", "optimizer", "schedule", "label_smoothing", "ema",
         "translate", "flip", "erase", "photo", "pairs", "tta_flip", "amp", "compile", "channels_last", "val_fraction", "seed", "device",
-        "threads", "subset", "out_dir", "data_dir", "resume")}
+        "threads", "subset", "out_dir", "data_dir", "resume", "real_photos", "real_repeat")}
     if args.resume:
         # Everything comes from the run being continued; only these may change.
         given = {k: v for k, v in overrides.items() if v is not None}

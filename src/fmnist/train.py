@@ -17,6 +17,7 @@ from dataclasses import asdict
 from datetime import datetime
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
@@ -123,6 +124,22 @@ def train_one_epoch(model, opt, ema, images, labels, cfg: TrainConfig, *, epoch:
     return {"loss": (stats[0] / stats[2]).item(), "acc": (stats[1] / stats[2]).item()}, step
 
 
+def real_training_images(root: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The dev split of a real-photo folder, converted as predict does: (N, 28, 28) uint8, labels.
+    The held-out split is never read here, so it stays a fair test."""
+    from . import realphotos
+    from .classes import CLASS_NAMES
+    from .preprocess import preprocess
+
+    photos = realphotos.select(realphotos.read_manifest(root), "dev")
+    photos = [p for p in photos if p.label in CLASS_NAMES]
+    if not photos:
+        raise ValueError(f"{root}: no dev-split photos of a class to train on")
+    x = torch.from_numpy(np.stack([preprocess(p.path).image for p in photos]))
+    y = torch.tensor([CLASS_NAMES.index(p.label) for p in photos])
+    return x, y
+
+
 # ---------------------------------------------------------------------------- run directory
 
 HISTORY_FIELDS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds", "eval_seconds",
@@ -195,6 +212,12 @@ def train(cfg: TrainConfig, quiet: bool = False, evaluate_at_end: bool = True) -
         train_idx = train_idx[torch.randperm(len(train_idx), generator=g)[:cfg.subset]]
         val_idx = val_idx[torch.randperm(len(val_idx), generator=g)[:max(cfg.subset // 5, 100)]]
     tr_x, tr_y = ds.train_images[train_idx].to(device), ds.train_labels[train_idx].to(device)
+    if cfg.real_photos:
+        rx, ry = real_training_images(cfg.real_photos)
+        tr_x = torch.cat([tr_x, rx.to(device).repeat(cfg.real_repeat, 1, 1)])
+        tr_y = torch.cat([tr_y, ry.to(device).repeat(cfg.real_repeat)])
+        if not quiet and dist.is_main:
+            print(f"training with {len(rx)} real photos (dev split of {cfg.real_photos}) x {cfg.real_repeat}")
     va_x, va_y = ds.train_images[val_idx].to(device), ds.train_labels[val_idx].to(device)
     te_x, te_y = (ds.test_images.to(device), ds.test_labels.to(device)) if cfg.report_test else (None, None)
 
