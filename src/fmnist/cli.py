@@ -119,8 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="probability that a shoe image becomes a pair of shoes, as photos show them; 0 = off "
                         "(preset's)")
     p.add_argument("--real-photos", metavar="DIR", default=None,
-                   help="also train on the dev split of a folder of real labelled photos (e.g. photos/real), "
-                        "converted as predict does; its held-out split is never read (default: off)")
+                   help="also train on the dev and train splits of folders of real labelled photos, comma-"
+                        "separated (e.g. photos/real,photos/train), converted as predict does; held-out photos "
+                        "are never read (default: off)")
     p.add_argument("--real-repeat", type=int, default=None,
                    help="times each real photo appears per epoch (default: 20)")
     p.add_argument("--tta-flip", action=argparse.BooleanOptionalAction, default=None,

@@ -42,7 +42,7 @@ class TrainConfig:
     out_dir: str = "runs"
     data_dir: str | None = None
     resume: str | None = None         # run directory to continue
-    real_photos: str | None = None    # folder of real labelled photos (manifest.csv): its dev split joins training
+    real_photos: str | None = None    # real-photo folders (manifest.csv), comma-separated: dev+train splits join training
     real_repeat: int = 20             # each such photo appears this many times per epoch (then augmented)
     report_test: bool = False         # also log test accuracy per epoch (benchmarks; never used to choose)
 

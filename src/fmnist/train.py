@@ -124,17 +124,20 @@ def train_one_epoch(model, opt, ema, images, labels, cfg: TrainConfig, *, epoch:
     return {"loss": (stats[0] / stats[2]).item(), "acc": (stats[1] / stats[2]).item()}, step
 
 
-def real_training_images(root: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """The dev split of a real-photo folder, converted as predict does: (N, 28, 28) uint8, labels.
-    The held-out split is never read here, so it stays a fair test."""
+TRAIN_SPLITS = ("dev", "train")   # real-photo splits that may be trained on; "heldout" never
+
+
+def real_training_images(roots: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The dev and train splits of real-photo folders (comma-separated), converted as predict
+    does: (N, 28, 28) uint8 and labels. Held-out photos are never read, so they stay a fair test."""
     from . import realphotos
     from .classes import CLASS_NAMES
     from .preprocess import preprocess
 
-    photos = realphotos.select(realphotos.read_manifest(root), "dev")
-    photos = [p for p in photos if p.label in CLASS_NAMES]
+    photos = [p for root in roots.split(",") for p in realphotos.read_manifest(root.strip())
+              if p.split in TRAIN_SPLITS and p.label in CLASS_NAMES]
     if not photos:
-        raise ValueError(f"{root}: no dev-split photos of a class to train on")
+        raise ValueError(f"{roots}: no dev- or train-split photos of a class to train on")
     x = torch.from_numpy(np.stack([preprocess(p.path).image for p in photos]))
     y = torch.tensor([CLASS_NAMES.index(p.label) for p in photos])
     return x, y
@@ -217,7 +220,7 @@ def train(cfg: TrainConfig, quiet: bool = False, evaluate_at_end: bool = True) -
         tr_x = torch.cat([tr_x, rx.to(device).repeat(cfg.real_repeat, 1, 1)])
         tr_y = torch.cat([tr_y, ry.to(device).repeat(cfg.real_repeat)])
         if not quiet and dist.is_main:
-            print(f"training with {len(rx)} real photos (dev split of {cfg.real_photos}) x {cfg.real_repeat}")
+            print(f"training with {len(rx)} real photos (dev/train splits of {cfg.real_photos}) x {cfg.real_repeat}")
     va_x, va_y = ds.train_images[val_idx].to(device), ds.train_labels[val_idx].to(device)
     te_x, te_y = (ds.test_images.to(device), ds.test_labels.to(device)) if cfg.report_test else (None, None)
 
