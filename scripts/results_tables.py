@@ -119,17 +119,19 @@ def _cell(r):
     return "-" if r is None or r.get("acc") is None else f"{r['acc'] * 100:.1f} % ({r['correct']}/{r['n']})"
 
 
-def real_photos(old, mid, new):
-    """bench.json dicts with photos_real: the previous model, the photo-trained one, and the
-    shipped one (photo-trained with the dev photos in its training set)."""
-    o, m, n = old["photos_real"], mid["photos_real"], new["photos_real"]
+def real_photos(old, mid, dev, new):
+    """bench.json dicts with photos_real: the previous model, the photo-trained one, the same
+    with the dev photos in training, and the shipped one (dev photos and photos/train too)."""
+    o, m, d, n = old["photos_real"], mid["photos_real"], dev["photos_real"], new["photos_real"]
     cols = [("paper conversion, previous model", o["variants"]["paper"]),
-            ("robust conversion, previous model", o["variants"]["robust"]),
+            ("robust, previous model", o["variants"]["robust"]),
             ("robust, photo-trained model", m["variants"]["robust"]),
-            ("robust, photo-trained + dev photos (shipped)", n["variants"]["robust"])]
+            ("robust, + dev photos in training", d["variants"]["robust"]),
+            ("robust, + dev and photos/train (shipped)", n["variants"]["robust"])]
     out = [f"{n['n_photos']} photos in `{n['root']}` (manifest SHA-256 `{n['manifest_sha256'][:12]}`). Test accuracy on "
            f"the 10,000 28x28 test images: previous model {pct(o.get('test_acc_28x28'))}, photo-trained "
-           f"{pct(m.get('test_acc_28x28'))}, shipped {pct(n.get('test_acc_28x28'))}.", ""]
+           f"{pct(m.get('test_acc_28x28'))}, + dev photos {pct(d.get('test_acc_28x28'))}, shipped "
+           f"{pct(n.get('test_acc_28x28'))}.", ""]
     for split in ("heldout", "dev"):
         out += [f"**{split}** ({'never tuned on, never trained on' if split == 'heldout' else 'used to choose the conversion and augmentation; the shipped model was also trained on it, so its dev column is training accuracy'})", "",
                 "| | " + " | ".join(c for c, _ in cols) + " |", "|---|" + "---:|" * len(cols)]
@@ -138,7 +140,7 @@ def real_photos(old, mid, new):
             out.append(f"| {kind} | " + " | ".join(_cell(v[split]["per_kind"].get(kind)) for _, v in cols) + " |")
         for cls in cols[0][1][split]["per_class"]:
             out.append(f"| {cls} | " + " | ".join(_cell(v[split]["per_class"].get(cls)) for _, v in cols) + " |")
-        for label, r in (("Photo-trained model", m), ("Shipped model", n)):
+        for label, r in (("Photo-trained model", m), ("+ dev photos", d), ("Shipped model", n)):
             u = r["variants"]["robust"][split]["unsure"]
             out += ["", f"{label}, {split}: {u['fraction']:.0%} of photos unsure; accuracy "
                         f"{pct(u['acc_when_sure'])} when sure, {pct(u['acc_when_unsure'])} when unsure."]
@@ -181,15 +183,16 @@ def confidence(new):
 
 
 def main(paths):
-    if paths and paths[0] == "--photos":   # --photos PREVIOUS.json PHOTO-TRAINED.json SHIPPED.json
-        old, mid, new = [json.load(open(p)) for p in paths[1:4]]
+    if paths and paths[0] == "--photos":   # --photos PREVIOUS PHOTO-TRAINED DEV-PHOTOS SHIPPED (bench.json)
+        old, mid, dev, new = [json.load(open(p)) for p in paths[1:5]]
         print(f"### Environment\n\n{environment(new['environment'])}\n")
-        print(f"### Real photos\n\n{real_photos(old, mid, new)}\n")
+        print(f"### Real photos\n\n{real_photos(old, mid, dev, new)}\n")
         print("### Ablation of the robust conversion (photo-trained model, not trained on the dev photos)"
               f"\n\n{ablation(mid)}\n")
         print(f"### Confidence (shipped model)\n\n{confidence(new)}\n")
         print(f"### Test images rendered as photos\n\nPrevious model: {photos(old['photos'])}\n\n"
-              f"Photo-trained model: {photos(mid['photos'])}\n\nShipped model: {photos(new['photos'])}\n")
+              f"Photo-trained model: {photos(mid['photos'])}\n\n+ dev photos: {photos(dev['photos'])}\n\n"
+              f"Shipped model: {photos(new['photos'])}\n")
         return
     merged = {}
     for p in paths:
