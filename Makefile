@@ -6,10 +6,12 @@ STAMP  := $(VENV)/.installed-stamp
 
 .PHONY: setup train test dataset browser bench clean
 
-$(STAMP): pyproject.toml
+# constraints.txt pins torch to the CPU build on this project's machines' disk: without it,
+# pip resolves the package's torch range to a multi-GB CUDA build.
+$(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
 # Debian's dataset-fashion-mnist package where apt and root are available; elsewhere
