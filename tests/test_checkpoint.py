@@ -15,17 +15,22 @@ from fmnist.models import create_model, model_config
 
 
 
+def _edit(d: dict, changes: dict) -> dict:
+    """d with each changed key set, or deleted where the change is None."""
+    for k, v in changes.items():
+        if v is None:
+            del d[k]
+        else:
+            d[k] = v
+    return d
+
+
 def _ckpt(**changes) -> dict:
     """A real, untrained `seed` checkpoint (what `fmnist train` writes), with some keys changed."""
     torch.manual_seed(0)
     model = create_model("seed", {})
     ck = checkpoint.make("seed", model_config("seed"), model.state_dict(), metrics={}, epoch=1, train_config={})
-    for k, v in changes.items():
-        if v is None:
-            del ck[k]
-        else:
-            ck[k] = v
-    return ck
+    return _edit(ck, changes)
 
 
 def _save(tmp_path, name="bad.pt", **changes):
@@ -35,13 +40,7 @@ def _save(tmp_path, name="bad.pt", **changes):
 
 
 def _state(**changes):
-    sd = dict(_ckpt()["state_dict"])
-    for k, v in changes.items():
-        if v is None:
-            del sd[k]
-        else:
-            sd[k] = v
-    return sd
+    return _edit(dict(_ckpt()["state_dict"]), changes)
 
 
 def test_good_checkpoint_builds(tmp_path):

@@ -90,7 +90,7 @@ def test_each_ablation_switch_runs():
     d.rectangle((150, 60, 250, 250), fill=(40, 60, 120))
     rgb = np.asarray(img)
     for kw in ({"grabcut": False}, {"main_component": False}, {"zero_background": False},
-               {"polarity": False}, {"antialias": False}):
+               {"polarity": False}, {"downscale": "thumb"}, {"downscale": "nearest"}):
         out = robust.convert(rgb, robust.RobustOptions(**kw))
         assert out.image.shape == (28, 28) and out.image.max() > 100
 

@@ -477,8 +477,8 @@ ABLATION = {  # name -> robust.RobustOptions overrides; each drops one step of t
     "robust - zero background": {"zero_background": False}, "robust - polarity": {"polarity": False},
     "robust - rectangle prior": {"rect_prior": False}, "robust, strict seed (2x border spread)": {"seed_k": 2.0},
     "robust + contrast stretch": {"normalize": True},
-    "robust, thumbnail + subsampling": {"direct": False, "sharpen": 1.0},
-    "robust - antialiasing": {"direct": False, "antialias": False, "sharpen": 1.0},
+    "robust, thumbnail + subsampling": {"downscale": "thumb", "sharpen": 1.0},
+    "robust - antialiasing": {"downscale": "nearest", "sharpen": 1.0},
 }
 
 

@@ -6,16 +6,20 @@ uniform background, so "everything unlike the corners" is the item. Real photos 
 
   1. decode reduced (JPEG draft mode) to a working image of at most WORK px: a 1-MP photo costs
      a 1/4-scale decode, and nothing later works at full resolution
-  2. background model from the whole border (not 4 corners): median colour and spread in Lab
-  3. seed mask = pixels far from the border colour; GrabCut (OpenCV) refines it on a SEG-px
-     copy, with the border as sure background, so uneven or textured backgrounds still split
+  2. background model from the whole border (not 4 corners): its k colours (k-means in Lab)
+     and how much the border itself varies
+  3. seed mask = pixels unlike every border colour; GrabCut (OpenCV) refines it on a SEG-px
+     copy, with the border as sure background and the inner rectangle as probable item, so
+     uneven or textured backgrounds still split
   4. morphological open/close, then keep the main connected component (large and central,
-     holes filled) plus large pieces inside its box: text, badges and shadows do not define it
+     holes filled) plus large pieces inside its box: text, badges and shadows do not define
+     it; the mask's edges are refined at the working size
   5. intensity relative to the local background, polarity chosen so the item is light on
-     black as in the dataset; background outside the mask exactly 0; a white item on white
-     keeps a visible floor instead of vanishing
-  6. antialiased (area) downscale to the Zalando thumbnail scale (THUMB px long side), then
-     the paper's subsampling to 28, Gaussian sharpening, centring
+     black as in the dataset; background outside the mask exactly 0; an item that hardly
+     differs from its ground (white on white) keeps a visible floor instead of vanishing
+  6. antialiased (area) downscale straight to 28, a light Gaussian sharpening, centring; the
+     paper's route (area to the Zalando thumbnail scale, then subsampling) is an ablation
+     switch, and measured worse on real photos
 
 Each step can be switched off (RobustOptions) for the ablation in `fmnist bench photos`.
 """
@@ -49,10 +53,10 @@ class RobustOptions:
     main_component: bool = True   # keep the main component (off: every foreground pixel)
     zero_background: bool = True  # set outside-mask pixels to 0 (off: keep what is there)
     polarity: bool = True         # item light on black whichever is darker (off: negate if bg light)
-    antialias: bool = True        # area downscale to THUMB before subsampling (off: subsample only)
     rect_prior: bool = True       # GrabCut also starts from the inner rectangle as probable item
     seed_k: float = 1.0           # seed threshold, in multiples of the border's own colour spread
-    direct: bool = True           # area downscale straight to 28 (off: THUMB, then the paper's subsampling)
+    downscale: str = "area"       # area: straight to 28; thumb: area to THUMB, then the paper's
+                                  # subsampling; nearest: the subsampling alone (no antialiasing)
     sharpen: float = 0.5          # unsharp-mask amount (the paper: 1.0)
     normalize: bool = False       # stretch the item so its 95th percentile is NORM_TO
 
@@ -64,7 +68,6 @@ class Conversion:
     negated: bool                 # item was darker than its background
     item_found: bool              # a clear item was segmented
     note: str                     # why not, when item_found is False
-    mask: np.ndarray | None = None  # (h, w) bool item mask on the working image (debug pictures)
 
 
 def _border_pixels(a: np.ndarray, frac: float = BORDER) -> np.ndarray:
@@ -195,15 +198,16 @@ def refine_edges(mask: np.ndarray, rgb: np.ndarray, centres: np.ndarray, thr: fl
     return inner | (edge & (d > thr)) | (edge & mask & (d > 0.5 * thr))
 
 
-def to_28(v: np.ndarray, antialias: bool = True, direct: bool = False, sharpen: float = 1.0) -> np.ndarray:
-    """(h, w) float item crop, 0 = background -> (28, 28) float, longest side 28, centred."""
+def to_28(v: np.ndarray, downscale: str = "area", sharpen: float = 1.0) -> np.ndarray:
+    """(h, w) float item crop, 0 = background -> (28, 28) float, longest side 28, centred.
+    downscale: area, thumb or nearest (RobustOptions)."""
     h, w = v.shape
     s = IMAGE_SIZE / max(h, w)
     nw, nh = max(1, round(w * s)), max(1, round(h * s))
-    if direct:
+    if downscale == "area":
         v = cv2.resize(v, (nw, nh), interpolation=cv2.INTER_AREA)
     else:
-        if antialias:
+        if downscale == "thumb":
             v = _resize_longest(v, THUMB, cv2.INTER_AREA)
         v = cv2.resize(v, (nw, nh), interpolation=cv2.INTER_NEAREST)   # the paper's subsampling
     if sharpen:
@@ -265,5 +269,5 @@ def convert(rgb: np.ndarray, opt: RobustOptions | None = None) -> Conversion:
         top = float(np.percentile(v[mask], 95))
         v = v * min(NORM_TO / max(top, 1.0), 3.0)
     l, t, r, b = box
-    out = to_28(np.clip(v[t:b, l:r], 0, 255).astype(np.float32), opt.antialias, opt.direct, opt.sharpen)
-    return Conversion(np.clip(out + 0.5, 0, 255).astype(np.uint8), box, negated, item_found, note, mask)
+    out = to_28(np.clip(v[t:b, l:r], 0, 255).astype(np.float32), opt.downscale, opt.sharpen)
+    return Conversion(np.clip(out + 0.5, 0, 255).astype(np.uint8), box, negated, item_found, note)
