@@ -99,7 +99,7 @@ class Predictor:
         """Anything accepted by predict() -> the 28x28 image the model will see."""
         if is_dataset_style(item):
             a = to_uint8(np.asarray(item)).reshape(28, 28)
-            return Preprocessed(a, "dark", (0, 0, 28, 28))
+            return Preprocessed(a, "dark", (0, 0, 28, 28), "dataset")
         return preprocess(item, pipeline=self.pipeline, options=self.robust_options)
 
     def judge(self, item_found: bool, note: str, p: np.ndarray) -> tuple[bool, str | None]:

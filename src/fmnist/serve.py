@@ -36,7 +36,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from .batcher import BatcherUnavailable, DynamicBatcher
 from .guards import Busy, ConversionSlots, RequestGuard
 from .predict import Predictor
-from .preprocess import Preprocessed, PreprocessError, is_dataset_style, open_image, preprocess
+from .preprocess import Preprocessed, PreprocessError, open_image
+from .robust import WORK
 
 log = logging.getLogger(__name__)
 
@@ -78,13 +79,15 @@ def load_samples() -> tuple[np.ndarray, np.ndarray]:
         return z["images"], z["labels"]
 
 
-def _prepare(data: bytes, name: str, cfg: ServeConfig, pipeline: str = "robust") -> Preprocessed:
-    """Upload bytes -> Preprocessed (28x28 uint8 and whether an item was found); raises
-    HTTPException with a 4xx a person can act on."""
+def _prepare(data: bytes, name: str, cfg: ServeConfig, predictor: Predictor) -> Preprocessed:
+    """Upload bytes -> Preprocessed (28x28 uint8 and whether an item was found), converted as
+    `fmnist predict` converts; raises HTTPException with a 4xx a person can act on."""
     if not data:
         raise HTTPException(400, detail=("empty_file", f"{name}: the file is empty (0 bytes)"))
     try:
-        img = open_image(data, max_pixels=cfg.max_pixels)
+        # The robust conversion works at robust.WORK px: decode JPEGs reduced right away rather
+        # than a full-resolution image that is shrunk a moment later.
+        img = open_image(data, max_pixels=cfg.max_pixels, draft=WORK if predictor.pipeline == "robust" else None)
     except PreprocessError as e:
         msg = str(e).removeprefix("image: ")
         if "not an image" in msg:
@@ -97,9 +100,7 @@ def _prepare(data: bytes, name: str, cfg: ServeConfig, pipeline: str = "robust")
         raise HTTPException(415, detail=("unsupported_media_type",
                                          f"{name}: {fmt} images are not accepted; send PNG, JPEG, GIF, WebP, BMP or TIFF"))
     try:
-        if is_dataset_style(img):
-            return Preprocessed(np.asarray(img, dtype=np.uint8), "dark", (0, 0, 28, 28), "dataset")
-        return preprocess(img, max_pixels=cfg.max_pixels, pipeline=pipeline)
+        return predictor.prepare(img)
     except PreprocessError as e:
         raise HTTPException(422, detail=("unprocessable_image", f"{name}: {str(e).removeprefix('image: ')}")) from None
 
@@ -218,7 +219,7 @@ def create_app(predictor: Predictor | None = None, cfg: ServeConfig | None = Non
                         slots.dropped += len(datas) - len(pres)
                         log.info("client left: %d conversion(s) dropped", len(datas) - len(pres))
                         return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
-                    pres.append(await run_in_threadpool(_prepare, d, n, cfg, predictor.pipeline))
+                    pres.append(await run_in_threadpool(_prepare, d, n, cfg, predictor))
             except Busy as e:
                 raise HTTPException(503, detail=("busy", f"every image conversion slot ({cfg.max_conversions}) "
                                                          f"stayed busy for {cfg.conversion_wait_s:g} s: retry shortly"),
