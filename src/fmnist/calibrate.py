@@ -3,8 +3,9 @@
 Temperature scaling (Guo et al. 2017) divides the logits by one scalar T fitted to minimise
 the validation NLL: the ranking (and so accuracy) is unchanged, the probabilities become
 calibrated. The unsure threshold is the calibrated top probability at which the model's local
-accuracy on validation falls to 50%: under it, the answer is more likely wrong than right. Both go into the checkpoint under "calibration"; predict.py reads them.
-The test set is used only to report the expected calibration error before and after.
+accuracy on validation falls to 50%: under it, the answer is more likely wrong than right.
+Both go into the checkpoint under "calibration"; predict.py reads them. The test set is used
+only to report the expected calibration error before and after.
 """
 
 from __future__ import annotations

@@ -54,8 +54,8 @@ class Preprocessed:
 
 def open_image(src, max_pixels: int = MAX_PIXELS, draft: int | None = None) -> Image.Image:
     """Open a path, bytes or PIL image: first frame, EXIF orientation applied, fully decoded.
-    draft: JPEGs decode at the smallest DCT scale (1/2, 1/4, 1/8) that keeps both sides >=
-    draft px, which is most of the cost of a large photo saved."""
+    draft: JPEGs decode at the smallest DCT scale (1/2, 1/4, 1/8) that keeps the longest side
+    >= draft px, which saves most of the cost of a large photo."""
     name = str(src) if isinstance(src, (str, Path)) else "image"
     if isinstance(src, Image.Image):
         img = src
