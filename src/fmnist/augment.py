@@ -60,8 +60,8 @@ def erase(x: torch.Tensor, p: float, g: torch.Generator, scale=(0.02, 0.25)) -> 
 # What a real photo looks like after robust.py's conversion, imitated on 28x28 dataset images
 # (x in [0, 1], item light on exactly-0 background): a slanted or tilted camera (affine), the
 # item cut at the frame (zoom past the edge), light falling unevenly across it and its folds,
-# a soft focus, prints on the fabric, sensor noise and 8-bit steps, a segmentation mask a pixel too wide or too
-# narrow, and the floor that a white item on a white ground is given. Each is applied to a
+# prints on the fabric, a soft focus, sensor noise and 8-bit steps, a segmentation mask a
+# pixel too wide or too narrow, and the floor that a white item on a white ground is given. Each is applied to a
 # random subset of the images; `photo` is the fraction of the batch that gets the treatment.
 
 
