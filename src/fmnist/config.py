@@ -44,6 +44,7 @@ class TrainConfig:
     resume: str | None = None         # run directory to continue
     real_photos: str | None = None    # real-photo folders (manifest.csv), comma-separated: dev+train splits join training
     real_repeat: int = 20             # each such photo appears this many times per epoch (then augmented)
+    outlier_weight: float = 0.5       # weight of the uniform-target loss on "none" photos (Hendrycks et al. 2019: 0.5)
     report_test: bool = False         # also log test accuracy per epoch (benchmarks; never used to choose)
 
 

@@ -108,7 +108,7 @@ def train_one_epoch(model, opt, ema, images, labels, cfg: TrainConfig, *, epoch:
             group["lr"] = lr_at(step, total_steps, cfg)
         with autocast(x.device, cfg.amp):
             logits = model(x)
-        loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
+        loss = photo_loss(logits.float(), y, cfg)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -117,14 +117,24 @@ def train_one_epoch(model, opt, ema, images, labels, cfg: TrainConfig, *, epoch:
             ema.update(dist.unwrap(model), step)
         loss_sum += loss.detach() * len(y)
         correct += (logits.argmax(1) == y).sum()
-        seen += len(y)
+        seen += len(y)  # outlier rows (y = -1) count as wrong: accuracy reads a little low with outliers
         if s % 20 == 0 or s == steps - 1:  # .item() syncs the device: not every step
             bar.set_postfix(loss=f"{loss_sum.item() / seen:.4f}", acc=f"{correct.item() / seen:.4f}")
     stats = dist.all_reduce_sum(torch.stack([loss_sum, correct, torch.tensor(float(seen), device=images.device)]))
     return {"loss": (stats[0] / stats[2]).item(), "acc": (stats[1] / stats[2]).item()}, step
 
 
+def photo_loss(logits: torch.Tensor, y: torch.Tensor, cfg: TrainConfig) -> torch.Tensor:
+    """Cross-entropy on the classes; rows labelled OUTLIER (photos of no clothing) are pulled
+    towards the uniform distribution instead (outlier exposure, Hendrycks et al. 2019), so the
+    model learns to be unsure of things that are not clothing rather than call them a Bag."""
+    ce = F.cross_entropy(logits, y.clamp(min=0), label_smoothing=cfg.label_smoothing, reduction="none")
+    uniform = -logits.log_softmax(1).mean(1)
+    return torch.where(y >= 0, ce, cfg.outlier_weight * uniform).mean()
+
+
 TRAIN_SPLITS = ("dev", "train")   # real-photo splits that may be trained on; "heldout" never
+OUTLIER = -1                      # training label of a "none" photo (no clothing)
 
 
 def real_training_images(roots: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -135,11 +145,11 @@ def real_training_images(roots: str) -> tuple[torch.Tensor, torch.Tensor]:
     from .preprocess import preprocess
 
     photos = [p for root in roots.split(",") for p in realphotos.read_manifest(root.strip())
-              if p.split in TRAIN_SPLITS and p.label in CLASS_NAMES]
-    if not photos:
+              if p.split in TRAIN_SPLITS]
+    if not any(p.label in CLASS_NAMES for p in photos):
         raise ValueError(f"{roots}: no dev- or train-split photos of a class to train on")
     x = torch.from_numpy(np.stack([preprocess(p.path).image for p in photos]))
-    y = torch.tensor([CLASS_NAMES.index(p.label) for p in photos])
+    y = torch.tensor([CLASS_NAMES.index(p.label) if p.label in CLASS_NAMES else OUTLIER for p in photos])
     return x, y
 
 
@@ -220,7 +230,8 @@ def train(cfg: TrainConfig, quiet: bool = False, evaluate_at_end: bool = True) -
         tr_x = torch.cat([tr_x, rx.to(device).repeat(cfg.real_repeat, 1, 1)])
         tr_y = torch.cat([tr_y, ry.to(device).repeat(cfg.real_repeat)])
         if not quiet and dist.is_main:
-            print(f"training with {len(rx)} real photos (dev/train splits of {cfg.real_photos}) x {cfg.real_repeat}")
+            print(f"training with {len(rx)} real photos (dev/train splits of {cfg.real_photos}; "
+                  f"{int((ry == OUTLIER).sum())} of no clothing) x {cfg.real_repeat}")
     va_x, va_y = ds.train_images[val_idx].to(device), ds.train_labels[val_idx].to(device)
     te_x, te_y = (ds.test_images.to(device), ds.test_labels.to(device)) if cfg.report_test else (None, None)
 
