@@ -173,6 +173,10 @@ def confidence(new):
         for split, r in nc.items():
             out.append(f"| {split} | {r['n']} | {r['unsure']} ({r['fraction']:.0%}) | "
                        + ", ".join(f"{k} {v}" for k, v in r["reasons"].items()) + " |")
+            kinds = r.get("per_kind") or {}
+            if len(kinds) > 1:   # e.g. things that are no clothing at all, and hats (no class of ours)
+                for kind, k in kinds.items():
+                    out.append(f"| {split}: {kind} | {k['n']} | {k['unsure']} ({k['fraction']:.0%}) | |")
     s = new.get("conversion_speed")
     if s:
         out += ["", f"Conversion of a {s['megapixels']:g}-megapixel JPEG on one core (decode included; {s['photos']} "

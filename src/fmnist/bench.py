@@ -523,10 +523,12 @@ def photos_real(root, checkpoint_path=None, out: Path | None = None, ablation: b
     if nonclothing:
         res["nonclothing"] = {}
         for split in ("dev", "heldout"):
-            sel = realphotos.select(realphotos.read_manifest(nonclothing), split)
+            sel = realphotos.select([p for root in str(nonclothing).split(",")
+                                     for p in realphotos.read_manifest(root.strip())], split)
             r = realphotos.unsure_rate(pred, sel)
             res["nonclothing"][split] = r
-            log(f"photos --nonclothing [{split}]: {r['unsure']}/{r['n']} unsure ({r['reasons']})")
+            kinds = "; ".join(f"{k} {v['unsure']}/{v['n']}" for k, v in r["per_kind"].items())
+            log(f"photos --nonclothing [{split}]: {r['unsure']}/{r['n']} unsure ({kinds}; {r['reasons']})")
     return res
 
 

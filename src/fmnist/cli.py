@@ -252,8 +252,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "photos/real): paper vs robust conversion, per split (dev / heldout), kind and class, "
                         "confusion matrices (default: off)")
     p.add_argument("--nonclothing", metavar="DIR", default=None,
-                   help="with --real: also count how many photos of no clothing (manifest label 'none', e.g. "
-                        "photos/nonclothing) come back unsure (default: off)")
+                   help="with --real: also count how many photos of no clothing (manifest label 'none'), "
+                        "per split and kind, come back unsure; folders comma-separated, e.g. "
+                        "photos/nonclothing,photos/outliers (default: off)")
     p.add_argument("--ablation", action="store_true",
                    help="with --real: also run the robust conversion with each step dropped (default: off)")
     p.add_argument("--presets", default="seed,fast,best-cpu",

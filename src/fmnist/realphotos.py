@@ -109,8 +109,17 @@ def unsure_rate(predictor, photos: list[Photo]) -> dict:
         if r.ok and r.unsure:
             key = "no clear item" if r.reason.startswith("no clear item") else "low confidence"
             why[key] = why.get(key, 0) + 1
+    per_kind = {}
+    for p, r in zip(photos, preds):
+        if r.ok:
+            k = per_kind.setdefault(p.kind, {"n": 0, "unsure": 0})
+            k["n"] += 1
+            k["unsure"] += int(r.unsure)
+    for k in per_kind.values():
+        k["fraction"] = k["unsure"] / k["n"]
     return {"n": len(unsure), "unsure": int(sum(unsure)), "fraction": float(np.mean(unsure)) if unsure else None,
-            "reasons": why, "rows": [{"file": p.path.name, "pred": r.top[0][0] if r.ok else None,
+            "reasons": why, "per_kind": per_kind,
+            "rows": [{"file": p.path.name, "kind": p.kind, "pred": r.top[0][0] if r.ok else None,
                                       "prob": round(r.top[0][1], 4) if r.ok else None, "unsure": r.unsure}
                                      for p, r in zip(photos, preds)]}
 
