@@ -119,19 +119,21 @@ def _cell(r):
     return "-" if r is None or r.get("acc") is None else f"{r['acc'] * 100:.1f} % ({r['correct']}/{r['n']})"
 
 
-def real_photos(old, mid, dev, new):
+def real_photos(old, mid, dev, t497, new):
     """bench.json dicts with photos_real: the previous model, the photo-trained one, the same
-    with the dev photos in training, and the shipped one (dev photos and photos/train too)."""
-    o, m, d, n = old["photos_real"], mid["photos_real"], dev["photos_real"], new["photos_real"]
+    with the dev photos in training, + the first 497 photos of photos/train (shipped before),
+    and the shipped one (all 1,041 photos of photos/train, outlier hats)."""
+    o, m, d, t, n = (x["photos_real"] for x in (old, mid, dev, t497, new))
     cols = [("paper conversion, previous model", o["variants"]["paper"]),
             ("robust, previous model", o["variants"]["robust"]),
             ("robust, photo-trained model", m["variants"]["robust"]),
             ("robust, + dev photos in training", d["variants"]["robust"]),
-            ("robust, + dev and photos/train (shipped)", n["variants"]["robust"])]
+            ("robust, + 497 photos/train", t["variants"]["robust"]),
+            ("robust, + 1,041 photos/train and hats (shipped)", n["variants"]["robust"])]
     out = [f"{n['n_photos']} photos in `{n['root']}` (manifest SHA-256 `{n['manifest_sha256'][:12]}`). Test accuracy on "
            f"the 10,000 28x28 test images: previous model {pct(o.get('test_acc_28x28'))}, photo-trained "
-           f"{pct(m.get('test_acc_28x28'))}, + dev photos {pct(d.get('test_acc_28x28'))}, shipped "
-           f"{pct(n.get('test_acc_28x28'))}.", ""]
+           f"{pct(m.get('test_acc_28x28'))}, + dev photos {pct(d.get('test_acc_28x28'))}, + 497 photos/train "
+           f"{pct(t.get('test_acc_28x28'))}, shipped {pct(n.get('test_acc_28x28'))}.", ""]
     for split in ("heldout", "dev"):
         out += [f"**{split}** ({'never tuned on, never trained on' if split == 'heldout' else 'used to choose the conversion and augmentation; the shipped model was also trained on it, so its dev column is training accuracy'})", "",
                 "| | " + " | ".join(c for c, _ in cols) + " |", "|---|" + "---:|" * len(cols)]
@@ -140,7 +142,7 @@ def real_photos(old, mid, dev, new):
             out.append(f"| {kind} | " + " | ".join(_cell(v[split]["per_kind"].get(kind)) for _, v in cols) + " |")
         for cls in cols[0][1][split]["per_class"]:
             out.append(f"| {cls} | " + " | ".join(_cell(v[split]["per_class"].get(cls)) for _, v in cols) + " |")
-        for label, r in (("Photo-trained model", m), ("+ dev photos", d), ("Shipped model", n)):
+        for label, r in (("Photo-trained model", m), ("+ dev photos", d), ("+ 497 photos/train", t), ("Shipped model", n)):
             u = r["variants"]["robust"][split]["unsure"]
             out += ["", f"{label}, {split}: {u['fraction']:.0%} of photos unsure; accuracy "
                         f"{pct(u['acc_when_sure'])} when sure, {pct(u['acc_when_unsure'])} when unsure."]
@@ -169,7 +171,7 @@ def confidence(new):
                 f"{pct(c['test_acc_when_sure'])} when sure and {pct(c['test_acc_when_unsure'])} when unsure.", ""]
     nc = new["photos_real"].get("nonclothing")
     if nc:
-        out += ["| photos of no clothing | n | unsure | why |", "|---|---:|---:|---|"]
+        out += ["| photos of no clothing (or no class of ours: hats) | n | unsure | why |", "|---|---:|---:|---|"]
         for split, r in nc.items():
             out.append(f"| {split} | {r['n']} | {r['unsure']} ({r['fraction']:.0%}) | "
                        + ", ".join(f"{k} {v}" for k, v in r["reasons"].items()) + " |")
@@ -186,17 +188,31 @@ def confidence(new):
     return "\n".join(out)
 
 
+def seed_check(sc):
+    """scripts/photo_seed_check.py: the same figures for two seeds of each recipe."""
+    out = [f"Split `{sc['split']}`; {environment(sc['environment'])}.", "",
+           "| model | test acc | real photos | clean | casual | things unsure | hats unsure |",
+           "|---|---:|---:|---:|---:|---:|---:|"]
+    for name, m in sc["models"].items():
+        out.append(f"| {name} | {pct(m['test_acc'])} | {m['acc'] * 100:.1f} % | {m['clean'] * 100:.1f} % | "
+                   f"{m['casual'] * 100:.1f} % | {m['nonclothing_unsure']}/{m['nonclothing_n']} | "
+                   f"{m['heldout_hats_unsure']}/{m['heldout_hats_n']} |")
+    return "\n".join(out)
+
+
 def main(paths):
-    if paths and paths[0] == "--photos":   # --photos PREVIOUS PHOTO-TRAINED DEV-PHOTOS SHIPPED (bench.json)
-        old, mid, dev, new = [json.load(open(p)) for p in paths[1:5]]
+    if paths and paths[0] == "--photos":   # --photos PREVIOUS PHOTO-TRAINED DEV-PHOTOS TRAIN-497 SHIPPED [SEED-CHECK]
+        old, mid, dev, t497, new = [json.load(open(p)) for p in paths[1:6]]
         print(f"### Environment\n\n{environment(new['environment'])}\n")
-        print(f"### Real photos\n\n{real_photos(old, mid, dev, new)}\n")
+        print(f"### Real photos\n\n{real_photos(old, mid, dev, t497, new)}\n")
         print("### Ablation of the robust conversion (photo-trained model, not trained on the dev photos)"
               f"\n\n{ablation(mid)}\n")
         print(f"### Confidence (shipped model)\n\n{confidence(new)}\n")
         print(f"### Test images rendered as photos\n\nPrevious model: {photos(old['photos'])}\n\n"
               f"Photo-trained model: {photos(mid['photos'])}\n\n+ dev photos: {photos(dev['photos'])}\n\n"
-              f"Shipped model: {photos(new['photos'])}\n")
+              f"+ 497 photos/train: {photos(t497['photos'])}\n\nShipped model: {photos(new['photos'])}\n")
+        if len(paths) > 6:   # scripts/photo_seed_check.py output
+            print(f"### Seed spread\n\n{seed_check(json.load(open(paths[6])))}\n")
         return
     merged = {}
     for p in paths:
