@@ -26,7 +26,7 @@ def test_data_command(dataset):
 def test_train_then_evaluate_end_to_end(tmp_path, dataset):
     r = run("train", "--model", "seed", "--epochs", "1", "--subset", "4000", "--out-dir", str(tmp_path))
     assert r.returncode == 0, r.stderr
-    assert "epoch   1/1" in r.stdout and "macro avg" in r.stdout
+    assert "epoch   1/1" in r.stderr and "macro avg" in r.stdout  # progress on stderr, the report on stdout
     (run_dir,) = tmp_path.iterdir()
     assert (run_dir / "best.pt").is_file()
     out = tmp_path / "eval"

@@ -12,14 +12,14 @@ from fmnist import checkpoint  # noqa: E402
 from fmnist.export import export  # noqa: E402
 from fmnist.onnx_backend import OnnxModel  # noqa: E402
 from fmnist.predict import Predictor, default_checkpoint  # noqa: E402
-from fmnist.train import predict_logits  # noqa: E402
+from fmnist.inference import predict_logits  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     d = tmp_path_factory.mktemp("onnx")
-    fp32 = export(default_checkpoint(), d / "m.onnx", quiet=True)
-    int8 = export(default_checkpoint(), d / "m.int8.onnx", int8=True, calib_n=512, quiet=True)
+    fp32 = export(default_checkpoint(), d / "m.onnx")
+    int8 = export(default_checkpoint(), d / "m.int8.onnx", int8=True, calib_n=512)
     return fp32, int8
 
 
@@ -48,7 +48,7 @@ def test_int8_accuracy_change_is_bounded(exported, dataset):
 def test_export_without_tta_is_the_bare_model(dataset, tmp_path):
     model, _ = checkpoint.load_model(default_checkpoint())
     x = dataset.test_images[:500]
-    m = OnnxModel(export(default_checkpoint(), tmp_path / "bare.onnx", tta_flip=False, quiet=True))
+    m = OnnxModel(export(default_checkpoint(), tmp_path / "bare.onnx", tta_flip=False))
     assert not m.meta["tta_flip"]
     ref = predict_logits(model, x, tta_flip=False, channels_last=False).numpy()
     assert np.abs(ref - m.logits(x[:, None].numpy().astype(np.float32) / 255)).max() < 1e-3

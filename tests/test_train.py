@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from fmnist import checkpoint, config
-from fmnist.train import lr_at, predict_logits
+from fmnist.inference import predict_logits
+from fmnist.train import lr_at
 
 
 def test_short_run_learns(tiny_run):

@@ -1,8 +1,14 @@
-"""Command line: parse, dispatch, turn known failures into one-line errors. No logic here."""
+"""Command line: parse, dispatch, turn known failures into one-line errors. No logic here.
+
+Library modules log to `fmnist.*` loggers and never print; the CLI decides what reaches the
+terminal: progress and notes (INFO and up) on stderr, a command's result (the predict table,
+the evaluation report, the dataset counts) on stdout, so `fmnist ... > file` keeps only results.
+"""
 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from pathlib import Path
@@ -76,6 +82,36 @@ def _add_data_dir(p):
                         "/usr/share/datasets/fashion-mnist, ~/.cache/fmnist, else download")
 
 
+class _Formatter(logging.Formatter):
+    """INFO as the plain line the library wrote; warnings and errors say what they are."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        msg = super().format(record)
+        return msg if record.levelno < logging.WARNING else f"{record.levelname.lower()}: {msg}"
+
+
+def setup_logging(level: int) -> None:
+    """One handler on the `fmnist` logger, writing to the current stderr (replaced on each call,
+    so main() can run several times in one process, as the tests do)."""
+    logger = logging.getLogger("fmnist")
+    for h in [h for h in logger.handlers if getattr(h, "fmnist_cli", False)]:
+        logger.removeHandler(h)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.fmnist_cli = True
+    handler.setFormatter(_Formatter("%(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(level)
+
+
+def _log_level(args) -> int:
+    if os.environ.get("RANK", "0") != "0":  # under torchrun only rank 0 talks
+        return logging.WARNING
+    if args.command == "serve":  # one knob for the server's lines and uvicorn's
+        return {"critical": logging.CRITICAL, "error": logging.ERROR, "warning": logging.WARNING,
+                "debug": logging.DEBUG, "trace": logging.DEBUG}.get(args.log_level.lower(), logging.INFO)
+    return logging.WARNING if getattr(args, "quiet", False) else logging.INFO
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="fmnist", description="Train, evaluate, serve and export Fashion-MNIST CNNs.")
     sub = ap.add_subparsers(dest="command", metavar="COMMAND")
@@ -144,7 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", default=None, metavar="RUN_DIR",
                    help="continue RUN_DIR from its last complete epoch (default: start a new run)")
     _add_data_dir(p)
-    p.add_argument("--quiet", action="store_true", help="no progress bars or per-epoch lines")
+    p.add_argument("--quiet", action="store_true",
+                   help="no progress bars or per-epoch lines, only warnings and the final report (default: off)")
 
     # ---- evaluate
     p = sub.add_parser("evaluate", help="test-set report for a run directory or checkpoint",
@@ -373,6 +410,7 @@ def cmd_data(args) -> int:
 
 def cmd_train(args) -> int:
     from . import config
+    from .evaluate import evaluate_run, summary_text
     from .train import train
 
     _check_dir_arg("--out-dir", args.out_dir)
@@ -391,21 +429,24 @@ def cmd_train(args) -> int:
     else:
         cfg = config.resolve(args.preset, overrides)
     try:
-        train(cfg, quiet=args.quiet)
+        run_dir = train(cfg)
     except KeyboardInterrupt:
         return 130
+    if run_dir is not None:  # rank 0 of a distributed run, or the only process
+        print(summary_text(evaluate_run(run_dir, device=cfg.device)))
     return 0
 
 
 def cmd_evaluate(args) -> int:
-    from .evaluate import evaluate_checkpoint
+    from .evaluate import evaluate_checkpoint, summary_text
 
     _check_dir_arg("--out", args.out)
     ds = None
     if args.data_dir:
         from . import data
         ds = data.load(args.data_dir)
-    evaluate_checkpoint(args.checkpoint, device=args.device, dataset=ds, out_dir=args.out, tta_flip=args.tta_flip)
+    m = evaluate_checkpoint(args.checkpoint, device=args.device, dataset=ds, out_dir=args.out, tta_flip=args.tta_flip)
+    print(summary_text(m))
     return 0
 
 
@@ -415,6 +456,7 @@ def main(argv=None) -> int:
     if not args.command:
         ap.print_help()
         return EXIT_USAGE
+    setup_logging(_log_level(args))
     from .checkpoint import CheckpointError
     from .data import DataError
 
