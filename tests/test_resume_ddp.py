@@ -15,7 +15,7 @@ import torch
 from fmnist import checkpoint
 
 # Small but real: the seed CNN on 3,000 images, 1 thread so both runs use the same kernels.
-ARGS = ["--model", "seed", "--subset", "3000", "--batch-size", "64", "--threads", "1", "--quiet"]
+ARGS = ["--preset", "seed", "--subset", "3000", "--batch-size", "64", "--threads", "1", "--quiet"]
 
 
 def train_cmd(out, *extra):
@@ -80,11 +80,11 @@ def test_truncated_last_checkpoint_gets_clear_error_on_resume(tmp_path, tiny_run
 def test_ddp_two_processes_match_one(tmp_path, model):
     """Same global batch (64): the same optimizer steps, and accuracy within noise."""
     single, multi = tmp_path / "single", tmp_path / "ddp"
-    subprocess.run(train_cmd(single, "--epochs", "2", "--model", model), check=True, timeout=300)
+    subprocess.run(train_cmd(single, "--epochs", "2", "--preset", model), check=True, timeout=300)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                         "-m", "fmnist", "train", *ARGS, "--out-dir", str(multi), "--epochs", "2", "--threads", "1",
-                        "--model", model],
+                        "--preset", model],
                        capture_output=True, text=True, timeout=300, env=env)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     s1 = json.loads((only_run(single) / "train_summary.json").read_text())

@@ -50,6 +50,22 @@ def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
     return cfg.lr * 0.5 * (1 + math.cos(math.pi * t))
 
 
+def resumed_epochs(saved: TrainConfig, asked: int, run_dir: Path) -> int:
+    """How many epochs a resumed run has in all. 0 (not asked) = as planned. A one-cycle or cosine
+    schedule is laid out over the planned steps (lr_at), so a different count would change the
+    learning rate of every step still to come: refused. A constant-lr run may be extended."""
+    if not asked or asked == saved.epochs:
+        return saved.epochs
+    if saved.schedule != "constant":
+        raise ValueError(f"{run_dir} is planned for {saved.epochs} epochs of a {saved.schedule} learning-rate "
+                         f"schedule; --resume finishes it as planned, so leave out --epochs (or start a new "
+                         f"run with --epochs {asked})")
+    if asked < saved.epochs:
+        raise ValueError(f"{run_dir} is planned for {saved.epochs} epochs; --resume --epochs may extend a "
+                         f"constant-lr run, not shorten it (its best.pt is already saved after each epoch)")
+    return asked
+
+
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     # No weight decay on BatchNorm and bias parameters: decaying them only hurts (timm's default).
     decay = [p for p in model.parameters() if p.ndim > 1]
@@ -202,8 +218,8 @@ def train(cfg: TrainConfig) -> Path | None:
         if "optimizer" not in resume_ckpt:
             raise checkpoint.CheckpointError(f"{run_dir / 'last.pt'}: holds no training state to resume")
         saved = from_dict(resume_ckpt["train_config"])
-        # Everything but the epoch count (which may only grow) comes from the run being continued.
-        saved.epochs = max(saved.epochs, cfg.epochs)
+        # Everything comes from the run being continued, which ends where it was planned to.
+        saved.epochs = resumed_epochs(saved, cfg.epochs, run_dir)
         saved.resume = str(run_dir)
         saved.device = cfg.device if cfg.device != "auto" else saved.device
         saved.threads = cfg.threads or saved.threads  # same kernels as before, unless told otherwise
