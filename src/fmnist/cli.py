@@ -419,7 +419,7 @@ def cmd_train(args) -> int:
         given = {k for k, v in overrides.items() if v is not None} | ({"preset"} if args.preset else set())
         extra = sorted(given - {"resume", "epochs", "device", "threads"})
         if extra or args.preset_deprecated:
-            flags = [_flag_name(k) for k in extra] + (["--model"] if args.preset_deprecated else [])
+            flags = sorted([_flag_name(k) for k in extra] + (["--model"] if args.preset_deprecated else []))
             raise ValueError(f"--resume continues a run with its own settings; drop {', '.join(flags)}")
         cfg = config.TrainConfig(resume=args.resume, epochs=args.epochs or 0, device=args.device or "auto",
                                  threads=args.threads or 0)
