@@ -277,8 +277,10 @@ def _summarise(runs) -> dict:
         k = f"{t:.2f}"
         times = [r["time_to"][k] for r in runs]
         reached = [x for x in times if x is not None]
-        # Median over seeds; a seed that never reached the threshold counts as infinitely slow.
-        s[f"time_to_{k}_median"] = statistics.median([x if x is not None else float("inf") for x in times])
+        # Median over seeds; a seed that never reached the threshold counts as infinitely slow,
+        # and a median that is such a seed is None (not reached).
+        median = statistics.median([x if x is not None else float("inf") for x in times])
+        s[f"time_to_{k}_median"] = median if median != float("inf") else None
         s[f"time_to_{k}_reached"] = f"{len(reached)}/{len(times)}"
     return s
 
@@ -354,6 +356,7 @@ def run(args) -> int:
         from .loadtest import run_all
         report["serve"] = run_all(checkpoint=args.checkpoint)
     write_json(out / "bench.json", report)
+    (out / "accuracy_partial.json").unlink(missing_ok=True)  # the accuracy part's safety copy, now in bench.json
     log.info(f"wrote {out / 'bench.json'}" + (f" and {out / 'time_to_accuracy.png'}" if "accuracy" in args.parts else ""))
     return 0
 
