@@ -51,7 +51,7 @@ def main():
         cfg = config.resolve("fast", {"model_config": mcfg, "epochs": epochs, "seed": args.seed,
                                       "out_dir": "/tmp/fmnist-budget-sweep", **flat})
         t = time.perf_counter()
-        run_dir = train(cfg, quiet=True, evaluate_at_end=False)
+        run_dir = train(cfg)
         hist = read_history(run_dir / "history.csv")
         wall = sum(h["seconds"] + h["eval_seconds"] for h in hist)  # as the benchmark counts it
         row = {"name": name, "model_config": mcfg, "epochs": epochs, "overrides": extra, "seed": args.seed,

@@ -23,7 +23,7 @@ OUT = Path(__file__).resolve().parents[1] / "docs" / "images" / "web-page.png"
 def main():
     from playwright.sync_api import sync_playwright
 
-    ds = data.load(quiet=True)
+    ds = data.load()
     idx = int(np.flatnonzero(ds.test_labels.numpy() == 7)[3])  # a sneaker
     proc, url = start_server()
     try:

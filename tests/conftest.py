@@ -23,15 +23,19 @@ def dataset():
     """The real dataset (installed by `make test` via Debian's package, else downloaded once)."""
     from fmnist import data
 
-    return data.load(quiet=True)
+    return data.load()
 
 
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory, dataset):
-    """One short real training run shared by the tests that need a trained model."""
+    """One short real training run, evaluated as `fmnist train` does, shared by the tests that
+    need a trained model."""
     from fmnist import config
+    from fmnist.evaluate import evaluate_run
     from fmnist.train import train
 
     out = tmp_path_factory.mktemp("runs")
     cfg = config.resolve("seed", {"epochs": 2, "subset": 4000, "out_dir": str(out), "batch_size": 64})
-    return train(cfg, quiet=True)
+    run = train(cfg)
+    evaluate_run(run, dataset=dataset)
+    return run

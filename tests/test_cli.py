@@ -24,9 +24,9 @@ def test_data_command(dataset):
 
 
 def test_train_then_evaluate_end_to_end(tmp_path, dataset):
-    r = run("train", "--model", "seed", "--epochs", "1", "--subset", "4000", "--out-dir", str(tmp_path))
+    r = run("train", "--preset", "seed", "--epochs", "1", "--subset", "4000", "--out-dir", str(tmp_path))
     assert r.returncode == 0, r.stderr
-    assert "epoch   1/1" in r.stdout and "macro avg" in r.stdout
+    assert "epoch   1/1" in r.stderr and "macro avg" in r.stdout  # progress on stderr, the report on stdout
     (run_dir,) = tmp_path.iterdir()
     assert (run_dir / "best.pt").is_file()
     out = tmp_path / "eval"
@@ -116,3 +116,48 @@ def test_closed_stdout_pipe_exits_quietly(dataset):
     err = p.stderr.read()
     assert p.wait(timeout=300) == 141, err  # 128 + SIGPIPE, what a shell reports for `cat big | head -1`
     assert err == ""
+
+
+# ---------------------------------------------------------------------------- train flags
+
+def _train_cfg(monkeypatch, *argv):
+    """The TrainConfig `fmnist train ARGV` would train with (training itself stubbed out)."""
+    import fmnist.train
+    from fmnist import cli
+
+    seen = []
+    monkeypatch.setattr(fmnist.train, "train", lambda cfg: seen.append(cfg))
+    rc = cli.main(["train", *argv])
+    return rc, (seen[0] if seen else None)
+
+
+def test_train_flags_are_the_config_fields():
+    """One source of truth: every train flag sets a TrainConfig field of the same name, every
+    field that declares help has a flag, and every flag's help states its default."""
+    from dataclasses import fields
+
+    from fmnist import cli, config
+
+    ap = cli.build_parser()
+    train_p = ap._subparsers._group_actions[0].choices["train"]
+    dests = {a.dest: a for a in train_p._actions if a.dest != "help"}
+    names = {f.name for f in fields(config.TrainConfig)} | set(config.AUGMENT_KEYS)
+    assert set(dests) - names == {"preset_deprecated", "quiet"}
+    flagged = {f.name for f in [*fields(config.TrainConfig), *fields(config.AugmentConfig)] if "help" in f.metadata}
+    assert flagged <= set(dests) and "augment" not in dests
+    for a in dests.values():
+        if a.help != "==SUPPRESS==":
+            assert "default" in a.help.lower() or "fast" in a.help, a.option_strings
+
+
+def test_preset_and_arch_flags(monkeypatch):
+    rc, cfg = _train_cfg(monkeypatch, "--preset", "seed", "--epochs", "3", "--arch", "fast", "--no-flip")
+    assert rc == 0 and (cfg.preset, cfg.model, cfg.epochs, cfg.batch_size, cfg.augment.flip) == ("seed", "fast", 3, 64, False)
+
+
+def test_model_flag_is_a_deprecated_preset_alias(monkeypatch, capsys):
+    rc, cfg = _train_cfg(monkeypatch, "--model", "seed")
+    assert rc == 0 and cfg.preset == "seed" and cfg.model == "seed"
+    assert "--model is deprecated" in capsys.readouterr().err
+    rc, cfg = _train_cfg(monkeypatch, "--model", "seed", "--preset", "fast")
+    assert rc == 1 and cfg is None and "disagree" in capsys.readouterr().err

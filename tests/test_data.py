@@ -95,14 +95,14 @@ def test_locate_order(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(cache))
     monkeypatch.delenv("FMNIST_DATA", raising=False)
     _fake_set(cache / "fmnist")
-    assert data.locate(None, download=False, quiet=True) == cache / "fmnist"
+    assert data.locate(None, download=False) == cache / "fmnist"
     _fake_set(deb)
-    assert data.locate(None, download=False, quiet=True) == deb
+    assert data.locate(None, download=False) == deb
     _fake_set(b)
     monkeypatch.setenv("FMNIST_DATA", str(b))
-    assert data.locate(None, download=False, quiet=True) == b
+    assert data.locate(None, download=False) == b
     _fake_set(a)
-    assert data.locate(a, download=False, quiet=True) == a
+    assert data.locate(a, download=False) == a
 
 
 def test_locate_nothing_and_no_download(tmp_path, monkeypatch):
@@ -158,7 +158,7 @@ def test_explicit_data_dir_missing_a_file_is_an_error_naming_it(tmp_path, fallba
     partial = _fake_set(tmp_path / "partial")
     (partial / "t10k-labels-idx1-ubyte.gz").unlink()
     with pytest.raises(DataError) as e:
-        data.locate(partial, download=True, mirrors=[_refusing_mirror()], quiet=True)
+        data.locate(partial, download=True, mirrors=[_refusing_mirror()])
     msg = str(e.value)
     assert "--data-dir" in msg and str(partial) in msg and "t10k-labels-idx1-ubyte" in msg
     assert "train-images" not in msg  # only what is missing is named
@@ -168,7 +168,7 @@ def test_explicit_data_dir_missing_a_file_is_an_error_naming_it(tmp_path, fallba
 def test_explicit_data_dir_that_does_not_exist(tmp_path, fallbacks):
     missing = tmp_path / "nope"
     with pytest.raises(DataError, match=r"--data-dir .*nope.*does not exist"):
-        data.locate(missing, download=True, mirrors=[_refusing_mirror()], quiet=True)
+        data.locate(missing, download=True, mirrors=[_refusing_mirror()])
     assert not fallbacks.exists() and not missing.exists()
 
 
@@ -184,7 +184,7 @@ def test_fmnist_data_env_missing_files_is_an_error(tmp_path, fallbacks, monkeypa
     empty.mkdir()
     monkeypatch.setenv("FMNIST_DATA", str(empty))
     with pytest.raises(DataError) as e:
-        data.locate(None, download=True, mirrors=[_refusing_mirror()], quiet=True)
+        data.locate(None, download=True, mirrors=[_refusing_mirror()])
     msg = str(e.value)
     assert "$FMNIST_DATA" in msg and all(s.stem in msg for s in data.FILES.values())
     assert not fallbacks.exists()

@@ -71,7 +71,7 @@ def server():
 
 def test_download_good(server, tmp_path):
     url, hits = server("good")
-    p = data.fetch_file(SPEC, tmp_path, mirrors=[url], quiet=True)
+    p = data.fetch_file(SPEC, tmp_path, mirrors=[url])
     assert p.read_bytes() == PAYLOAD and hits == ["/data/tiny-labels-idx1-ubyte.gz"]
     assert sorted(x.name for x in tmp_path.iterdir()) == ["tiny-labels-idx1-ubyte.gz"]
 
@@ -79,7 +79,7 @@ def test_download_good(server, tmp_path):
 def test_corrupt_mirror_falls_back_to_next(server, tmp_path):
     bad, bad_hits = server("corrupt")
     good, _ = server("good")
-    p = data.fetch_file(SPEC, tmp_path, mirrors=[bad, good], quiet=True)
+    p = data.fetch_file(SPEC, tmp_path, mirrors=[bad, good])
     assert data.read_idx(p, "labels", 10, SPEC.sha256).tolist() == LABELS.tolist()
     assert len(bad_hits) == 1  # a checksum mismatch is not retried on the same mirror
 
@@ -87,7 +87,7 @@ def test_corrupt_mirror_falls_back_to_next(server, tmp_path):
 def test_dropped_connection_is_retried_then_fails_cleanly(server, tmp_path):
     drop, hits = server("drop")
     with pytest.raises(DataError, match="could not download tiny-labels-idx1-ubyte.gz") as e:
-        data.fetch_file(SPEC, tmp_path, mirrors=[drop], retries=3, timeout=5, quiet=True)
+        data.fetch_file(SPEC, tmp_path, mirrors=[drop], retries=3, timeout=5)
     assert len(hits) == 3
     assert "apt-get install dataset-fashion-mnist" in str(e.value)
     assert list(tmp_path.iterdir()) == []  # no partial file left behind
@@ -95,7 +95,7 @@ def test_dropped_connection_is_retried_then_fails_cleanly(server, tmp_path):
 
 def test_unreachable_mirror(tmp_path):
     with pytest.raises(DataError, match="could not download"):
-        data.fetch_file(SPEC, tmp_path, mirrors=["http://127.0.0.1:9/"], retries=1, timeout=2, quiet=True)
+        data.fetch_file(SPEC, tmp_path, mirrors=["http://127.0.0.1:9/"], retries=1, timeout=2)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -106,7 +106,7 @@ def test_full_dataset_download_into_cache(server, tmp_path, monkeypatch, dataset
     monkeypatch.setattr(data, "MIRRORS", (url,))
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     monkeypatch.delenv("FMNIST_DATA", raising=False)
-    root = data.locate(None, quiet=True)
+    root = data.locate(None)
     assert root == tmp_path / "cache" / "fmnist" and len(hits) == 4
     arrays = data.load_arrays(root)
     assert arrays["train-images"].shape == (60000, 28, 28)
@@ -116,10 +116,10 @@ def test_full_dataset_download_into_cache(server, tmp_path, monkeypatch, dataset
 def test_oversized_content_is_refused_and_not_retried(server, tmp_path, mode):
     bad, bad_hits = server(mode)
     good, _ = server("good")
-    p = data.fetch_file(SPEC, tmp_path, mirrors=[bad, good], quiet=True)
+    p = data.fetch_file(SPEC, tmp_path, mirrors=[bad, good])
     assert p.read_bytes() == PAYLOAD
     assert len(bad_hits) == 1  # wrong bytes from a mirror will not fix themselves: next mirror
     with pytest.raises(DataError, match="more than") as e:
-        data.fetch_file(SPEC, tmp_path / "only-bad", mirrors=[bad], quiet=True)
+        data.fetch_file(SPEC, tmp_path / "only-bad", mirrors=[bad])
     assert "could not download" in str(e.value)
     assert not any((tmp_path / "only-bad").iterdir())

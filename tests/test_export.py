@@ -12,26 +12,26 @@ from fmnist import checkpoint  # noqa: E402
 from fmnist.export import export  # noqa: E402
 from fmnist.onnx_backend import OnnxModel  # noqa: E402
 from fmnist.predict import Predictor, default_checkpoint  # noqa: E402
-from fmnist.train import predict_logits  # noqa: E402
+from fmnist.inference import predict_logits  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     d = tmp_path_factory.mktemp("onnx")
-    fp32 = export(default_checkpoint(), d / "m.onnx", quiet=True)
-    int8 = export(default_checkpoint(), d / "m.int8.onnx", int8=True, calib_n=512, quiet=True)
+    fp32 = export(default_checkpoint(), d / "m.onnx")
+    int8 = export(default_checkpoint(), d / "m.int8.onnx", int8=True, calib_n=512)
     return fp32, int8
 
 
-def test_fp32_matches_pytorch_on_the_test_set(exported, dataset):
+def test_fp32_matches_pytorch_on_test_images(exported, dataset):
     model, _ = checkpoint.load_model(default_checkpoint())
-    x = dataset.test_images
+    x = dataset.test_images[:1000]  # parity is per image: 1,000 show it as well as 10,000
     # the shipped model is evaluated with flip TTA, so the exported graph holds it too
     assert checkpoint.load(default_checkpoint())["train_config"]["tta_flip"] and OnnxModel(exported[0]).meta["tta_flip"]
     ref = predict_logits(model, x, tta_flip=True, channels_last=False).numpy()
     got = OnnxModel(exported[0]).logits(x[:, None].numpy().astype(np.float32) / 255)
     diff = np.abs(ref - got).max()
-    print(f"max |logit difference| PyTorch vs ONNX Runtime fp32 over 10,000 test images: {diff:.2e}")
+    print(f"max |logit difference| PyTorch vs ONNX Runtime fp32 over 1,000 test images: {diff:.2e}")
     assert diff < 1e-3
     assert (ref.argmax(1) == got.argmax(1)).all()  # identical top-1 on every test image
 
@@ -42,13 +42,14 @@ def test_int8_accuracy_change_is_bounded(exported, dataset):
     acc32 = (OnnxModel(exported[0]).probabilities(x).argmax(1) == y).mean()
     acc8 = (OnnxModel(exported[1]).probabilities(x).argmax(1) == y).mean()
     print(f"test accuracy fp32 {acc32:.4f}, int8 {acc8:.4f} ({(acc8 - acc32) * 100:+.2f} points)")
+    assert acc32 > 0.93  # measured on all 10,000 test images (the model card says 93.68 %)
     assert abs(acc8 - acc32) < 0.01
 
 
 def test_export_without_tta_is_the_bare_model(dataset, tmp_path):
     model, _ = checkpoint.load_model(default_checkpoint())
     x = dataset.test_images[:500]
-    m = OnnxModel(export(default_checkpoint(), tmp_path / "bare.onnx", tta_flip=False, quiet=True))
+    m = OnnxModel(export(default_checkpoint(), tmp_path / "bare.onnx", tta_flip=False))
     assert not m.meta["tta_flip"]
     ref = predict_logits(model, x, tta_flip=False, channels_last=False).numpy()
     assert np.abs(ref - m.logits(x[:, None].numpy().astype(np.float32) / 255)).max() < 1e-3
@@ -57,7 +58,7 @@ def test_export_without_tta_is_the_bare_model(dataset, tmp_path):
 def test_metadata_in_file(exported):
     m = OnnxModel(exported[1])
     assert m.meta["class_names"][9] == "Ankle boot" and m.meta["quantization"] == "int8-static-qdq"
-    assert 0.8 < m.meta["metrics"]["test_acc"] < 1
+    assert m.meta["metrics"]["test_acc"] == pytest.approx(checkpoint.load(default_checkpoint())["metrics"]["test_acc"])
     assert m.meta["parameters"] == Predictor(default_checkpoint()).meta["parameters"]  # was None: the page broke
 
 

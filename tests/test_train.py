@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from fmnist import checkpoint, config
-from fmnist.train import lr_at, predict_logits
+from fmnist.inference import predict_logits
+from fmnist.train import lr_at
 
 
 def test_short_run_learns(tiny_run):
@@ -68,3 +69,7 @@ def test_seed_preset_is_the_assignment():
     assert (cfg.model, cfg.epochs, cfg.batch_size, cfg.lr, cfg.optimizer, cfg.schedule) == \
         ("seed", 20, 64, 1e-3, "adam", "constant")
     assert (cfg.augment.translate, cfg.augment.flip, cfg.augment.erase, cfg.label_smoothing) == (0, False, 0.0, 0.0)
+
+
+def test_defaults_are_the_fast_preset():
+    assert config.resolve("fast", {}) == config.TrainConfig()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -57,8 +58,20 @@ def write_text(target: str | Path, text: str) -> None:
     write_bytes(target, text.encode())
 
 
+def _finite(obj):
+    """NaN and infinities as None: json.dumps would write NaN/Infinity, which JSON does not allow."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
 def write_json(target: str | Path, obj) -> None:
-    write_text(target, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+    """Strict JSON (a non-finite float becomes null), indented."""
+    write_text(target, json.dumps(_finite(obj), indent=2, sort_keys=False, allow_nan=False) + "\n")
 
 
 def torch_save(obj, target: str | Path) -> None:

@@ -12,6 +12,8 @@ Writes bench.json and time_to_accuracy.png into --out.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import statistics
 import time
 from pathlib import Path
@@ -23,6 +25,8 @@ import torch.nn.functional as F
 from .atomic import write_json
 from .models import REGISTRY, count_parameters, create_model
 from .runinfo import environment
+
+log = logging.getLogger(__name__)
 
 THRESHOLDS = (0.92, 0.93, 0.94)
 
@@ -80,7 +84,7 @@ def train_flops_per_image(model, batch: int = 64) -> tuple[float, float]:
 
 def time_train_steps(model, batch: int, steps: int = 12, warmup: int = 3, channels_last: bool = True,
                      amp: str = "off") -> float:
-    from .train import autocast
+    from .inference import autocast
 
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
@@ -102,7 +106,7 @@ def time_train_steps(model, batch: int, steps: int = 12, warmup: int = 3, channe
 @torch.no_grad()
 def time_inference(model, batch: int, steps: int = 20, warmup: int = 3, channels_last: bool = True,
                    amp: str = "off") -> float:
-    from .train import autocast
+    from .inference import autocast
 
     model.eval()
     x = torch.rand(batch, 1, 28, 28)
@@ -116,8 +120,8 @@ def time_inference(model, batch: int, steps: int = 20, warmup: int = 3, channels
     return _images_per_second(step, batch, steps, warmup)
 
 
-def throughput(models=None, batch: int = 256, compile_check: bool = True, log=print) -> dict:
-    from .train import bf16_fast
+def throughput(models=None, batch: int = 256, compile_check: bool = True) -> dict:
+    from .inference import bf16_fast
 
     peaks = {"fp32": matmul_peak()}
     conv_peaks = {"fp32": conv_peak()}
@@ -126,9 +130,9 @@ def throughput(models=None, batch: int = 256, compile_check: bool = True, log=pr
         peaks["bf16"] = matmul_peak(dtype=torch.bfloat16)
         conv_peaks["bf16"] = conv_peak(dtype=torch.bfloat16)
         precisions.append("bf16")
-    log("matmul peak: " + ", ".join(f"{k} {v:.1f} GFLOP/s" for k, v in peaks.items())
-        + "; dense 3x3 conv peak: " + ", ".join(f"{k} {v:.1f} GFLOP/s" for k, v in conv_peaks.items())
-        + f" ({torch.get_num_threads()} threads)")
+    log.info("matmul peak: " + ", ".join(f"{k} {v:.1f} GFLOP/s" for k, v in peaks.items())
+             + "; dense 3x3 conv peak: " + ", ".join(f"{k} {v:.1f} GFLOP/s" for k, v in conv_peaks.items())
+             + f" ({torch.get_num_threads()} threads)")
     out = {"matmul_peak_gflops": peaks, "conv_peak_gflops": conv_peaks, "batch": batch, "models": {}}
     for name in models or list(REGISTRY):
         torch.manual_seed(0)
@@ -146,17 +150,17 @@ def throughput(models=None, batch: int = 256, compile_check: bool = True, log=pr
                        "train_vs_fp32_peak": tr * tf / 1e9 / peaks["fp32"],
                        "train_conv_peak_ratio": tr * tf / 1e9 / conv_peaks[prec]}
             q = r[prec]
-            log(f"{name:>6} {prec}: {r['params']:>9,} params  train {tr:6.0f} img/s {q['train_gflops']:6.1f} GFLOP/s "
-                f"({q['train_peak_ratio']:.0%} of {prec} matmul peak, {q['train_conv_peak_ratio']:.0%} of {prec} "
-                f"conv peak, {q['train_vs_fp32_peak']:.0%} of fp32 matmul peak)  "
-                f"infer {ev:6.0f} img/s ({q['infer_peak_ratio']:.0%})")
+            log.info(f"{name:>6} {prec}: {r['params']:>9,} params  train {tr:6.0f} img/s {q['train_gflops']:6.1f} GFLOP/s "
+                     f"({q['train_peak_ratio']:.0%} of {prec} matmul peak, {q['train_conv_peak_ratio']:.0%} of {prec} "
+                     f"conv peak, {q['train_vs_fp32_peak']:.0%} of fp32 matmul peak)  "
+                     f"infer {ev:6.0f} img/s ({q['infer_peak_ratio']:.0%})")
         out["models"][name] = r
     if compile_check:
-        out["compile"] = compile_comparison(batch, log=log)
+        out["compile"] = compile_comparison(batch)
     return out
 
 
-def compile_comparison(batch: int, steps: int = 200, log=print) -> dict:
+def compile_comparison(batch: int, steps: int = 200) -> dict:
     """Eager vs torch.compile on `fast` for `steps` training steps, compile time included
     (fp32: the comparison is about the compiler, not the precision)."""
     res = {}
@@ -171,15 +175,15 @@ def compile_comparison(batch: int, steps: int = 200, log=print) -> dict:
             rate = time_train_steps(fwd, batch, steps=steps, warmup=1)
         except Exception as e:  # no C++ toolchain etc.: report, do not fail the benchmark
             res[mode] = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
-            log(f"  {mode}: failed ({type(e).__name__})")
+            log.info(f"  {mode}: failed ({type(e).__name__})")
             continue
         total = time.perf_counter() - t0
         res[mode] = {"steady_img_s": rate, "total_seconds_for_steps": total, "steps": steps + 1}
-        log(f"  fast {mode:>7}: {rate:7.0f} img/s steady, {total:6.1f} s for {steps + 1} steps incl. compile")
+        log.info(f"  fast {mode:>7}: {rate:7.0f} img/s steady, {total:6.1f} s for {steps + 1} steps incl. compile")
     return res
 
 
-def accuracy_runs(presets, seeds, out_dir: Path, epochs: dict | None = None, log=print) -> dict:
+def accuracy_runs(presets, seeds, out_dir: Path, epochs: dict | None = None) -> dict:
     from . import config
     from .train import train
 
@@ -199,8 +203,9 @@ def accuracy_runs(presets, seeds, out_dir: Path, epochs: dict | None = None, log
             elif epochs and preset in epochs:
                 overrides["epochs"] = epochs[preset]
             cfg = config.resolve(preset, overrides)
-            log(f"training {spec} seed {seed} ({cfg.epochs} epochs)...")
-            run_dir = train(cfg, quiet=True, evaluate_at_end=False)
+            log.info(f"training {spec} seed {seed} ({cfg.epochs} epochs)...")
+            with _quiet("fmnist.train", "fmnist.calibrate"):  # this part's own lines report each run
+                run_dir = train(cfg)
             hist = read_history(run_dir / "history.csv")
             wall, curve = 0.0, []
             for h in hist:
@@ -209,12 +214,25 @@ def accuracy_runs(presets, seeds, out_dir: Path, epochs: dict | None = None, log
             reach = {f"{t:.2f}": next((w for w, a in curve if a >= t), None) for t in THRESHOLDS}
             runs.append({"seed": seed, "run_dir": str(run_dir), "curve": curve, "final_test_acc": curve[-1][1],
                          "wall_seconds": wall, "time_to": reach})
-            log(f"  final test acc {curve[-1][1]:.4f} in {wall:.0f} s; time to " +
-                ", ".join(f"{k}: {'-' if v is None else f'{v:.0f}s'}" for k, v in reach.items()))
+            log.info(f"  final test acc {curve[-1][1]:.4f} in {wall:.0f} s; time to " +
+                     ", ".join(f"{k}: {'-' if v is None else f'{v:.0f}s'}" for k, v in reach.items()))
         # Keyed by NAME without "*K": the seeds are in the runs, and --append can add more later.
         results[name] = {"runs": runs, "summary": _summarise(runs)}
         write_json(out_dir / "accuracy_partial.json", results)  # a long benchmark keeps what it measured
     return results
+
+
+@contextlib.contextmanager
+def _quiet(*loggers: str):
+    """Only warnings from these loggers while the block runs (and no progress bars)."""
+    saved = [(lg, lg.level) for lg in map(logging.getLogger, loggers)]
+    for lg, level in saved:
+        lg.setLevel(max(level, logging.WARNING))
+    try:
+        yield
+    finally:
+        for lg, level in saved:
+            lg.setLevel(level)
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -259,8 +277,10 @@ def _summarise(runs) -> dict:
         k = f"{t:.2f}"
         times = [r["time_to"][k] for r in runs]
         reached = [x for x in times if x is not None]
-        # Median over seeds; a seed that never reached the threshold counts as infinitely slow.
-        s[f"time_to_{k}_median"] = statistics.median([x if x is not None else float("inf") for x in times])
+        # Median over seeds; a seed that never reached the threshold counts as infinitely slow,
+        # and a median that is such a seed is None (not reached).
+        median = statistics.median([x if x is not None else float("inf") for x in times])
+        s[f"time_to_{k}_median"] = median if median != float("inf") else None
         s[f"time_to_{k}_reached"] = f"{len(reached)}/{len(times)}"
     return s
 
@@ -336,7 +356,8 @@ def run(args) -> int:
         from .loadtest import run_all
         report["serve"] = run_all(checkpoint=args.checkpoint)
     write_json(out / "bench.json", report)
-    print(f"wrote {out / 'bench.json'}" + (f" and {out / 'time_to_accuracy.png'}" if "accuracy" in args.parts else ""))
+    (out / "accuracy_partial.json").unlink(missing_ok=True)  # the accuracy part's safety copy, now in bench.json
+    log.info(f"wrote {out / 'bench.json'}" + (f" and {out / 'time_to_accuracy.png'}" if "accuracy" in args.parts else ""))
     return 0
 
 
@@ -371,7 +392,7 @@ def _op_kind(event) -> tuple[str, str]:
     return kind, phase
 
 
-def profile_training(preset: str = "fast", steps: int = 30, warmup: int = 5, log=print) -> dict:
+def profile_training(preset: str = "fast", steps: int = 30, warmup: int = 5) -> dict:
     """Where a training step's time goes: torch.profiler around `steps` steps of the real training
     loop (train.train_one_epoch: batching by index, augmentation, forward, backward, optimizer)
     for `preset`, on CPU, self time summed by op kind."""
@@ -383,7 +404,7 @@ def profile_training(preset: str = "fast", steps: int = 30, warmup: int = 5, log
     from .train import EMA, epoch_generators, make_optimizer, train_one_epoch
 
     cfg = config.resolve(preset, {"device": "cpu"})
-    ds = data.load(quiet=True)
+    ds = data.load()
     torch.manual_seed(0)
     model = create_model(cfg.model, model_config(cfg.model, cfg.model_config))
     if cfg.channels_last:
@@ -394,9 +415,10 @@ def profile_training(preset: str = "fast", steps: int = 30, warmup: int = 5, log
 
     def epoch(n_steps):
         n = n_steps * cfg.batch_size
-        return train_one_epoch(model, opt, ema, ds.train_images[:n], ds.train_labels[:n], cfg, epoch=1, step=0,
-                               total_steps=10 * n_steps, gen=epoch_generators(0, 1, 0, torch.device("cpu")),
-                               dist=dist, quiet=True)
+        with _quiet("fmnist.train"):  # no progress bar inside the profile
+            return train_one_epoch(model, opt, ema, ds.train_images[:n], ds.train_labels[:n], cfg, epoch=1, step=0,
+                                   total_steps=10 * n_steps, gen=epoch_generators(0, 1, 0, torch.device("cpu")),
+                                   dist=dist)
 
     epoch(warmup)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
@@ -419,16 +441,16 @@ def profile_training(preset: str = "fast", steps: int = 30, warmup: int = 5, log
            "threads": torch.get_num_threads(), "amp": cfg.amp, "wall_seconds": wall,
            "ms_per_step": wall / steps * 1000, "img_s_under_profiler": steps * cfg.batch_size / wall,
            "profiled_ms_per_step": total / 1000 / steps, "kinds": per_step(kinds), "phases": per_step(phases)}
-    log(f"profile of {steps} {preset} training steps (batch {cfg.batch_size}): {wall / steps * 1000:.1f} ms/step, "
-        f"{out['img_s_under_profiler']:.0f} img/s under the profiler")
+    log.info(f"profile of {steps} {preset} training steps (batch {cfg.batch_size}): {wall / steps * 1000:.1f} ms/step, "
+             f"{out['img_s_under_profiler']:.0f} img/s under the profiler")
     for k, r in {**out["phases"], **out["kinds"]}.items():
-        log(f"  {k:>30}: {r['share']:6.1%}  {r['ms_per_step']:6.1f} ms/step")
+        log.info(f"  {k:>30}: {r['share']:6.1%}  {r['ms_per_step']:6.1f} ms/step")
     return out
 
 
 # ---------------------------------------------------------------------------- photos
 
-def photos(n: int = 2000, checkpoint_path=None, seed: int = 0, log=print, figure: Path | None = None) -> dict:
+def photos(n: int = 2000, checkpoint_path=None, seed: int = 0, figure: Path | None = None) -> dict:
     """Test images rendered as product photos (photos.py), run through the whole preprocessing
     pipeline: accuracy against the same images at 28x28."""
     import numpy as np
@@ -437,7 +459,7 @@ def photos(n: int = 2000, checkpoint_path=None, seed: int = 0, log=print, figure
     from .photos import render_product_photo
     from .predict import Predictor
 
-    ds = data.load(quiet=True)
+    ds = data.load()
     rng = np.random.default_rng(seed)
     idx = rng.choice(len(ds.test_images), size=n, replace=False)
     imgs, labels = ds.test_images[idx].numpy(), ds.test_labels[idx].numpy()
@@ -466,9 +488,9 @@ def photos(n: int = 2000, checkpoint_path=None, seed: int = 0, log=print, figure
         top3 = pred.predict([shots[i] for i in pick], top_k=3)
         photo_pipeline([shots[i] for i in pick], [r.image for r in top3], [r.top for r in top3],
                        [classes[labels[i]] for i in pick], figure)
-    log(f"photos: 28x28 accuracy {out['acc_28x28']:.4f}, as product photos {out['acc_photos']:.4f} "
-        f"(gap {out['gap_points']:.2f} points, same prediction for {out['agreement']:.1%}), "
-        f"{out['seconds_per_photo_predict'] * 1000:.1f} ms per photo end to end")
+    log.info(f"photos: 28x28 accuracy {out['acc_28x28']:.4f}, as product photos {out['acc_photos']:.4f} "
+             f"(gap {out['gap_points']:.2f} points, same prediction for {out['agreement']:.1%}), "
+             f"{out['seconds_per_photo_predict'] * 1000:.1f} ms per photo end to end")
     return out
 
 
@@ -483,7 +505,7 @@ ABLATION = {  # name -> robust.RobustOptions overrides; each drops one step of t
 
 
 def photos_real(root, checkpoint_path=None, out: Path | None = None, ablation: bool = False,
-                nonclothing=None, log=print) -> dict:
+                nonclothing=None) -> dict:
     """Real labelled photos (realphotos.py): paper vs robust conversion (and, with ablation, the
     robust pipeline with each step dropped), per split, kind and class, with confusion matrices."""
     import hashlib
@@ -508,7 +530,7 @@ def photos_real(root, checkpoint_path=None, out: Path | None = None, ablation: b
                 continue
             r = realphotos.evaluate(pred, sel)
             res["variants"][name][split] = r
-            log("photos --real: " + realphotos.summary_line(f"{name} [{split}]", r))
+            log.info("photos --real: " + realphotos.summary_line(f"{name} [{split}]", r))
             if out is not None and name in ("paper", "robust"):
                 from .plots import confusion_matrix
 
@@ -518,7 +540,7 @@ def photos_real(root, checkpoint_path=None, out: Path | None = None, ablation: b
     res["calibration"] = pred.meta.get("calibration")
     from . import data
 
-    ds = data.load(quiet=True)   # the model's own 28x28 test accuracy, beside its photo figures
+    ds = data.load()   # the model's own 28x28 test accuracy, beside its photo figures
     res["test_acc_28x28"] = float((pred.probabilities(ds.test_images.numpy()).argmax(1) == ds.test_labels.numpy()).mean())
     if nonclothing:
         res["nonclothing"] = {}
@@ -528,11 +550,11 @@ def photos_real(root, checkpoint_path=None, out: Path | None = None, ablation: b
             r = realphotos.unsure_rate(pred, sel)
             res["nonclothing"][split] = r
             kinds = "; ".join(f"{k} {v['unsure']}/{v['n']}" for k, v in r["per_kind"].items())
-            log(f"photos --nonclothing [{split}]: {r['unsure']}/{r['n']} unsure ({kinds}; {r['reasons']})")
+            log.info(f"photos --nonclothing [{split}]: {r['unsure']}/{r['n']} unsure ({kinds}; {r['reasons']})")
     return res
 
 
-def conversion_speed(root, n: int = 12, reps: int = 5, megapixels: float = 1.0, log=print) -> dict:
+def conversion_speed(root, n: int = 12, reps: int = 5, megapixels: float = 1.0) -> dict:
     """ms to convert a 1-megapixel JPEG on one core (decode included): real photos scaled up to
     1 MP and re-encoded (quality 90), each converted `reps` times; median and 90th percentile."""
     import io
@@ -566,15 +588,15 @@ def conversion_speed(root, n: int = 12, reps: int = 5, megapixels: float = 1.0, 
                 preprocess(b, pipeline=pipeline)
                 ts.append((time.perf_counter() - t) * 1000)
         out[pipeline] = {"median_ms": float(np.median(ts)), "p90_ms": float(np.percentile(ts, 90))}
-        log(f"conversion of a {megapixels:g}-MP JPEG, one core, {pipeline}: median {out[pipeline]['median_ms']:.1f} ms, "
-            f"p90 {out[pipeline]['p90_ms']:.1f} ms")
+        log.info(f"conversion of a {megapixels:g}-MP JPEG, one core, {pipeline}: median {out[pipeline]['median_ms']:.1f} ms, "
+                 f"p90 {out[pipeline]['p90_ms']:.1f} ms")
     torch.set_num_threads(threads)
     return out
 
 
 # ---------------------------------------------------------------------------- onnx
 
-def onnx_backends(checkpoint_path=None, batch: int = 256, log=print) -> dict:
+def onnx_backends(checkpoint_path=None, batch: int = 256) -> dict:
     """Images/s at `batch` and single-image latency for PyTorch eager, ORT fp32 and ORT int8,
     with the test accuracy of each. All three run the same function: with flip TTA where the
     model was trained with it (export's default), so an image costs two forward passes."""
@@ -589,7 +611,7 @@ def onnx_backends(checkpoint_path=None, batch: int = 256, log=print) -> dict:
     from .predict import default_checkpoint
 
     src = checkpoint_path or default_checkpoint()
-    ds = data.load(quiet=True)
+    ds = data.load()
     x_all = ds.test_images.numpy()[:, None].astype(np.float32) / 255
     y = ds.test_labels.numpy()
     model, ckpt = checkpoint.load_model(src)
@@ -602,8 +624,8 @@ def onnx_backends(checkpoint_path=None, batch: int = 256, log=print) -> dict:
 
     out = {"batch": batch, "checkpoint": str(src), "tta_flip": tta, "backends": {}}
     with tempfile.TemporaryDirectory() as d:
-        fp32 = export(src, Path(d) / "m.onnx", quiet=True)
-        int8 = export(src, Path(d) / "m.int8.onnx", int8=True, quiet=True)
+        fp32 = export(src, Path(d) / "m.onnx")
+        int8 = export(src, Path(d) / "m.int8.onnx", int8=True)
         engines = {"pytorch-eager-fp32": torch_logits, "onnxruntime-fp32": OnnxModel(fp32).logits,
                    "onnxruntime-int8": OnnxModel(int8).logits}
         for name, fn in engines.items():
@@ -624,6 +646,6 @@ def onnx_backends(checkpoint_path=None, batch: int = 256, log=print) -> dict:
             lat.sort()
             out["backends"][name] = {"test_acc": acc, "img_s_batch": ips, "latency_ms_p50": lat[100] * 1000,
                                      "latency_ms_p99": lat[197] * 1000}
-            log(f"{name:>20}: test acc {acc:.4f}  {ips:8.0f} img/s at batch {batch}  "
-                f"single image p50 {lat[100] * 1000:.2f} ms, p99 {lat[197] * 1000:.2f} ms")
+            log.info(f"{name:>20}: test acc {acc:.4f}  {ips:8.0f} img/s at batch {batch}  "
+                     f"single image p50 {lat[100] * 1000:.2f} ms, p99 {lat[197] * 1000:.2f} ms")
     return out

@@ -1,13 +1,22 @@
-"""Command line: parse, dispatch, turn known failures into one-line errors. No logic here."""
+"""Command line: parse, dispatch, turn known failures into one-line errors. No logic here.
+
+Library modules log to `fmnist.*` loggers and never print; the CLI decides what reaches the
+terminal: progress and notes (INFO and up) on stderr, a command's result (the predict table,
+the evaluation report, the dataset counts) on stdout, so `fmnist ... > file` keeps only results.
+"""
 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
+from dataclasses import fields
 from pathlib import Path
 
-from .config import PRESETS, TrainConfig
+from .config import AUGMENT_KEYS, PRESETS, AugmentConfig, TrainConfig
+
+log = logging.getLogger("fmnist.cli")
 
 EXIT_USAGE = 2
 EXIT_SIGPIPE = 141  # 128 + SIGPIPE: what a shell reports for a Unix tool whose reader left (`| head`)
@@ -26,13 +35,49 @@ def _at_least(lo: float, kind=float, strict: bool = False):
     return parse
 
 
+def _shown(v) -> str:
+    return {True: "on", False: "off", None: "off"}.get(v, str(v)) if isinstance(v, (bool, type(None))) else str(v)
+
+
 def _preset_default(key: str) -> str:
+    """The default a train flag shows: one value, or each preset's where they differ."""
     base = TrainConfig()
-    vals = []
-    for name, p in PRESETS.items():
-        v = p.get(key, getattr(base, key, None))
-        vals.append(f"{name} {v}")
-    return "; ".join(vals)
+    if key in AUGMENT_KEYS:
+        vals = {name: p.get("augment", {}).get(key, getattr(base.augment, key)) for name, p in PRESETS.items()}
+    else:
+        vals = {name: p.get(key, getattr(base, key)) for name, p in PRESETS.items()}
+    if len(set(map(repr, vals.values()))) == 1:
+        return f"default: {_shown(getattr(base.augment, key) if key in AUGMENT_KEYS else getattr(base, key))}"
+    return "; ".join(f"{name} {_shown(v)}" for name, v in vals.items())
+
+
+_TYPES = {"int": int, "float": float, "str": str, "str | None": str}
+
+
+def _add_config_flags(p) -> None:
+    """One flag per TrainConfig (and AugmentConfig) field that carries help: its name, type,
+    choices and help come from the dataclass, so a setting is written once."""
+    for f in fields(TrainConfig):
+        for g in (fields(AugmentConfig) if f.name == "augment" else [f]):
+            meta = dict(g.metadata)
+            if "help" not in meta:
+                continue
+            text, name = meta.pop("help"), meta.pop("flag", "--" + g.name.replace("_", "-"))
+            shown = meta.pop("shown", None) or _preset_default(g.name)
+            kind = {"action": argparse.BooleanOptionalAction} if g.type == "bool" else {"type": _TYPES[g.type]}
+            p.add_argument(name, dest=g.name, default=None, help=f"{text} ({shown})", **kind, **meta)
+
+
+def _flag_name(dest: str) -> str:
+    """The train flag that sets TrainConfig field `dest`."""
+    f = {f.name: f for f in [*fields(TrainConfig), *fields(AugmentConfig)]}.get(dest)
+    return (f.metadata.get("flag") if f else None) or "--" + dest.replace("_", "-")
+
+
+def train_overrides(args) -> dict:
+    """The TrainConfig settings given on the command line (None = not given)."""
+    names = [f.name for f in fields(TrainConfig) if f.name != "augment"] + list(AUGMENT_KEYS)
+    return {k: getattr(args, k) for k in names if k != "preset" and hasattr(args, k)}
 
 
 def _port(text: str) -> int:
@@ -76,6 +121,36 @@ def _add_data_dir(p):
                         "/usr/share/datasets/fashion-mnist, ~/.cache/fmnist, else download")
 
 
+class _Formatter(logging.Formatter):
+    """INFO as the plain line the library wrote; warnings and errors say what they are."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        msg = super().format(record)
+        return msg if record.levelno < logging.WARNING else f"{record.levelname.lower()}: {msg}"
+
+
+def setup_logging(level: int) -> None:
+    """One handler on the `fmnist` logger, writing to the current stderr (replaced on each call,
+    so main() can run several times in one process, as the tests do)."""
+    logger = logging.getLogger("fmnist")
+    for h in [h for h in logger.handlers if getattr(h, "fmnist_cli", False)]:
+        logger.removeHandler(h)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.fmnist_cli = True
+    handler.setFormatter(_Formatter("%(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(level)
+
+
+def _log_level(args) -> int:
+    if os.environ.get("RANK", "0") != "0":  # under torchrun only rank 0 talks
+        return logging.WARNING
+    if args.command == "serve":  # one knob for the server's lines and uvicorn's
+        return {"critical": logging.CRITICAL, "error": logging.ERROR, "warning": logging.WARNING,
+                "debug": logging.DEBUG, "trace": logging.DEBUG}.get(args.log_level.lower(), logging.INFO)
+    return logging.WARNING if getattr(args, "quiet", False) else logging.INFO
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="fmnist", description="Train, evaluate, serve and export Fashion-MNIST CNNs.")
     sub = ap.add_subparsers(dest="command", metavar="COMMAND")
@@ -92,59 +167,15 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Train a preset recipe. Flags left out take the preset's value. Results go to "
                                    "OUT_DIR/<timestamp>-<preset>/ (config, history.csv, best.pt, last.pt, report).",
                        )
-    p.add_argument("--model", "--preset", dest="preset", default="fast", choices=list(PRESETS),
+    p.add_argument("--preset", default=None, choices=list(PRESETS),
                    help="recipe: seed = the lab assignment's Keras CNN unchanged; fast = best time-to-accuracy "
                         "on a CPU; photo = fast that has also seen what converted real photos look like (the "
-                        "shipped model, ~4 min); best-cpu = highest accuracy (~35 min on 2 cores)")
-    p.add_argument("--arch", dest="model", default=None,
-                   help="override the preset's architecture (a name in fmnist.models.REGISTRY)")
-    p.add_argument("--epochs", type=int, default=None, help=f"epochs ({_preset_default('epochs')})")
-    p.add_argument("--batch-size", type=int, default=None, help=f"batch size ({_preset_default('batch_size')})")
-    p.add_argument("--lr", type=float, default=None, help=f"peak learning rate ({_preset_default('lr')})")
-    p.add_argument("--weight-decay", type=float, default=None, help=f"({_preset_default('weight_decay')})")
-    p.add_argument("--optimizer", choices=["adam", "adamw", "sgd"], default=None,
-                   help=f"({_preset_default('optimizer')})")
-    p.add_argument("--schedule", choices=["constant", "onecycle", "cosine"], default=None,
-                   help=f"learning-rate schedule ({_preset_default('schedule')})")
-    p.add_argument("--label-smoothing", type=float, default=None, help=f"({_preset_default('label_smoothing')})")
-    p.add_argument("--ema", type=float, default=None, help=f"weight EMA decay, 0 = off ({_preset_default('ema')})")
-    p.add_argument("--translate", type=int, default=None, help="max random shift in pixels, 0 = off (preset's)")
-    p.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
-                   help="random horizontal flips (preset's)")
-    p.add_argument("--erase", type=float, default=None, help="random-erasing probability, 0 = off (preset's)")
-    p.add_argument("--photo", type=float, default=None,
-                   help="fraction of training images given real-photo artefacts (tilt, uneven light, folds, prints, blur, noise, mask "
-                        "edges), so the model knows what converted photos look like; 0 = off (preset's)")
-    p.add_argument("--pairs", type=float, default=None,
-                   help="probability that a shoe image becomes a pair of shoes, as photos show them; 0 = off "
-                        "(preset's)")
-    p.add_argument("--real-photos", metavar="DIR", default=None,
-                   help="also train on the dev and train splits of folders of real labelled photos, comma-"
-                        "separated (e.g. photos/real,photos/train), converted as predict does; held-out photos "
-                        "are never read (default: off)")
-    p.add_argument("--real-repeat", type=int, default=None,
-                   help="times each real photo appears per epoch (default: 20)")
-    p.add_argument("--tta-flip", action=argparse.BooleanOptionalAction, default=None,
-                   help=f"average with mirrored images at evaluation ({_preset_default('tta_flip')})")
-    p.add_argument("--amp", choices=["auto", "bf16", "off"], default=None,
-                   help="bf16 mixed precision; auto = on where the hardware runs bf16 fast (CUDA, CPUs with "
-                        "AMX/AVX512-BF16) (default: seed off, others auto)")
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="torch.compile the model (default: off; measured slower end to end on 2 CPU cores)")
-    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
-                   help="channels-last memory format (default: on; measured faster on CPU)")
-    p.add_argument("--val-fraction", type=float, default=None,
-                   help="stratified validation hold-out from the training set (default: 0.1)")
-    p.add_argument("--seed", type=int, default=None, help="random seed (default: 0)")
-    p.add_argument("--device", default=None, help="auto, cpu, cuda, cuda:N or mps (default: auto = cuda, mps, cpu)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: 0 = all cores)")
-    p.add_argument("--subset", type=int, default=None,
-                   help="train on N training images only, for smoke tests (default: 0 = all)")
-    p.add_argument("--out-dir", default=None, help="where run directories go (default: runs)")
-    p.add_argument("--resume", default=None, metavar="RUN_DIR",
-                   help="continue RUN_DIR from its last complete epoch (default: start a new run)")
+                        "shipped model, ~4 min); best-cpu = highest accuracy (~35 min on 2 cores) (default: fast)")
+    p.add_argument("--model", dest="preset_deprecated", choices=list(PRESETS), help=argparse.SUPPRESS)
+    _add_config_flags(p)
     _add_data_dir(p)
-    p.add_argument("--quiet", action="store_true", help="no progress bars or per-epoch lines")
+    p.add_argument("--quiet", action="store_true",
+                   help="no progress bars or per-epoch lines, only warnings and the final report (default: off)")
 
     # ---- evaluate
     p = sub.add_parser("evaluate", help="test-set report for a run directory or checkpoint",
@@ -374,39 +405,46 @@ def cmd_data(args) -> int:
 
 def cmd_train(args) -> int:
     from . import config
+    from .evaluate import evaluate_run, summary_text
     from .train import train
 
     _check_dir_arg("--out-dir", args.out_dir)
-    overrides = {k: getattr(args, k) for k in (
-        "model", "epochs", "batch_size", "lr", "weight_decay", "optimizer", "schedule", "label_smoothing", "ema",
-        "translate", "flip", "erase", "photo", "pairs", "tta_flip", "amp", "compile", "channels_last", "val_fraction", "seed", "device",
-        "threads", "subset", "out_dir", "data_dir", "resume", "real_photos", "real_repeat")}
+    if args.preset_deprecated:
+        log.warning("--model is deprecated: it picks a preset, so it is now --preset (--arch picks the model)")
+        if args.preset not in (None, args.preset_deprecated):
+            raise ValueError(f"--model {args.preset_deprecated} and --preset {args.preset} disagree; give --preset")
+    preset = args.preset or args.preset_deprecated or "fast"
+    overrides = train_overrides(args)
     if args.resume:
         # Everything comes from the run being continued; only these may change.
-        given = {k: v for k, v in overrides.items() if v is not None}
-        extra = sorted(set(given) - {"resume", "epochs", "device", "threads"})
-        if extra:
-            raise ValueError(f"--resume continues a run with its own settings; drop {', '.join('--' + k.replace('_', '-') for k in extra)}")
+        given = {k for k, v in overrides.items() if v is not None} | ({"preset"} if args.preset else set())
+        extra = sorted(given - {"resume", "epochs", "device", "threads"})
+        if extra or args.preset_deprecated:
+            flags = sorted([_flag_name(k) for k in extra] + (["--model"] if args.preset_deprecated else []))
+            raise ValueError(f"--resume continues a run with its own settings; drop {', '.join(flags)}")
         cfg = config.TrainConfig(resume=args.resume, epochs=args.epochs or 0, device=args.device or "auto",
                                  threads=args.threads or 0)
     else:
-        cfg = config.resolve(args.preset, overrides)
+        cfg = config.resolve(preset, overrides)
     try:
-        train(cfg, quiet=args.quiet)
+        run_dir = train(cfg)
     except KeyboardInterrupt:
         return 130
+    if run_dir is not None:  # rank 0 of a distributed run, or the only process
+        print(summary_text(evaluate_run(run_dir, device=cfg.device)))
     return 0
 
 
 def cmd_evaluate(args) -> int:
-    from .evaluate import evaluate_checkpoint
+    from .evaluate import evaluate_checkpoint, summary_text
 
     _check_dir_arg("--out", args.out)
     ds = None
     if args.data_dir:
         from . import data
         ds = data.load(args.data_dir)
-    evaluate_checkpoint(args.checkpoint, device=args.device, dataset=ds, out_dir=args.out, tta_flip=args.tta_flip)
+    m = evaluate_checkpoint(args.checkpoint, device=args.device, dataset=ds, out_dir=args.out, tta_flip=args.tta_flip)
+    print(summary_text(m))
     return 0
 
 
@@ -416,6 +454,7 @@ def main(argv=None) -> int:
     if not args.command:
         ap.print_help()
         return EXIT_USAGE
+    setup_logging(_log_level(args))
     from .checkpoint import CheckpointError
     from .data import DataError
 

@@ -12,9 +12,9 @@ from __future__ import annotations
 import gzip
 import hashlib
 import http.client
+import logging
 import os
 import struct
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -28,6 +28,7 @@ import torch
 from .atomic import atomic_path
 from .classes import CLASS_NAMES, IMAGE_SIZE
 
+log = logging.getLogger(__name__)
 
 class DataError(Exception):
     """A dataset file is missing, corrupt or unreachable; the message says what to do."""
@@ -193,7 +194,7 @@ def check_named_dir(label: str, d: Path) -> None:
         raise DataError(f"{label} {d} lacks {', '.join(missing)} (or the same without .gz); {todo}")
 
 
-def locate(data_dir: str | Path | None = None, download: bool = True, mirrors=None, quiet: bool = False) -> Path:
+def locate(data_dir: str | Path | None = None, download: bool = True, mirrors=None) -> Path:
     """The directory holding all four files. A place the user named (--data-dir, $FMNIST_DATA) is
     the only one tried; otherwise Debian's package, then the cache, then a download into the cache."""
     named = named_dir(data_dir)
@@ -207,9 +208,8 @@ def locate(data_dir: str | Path | None = None, download: bool = True, mirrors=No
         raise DataError("Fashion-MNIST not found in " + ", ".join(str(d) for _, d in candidate_dirs())
                         + "; run `fmnist data --download`, or `apt-get install dataset-fashion-mnist` on Debian")
     target = cache_dir()
-    if not quiet:
-        print(f"Fashion-MNIST not found locally; downloading into {target}", file=sys.stderr)
-    fetch_all(target, mirrors=mirrors, quiet=quiet)
+    log.info(f"Fashion-MNIST not found locally; downloading into {target}")
+    fetch_all(target, mirrors=mirrors)
     return target
 
 
@@ -222,7 +222,7 @@ def download_limit(spec: IdxFile) -> int:
     return size + size // 100 + (64 << 10)
 
 
-def _fetch(url: str, dest: Path, timeout: float, quiet: bool, limit: int) -> None:
+def _fetch(url: str, dest: Path, timeout: float, limit: int) -> None:
     """Stream url to dest through a temp file, at most `limit` bytes; the progress bar shows bytes."""
     from tqdm import tqdm
 
@@ -232,8 +232,9 @@ def _fetch(url: str, dest: Path, timeout: float, quiet: bool, limit: int) -> Non
         if total is not None and total > limit:
             raise DataError(too_big)
         got = 0
+        show = log.isEnabledFor(logging.INFO)  # a bar where INFO messages show and stderr is a terminal
         with open(tmp, "wb") as f, tqdm(total=total, unit="B", unit_scale=True, desc=dest.name,
-                                         disable=quiet, leave=False) as bar:
+                                         disable=None if show else True, leave=False) as bar:
             while chunk := resp.read(1 << 16):
                 got += len(chunk)
                 if got > limit:
@@ -244,8 +245,7 @@ def _fetch(url: str, dest: Path, timeout: float, quiet: bool, limit: int) -> Non
                 raise DataError(f"{url}: connection closed after {got} of {total} bytes")
 
 
-def fetch_file(spec: IdxFile, dest_dir: Path, mirrors=None, retries: int = 3, timeout: float = 30.0,
-               quiet: bool = False) -> Path:
+def fetch_file(spec: IdxFile, dest_dir: Path, mirrors=None, retries: int = 3, timeout: float = 30.0) -> Path:
     """Download one file, trying each mirror `retries` times; keep it only if its content verifies."""
     mirrors = list(mirrors or MIRRORS)
     dest_dir.mkdir(parents=True, exist_ok=True)
@@ -256,7 +256,7 @@ def fetch_file(spec: IdxFile, dest_dir: Path, mirrors=None, retries: int = 3, ti
         for attempt in range(1, retries + 1):
             staging = dest.with_name(dest.name + ".download")
             try:
-                _fetch(url, staging, timeout, quiet, download_limit(spec))
+                _fetch(url, staging, timeout, download_limit(spec))
                 read_idx(staging, spec.kind, spec.count, spec.sha256)  # verify before it becomes visible
                 os.replace(staging, dest)
                 return dest
@@ -271,10 +271,10 @@ def fetch_file(spec: IdxFile, dest_dir: Path, mirrors=None, retries: int = 3, ti
                       "dataset-fashion-mnist) and pass --data-dir.")
 
 
-def fetch_all(dest_dir: Path, mirrors=None, quiet: bool = False, **kw) -> Path:
+def fetch_all(dest_dir: Path, mirrors=None, **kw) -> Path:
     for spec in FILES.values():
         if find_file(dest_dir, spec.stem) is None:
-            fetch_file(spec, dest_dir, mirrors=mirrors, quiet=quiet, **kw)
+            fetch_file(spec, dest_dir, mirrors=mirrors, **kw)
     return dest_dir
 
 
@@ -300,8 +300,10 @@ def load_arrays(directory: Path, verify: bool = True) -> dict[str, np.ndarray]:
     return out
 
 
-def load(data_dir: str | Path | None = None, download: bool = True, quiet: bool = False) -> FashionMNIST:
-    root = locate(data_dir, download=download, quiet=quiet)
+def load(data_dir: str | Path | None = None, download: bool = True, quiet: bool | None = None) -> FashionMNIST:
+    """The verified dataset. `quiet` is ignored (messages go through logging); it stays only
+    until calibrate.py stops passing it."""
+    root = locate(data_dir, download=download)
     a = load_arrays(root)
     t = lambda x: torch.from_numpy(x.copy())  # noqa: E731 - frombuffer arrays are read-only
     return FashionMNIST(t(a["train-images"]), t(a["train-labels"]).long(),

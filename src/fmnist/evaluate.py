@@ -3,6 +3,7 @@ saved as report.md + metrics.json + pictures next to the checkpoint."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -12,8 +13,8 @@ import torch.nn.functional as F
 from . import checkpoint, data
 from .atomic import write_json, write_text
 from .classes import CLASS_NAMES
-from .runinfo import pick_device
 from .inference import predict_logits
+from .runinfo import pick_device
 
 
 def compute_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict:
@@ -56,14 +57,15 @@ def confusion_text(cm: list[list[int]]) -> str:
     return "\n".join([head, sep, *rows])
 
 
-def evaluate_checkpoint(path, device="auto", dataset=None, out_dir=None, quiet=False, tta_flip=None) -> dict:
-    """Evaluate a checkpoint (or a run directory's best.pt) on the test set and write the report."""
+def evaluate_checkpoint(path, device="auto", dataset=None, out_dir=None, tta_flip=None) -> dict:
+    """Evaluate a checkpoint (or a run directory's best.pt) on the test set and write the report;
+    returns the metrics (as in metrics.json) plus "report", the path of report.md."""
     device = pick_device(device) if isinstance(device, str) else device
     ckpt_path = checkpoint.resolve_path(path)
     model, ckpt = checkpoint.load_model(ckpt_path, device)
     cfg = ckpt.get("train_config", {})
     tta = cfg.get("tta_flip", False) if tta_flip is None else tta_flip
-    ds = dataset or data.load(quiet=quiet)
+    ds = dataset or data.load()
     x, y = ds.test_images.to(device), ds.test_labels.to(device)
     logits = predict_logits(model, x, 1024, tta_flip=tta, channels_last=cfg.get("channels_last", True))
     m = compute_metrics(logits, y)
@@ -74,16 +76,24 @@ def evaluate_checkpoint(path, device="auto", dataset=None, out_dir=None, quiet=F
     write_json(out / "metrics.json", m)
     _write_pictures(out, m, logits.cpu(), ds.test_images, ds.test_labels)
     write_text(out / "report.md", _markdown(m, out))
-    if not quiet:
-        print(f"\ntest accuracy {m['test_acc']:.4f}  loss {m['test_loss']:.4f}  ({m['n']} images, "
-              f"{ckpt['model']} epoch {m['epoch']}{', flip TTA' if tta else ''})\n")
-        print(report_text(m))
-        print(f"\nreport: {out / 'report.md'}")
-    return m
+    return {**m, "report": str(out / "report.md")}
 
 
-def evaluate_run(run_dir, device="auto", dataset=None, quiet=False) -> dict:
-    return evaluate_checkpoint(Path(run_dir) / "best.pt", device=device, dataset=dataset, quiet=quiet)
+def evaluate_run(run_dir, device="auto", dataset=None) -> dict:
+    """Evaluate a run's best.pt on the test set of the data directory the run trained on."""
+    run_dir = Path(run_dir)
+    if dataset is None:
+        data_dir = json.loads((run_dir / "config.json").read_text()).get("data_dir")
+        dataset = data.load(data_dir)
+    return evaluate_checkpoint(run_dir / "best.pt", device=device, dataset=dataset)
+
+
+def summary_text(m: dict) -> str:
+    """What `fmnist evaluate` and `fmnist train` print: the headline, the classification report
+    and where the full report is."""
+    return (f"test accuracy {m['test_acc']:.4f}  loss {m['test_loss']:.4f}  ({m['n']} images, "
+            f"{m['model']} epoch {m['epoch']}{', flip TTA' if m['tta_flip'] else ''})\n\n"
+            f"{report_text(m)}\n\nreport: {m['report']}")
 
 
 def _write_pictures(out: Path, m: dict, logits, images, labels) -> None:

@@ -5,6 +5,7 @@ training images, for CPU inference with ONNX Runtime."""
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,8 @@ from . import checkpoint
 from .atomic import atomic_path
 from .classes import MEAN, STD
 from .models import FlipTTA, count_parameters
+
+log = logging.getLogger(__name__)
 
 OPSET = 17
 INSTALL_HINT = "ONNX export needs the optional extra: pip install 'fmnist[onnx]' (onnx and onnxruntime)"
@@ -89,7 +92,7 @@ def calibration_images(n: int = 1024, seed: int = 0) -> np.ndarray:
     """A class-balanced random sample of *training* images (the test set stays unseen)."""
     from . import data
 
-    ds = data.load(quiet=True)
+    ds = data.load()
     g = torch.Generator().manual_seed(seed)
     idx = torch.randperm(len(ds.train_images), generator=g)[:n]
     return ds.train_images[idx].numpy()
@@ -111,7 +114,7 @@ def quantize_int8(fp32_path: Path, out_path: Path, calib: np.ndarray) -> None:
 
 
 def export(ckpt_path, out: str | Path | None = None, int8: bool = False, calib_n: int = 1024,
-           quiet: bool = False, tta_flip: bool | None = None) -> Path:
+           tta_flip: bool | None = None) -> Path:
     """tta_flip: put the mirror average (models.FlipTTA) in the graph; None = as the model was
     trained and evaluated, so ONNX Runtime gives the same predictions as PyTorch and the accuracy
     in the metadata describes the file (at 2x the compute)."""
@@ -137,7 +140,6 @@ def export(ckpt_path, out: str | Path | None = None, int8: bool = False, calib_n
     onnx.checker.check_model(proto)
     with atomic_path(out) as tmp:
         onnx.save(proto, str(tmp))
-    if not quiet:
-        print(f"wrote {out} ({out.stat().st_size / 1e6:.2f} MB, {'int8' if int8 else 'fp32'}, opset {OPSET}"
-              f"{', flip TTA in the graph' if tta_flip else ''})")
+    log.info(f"wrote {out} ({out.stat().st_size / 1e6:.2f} MB, {'int8' if int8 else 'fp32'}, opset {OPSET}"
+             f"{', flip TTA in the graph' if tta_flip else ''})")
     return out

@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import asyncio
 import io
+import logging
 import socket
 import subprocess
 import sys
 import time
 
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 HOST = "127.0.0.1"  # never anything but loopback
 
@@ -99,7 +102,7 @@ def sample_png() -> bytes:
 
 
 def run_all(checkpoint=None, levels=(1, 8, 32), max_requests: int = 3000, max_seconds: float = 10.0,
-            onnx: bool = True, log=print) -> dict:
+            onnx: bool = True) -> dict:
     """Each setting in its own server process: PyTorch with and without dynamic batching, and
     (where onnxruntime is installed) the same model exported to ONNX, batched."""
     import tempfile
@@ -115,10 +118,10 @@ def run_all(checkpoint=None, levels=(1, 8, 32), max_requests: int = 3000, max_se
                 from .export import export
                 from .predict import default_checkpoint
 
-                onnx_path = export(checkpoint or default_checkpoint(), f"{tmp}/model.onnx", quiet=True)
+                onnx_path = export(checkpoint or default_checkpoint(), f"{tmp}/model.onnx")
                 settings.append(("onnx-batching", onnx_path, ["--backend", "onnx", *batching]))
             except ImportError as e:  # the optional extra is missing: measure the rest
-                log(f"skipping the ONNX Runtime setting: {e}")
+                log.warning(f"skipping the ONNX Runtime setting: {e}")
         for label, ckpt, extra in settings:
             port = _free_port()
             proc = start_server(port, ckpt, extra)
@@ -129,8 +132,8 @@ def run_all(checkpoint=None, levels=(1, 8, 32), max_requests: int = 3000, max_se
                 for c in levels:
                     r = asyncio.run(_drive(port, req, c, max_requests, max_seconds))
                     rows.append(r)
-                    log(f"{label:>13} c={c:>2}: {r['rps']:7.1f} req/s  p50 {r['p50_ms']:6.1f} ms  "
-                        f"p99 {r['p99_ms']:6.1f} ms  ({r['requests']} requests, {r['errors']} errors)")
+                    log.info(f"{label:>13} c={c:>2}: {r['rps']:7.1f} req/s  p50 {r['p50_ms']:6.1f} ms  "
+                             f"p99 {r['p99_ms']:6.1f} ms  ({r['requests']} requests, {r['errors']} errors)")
                 out["settings"][label] = rows
             finally:
                 proc.terminate()

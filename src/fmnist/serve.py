@@ -260,8 +260,8 @@ def main(args) -> int:
                       body_timeout_s=args.body_timeout)
     predictor = Predictor(args.checkpoint, backend=args.backend, pipeline=getattr(args, "pipeline", "robust"))
     app = create_app(predictor, cfg)
-    print(f"serving {predictor.meta.get('model')} ({predictor.backend}) on http://{args.host}:{args.port}/  "
-          f"API docs: /docs  batching: max {cfg.max_batch}, wait {cfg.max_wait_ms} ms", flush=True)
+    log.info(f"serving {predictor.meta.get('model')} ({predictor.backend}) on http://{args.host}:{args.port}/  "
+             f"API docs: /docs  batching: max {cfg.max_batch}, wait {cfg.max_wait_ms} ms")
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=args.access_log,
                 http=protocol_with_head_deadline(cfg.header_timeout_s), limit_concurrency=cfg.limit_concurrency,
                 timeout_keep_alive=cfg.keep_alive_s)

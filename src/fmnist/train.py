@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import csv
 import io
+import logging
 import math
 import sys
 import time
@@ -27,10 +28,11 @@ from . import checkpoint, data
 from .atomic import write_json, write_text
 from .config import TrainConfig, from_dict, validate
 from .distributed import DistInfo
-from .inference import autocast, bf16_fast, predict_logits, to_input  # noqa: F401 (re-exported)
+from .inference import autocast, predict_logits, to_input
 from .models import count_parameters, create_model, model_config
 from .runinfo import environment, pick_device
 
+log = logging.getLogger(__name__)
 
 # ---------------------------------------------------------------------------- pieces
 
@@ -46,6 +48,22 @@ def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
     if cfg.schedule == "onecycle":  # linear decay to 0: simplest anneal that measured as well as cosine
         return cfg.lr * (1 - t)
     return cfg.lr * 0.5 * (1 + math.cos(math.pi * t))
+
+
+def resumed_epochs(saved: TrainConfig, asked: int, run_dir: Path) -> int:
+    """How many epochs a resumed run has in all. 0 (not asked) = as planned. A one-cycle or cosine
+    schedule is laid out over the planned steps (lr_at), so a different count would change the
+    learning rate of every step still to come: refused. A constant-lr run may be extended."""
+    if not asked or asked == saved.epochs:
+        return saved.epochs
+    if saved.schedule != "constant":
+        raise ValueError(f"{run_dir} is planned for {saved.epochs} epochs of a {saved.schedule} learning-rate "
+                         f"schedule; --resume finishes it as planned, so leave out --epochs (or start a new "
+                         f"run with --epochs {asked})")
+    if asked < saved.epochs:
+        raise ValueError(f"{run_dir} is planned for {saved.epochs} epochs; --resume --epochs may extend a "
+                         f"constant-lr run, not shorten it (its best.pt is already saved after each epoch)")
+    return asked
 
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -87,7 +105,7 @@ def evaluate_split(model, images, labels, cfg: TrainConfig, amp: str | None = No
 
 
 def train_one_epoch(model, opt, ema, images, labels, cfg: TrainConfig, *, epoch: int, step: int,
-                    total_steps: int, gen: dict, dist: DistInfo, quiet: bool) -> tuple[dict, int]:
+                    total_steps: int, gen: dict, dist: DistInfo) -> tuple[dict, int]:
     """One pass over `images` (uint8, on device). Returns (metrics, global step after)."""
     model.train()
     n = len(images)
@@ -97,7 +115,9 @@ def train_one_epoch(model, opt, ema, images, labels, cfg: TrainConfig, *, epoch:
     loss_sum = torch.zeros((), device=images.device)
     correct = torch.zeros((), device=images.device)
     seen = 0
-    bar = tqdm(range(steps), desc=f"epoch {epoch}/{cfg.epochs}", leave=False, disable=True if (quiet or not dist.is_main) else None,
+    # A progress bar where INFO messages show (the CLI without --quiet) and stderr is a terminal.
+    show = dist.is_main and log.isEnabledFor(logging.INFO)
+    bar = tqdm(range(steps), desc=f"epoch {epoch}/{cfg.epochs}", leave=False, disable=None if show else True,
                unit="batch", dynamic_ncols=True, file=sys.stderr)
     for s in bar:
         idx = perm[s * cfg.batch_size:(s + 1) * cfg.batch_size][dist.rank::dist.world_size]
@@ -191,8 +211,10 @@ def epoch_generators(seed: int, epoch: int, rank: int, device: torch.device) -> 
 
 # ---------------------------------------------------------------------------- main loop
 
-def train(cfg: TrainConfig, quiet: bool = False, evaluate_at_end: bool = True) -> Path:
-    """Train per `cfg` (or continue cfg.resume); returns the run directory."""
+def train(cfg: TrainConfig) -> Path | None:
+    """Train per `cfg` (or continue cfg.resume) and calibrate best.pt on validation; returns the
+    run directory (None on the other ranks of a distributed run). Progress goes to the
+    `fmnist.train` logger; the test-set evaluation is the caller's (evaluate.evaluate_run)."""
     dist = DistInfo.from_env()
     resume_ckpt = None
     if cfg.resume:
@@ -206,8 +228,8 @@ def train(cfg: TrainConfig, quiet: bool = False, evaluate_at_end: bool = True) -
         if "optimizer" not in resume_ckpt:
             raise checkpoint.CheckpointError(f"{run_dir / 'last.pt'}: holds no training state to resume")
         saved = from_dict(resume_ckpt["train_config"])
-        # Everything but the epoch count (which may only grow) comes from the run being continued.
-        saved.epochs = max(saved.epochs, cfg.epochs)
+        # Everything comes from the run being continued, which ends where it was planned to.
+        saved.epochs = resumed_epochs(saved, cfg.epochs, run_dir)
         saved.resume = str(run_dir)
         saved.device = cfg.device if cfg.device != "auto" else saved.device
         saved.threads = cfg.threads or saved.threads  # same kernels as before, unless told otherwise
@@ -217,7 +239,7 @@ def train(cfg: TrainConfig, quiet: bool = False, evaluate_at_end: bool = True) -
         torch.set_num_threads(cfg.threads)
     device = pick_device(cfg.device) if not dist.enabled else dist.device(cfg.device)
     dist.init(device)
-    ds = data.load(cfg.data_dir, quiet=quiet or not dist.is_main)
+    ds = data.load(cfg.data_dir)
     train_idx, val_idx = data.stratified_split(ds.train_labels, cfg.val_fraction, cfg.seed)
     if cfg.subset:
         # A stratified-enough subset: the split's first `subset` indices in a seeded order.
@@ -229,9 +251,9 @@ def train(cfg: TrainConfig, quiet: bool = False, evaluate_at_end: bool = True) -
         rx, ry = real_training_images(cfg.real_photos)
         tr_x = torch.cat([tr_x, rx.to(device).repeat(cfg.real_repeat, 1, 1)])
         tr_y = torch.cat([tr_y, ry.to(device).repeat(cfg.real_repeat)])
-        if not quiet and dist.is_main:
-            print(f"training with {len(rx)} real photos (dev/train splits of {cfg.real_photos}; "
-                  f"{int((ry == OUTLIER).sum())} of no clothing) x {cfg.real_repeat}")
+        if dist.is_main:
+            log.info("training with %d real photos (dev/train splits of %s; %d of no clothing) x %d", len(rx),
+                     cfg.real_photos, int((ry == OUTLIER).sum()), cfg.real_repeat)
     va_x, va_y = ds.train_images[val_idx].to(device), ds.train_labels[val_idx].to(device)
     te_x, te_y = (ds.test_images.to(device), ds.test_labels.to(device)) if cfg.report_test else (None, None)
 
@@ -265,11 +287,10 @@ def train(cfg: TrainConfig, quiet: bool = False, evaluate_at_end: bool = True) -
         write_json(run_dir / "config.json", {**cfg_dict, "model_config": mcfg})
         write_json(run_dir / "environment.json", {**environment(device), "world_size": dist.world_size})
         n_params = count_parameters(model)
-        if not quiet:
-            print(f"run {run_dir}  preset={cfg.preset} model={cfg.model} ({n_params:,} params) device={device}"
-                  f" threads={torch.get_num_threads()} world={dist.world_size}  train/val {len(tr_x)}/{len(va_x)}")
-            if start_epoch > 1:
-                print(f"resuming after epoch {start_epoch - 1} (step {step})")
+        log.info(f"run {run_dir}  preset={cfg.preset} model={cfg.model} ({n_params:,} params) device={device}"
+                 f" threads={torch.get_num_threads()} world={dist.world_size}  train/val {len(tr_x)}/{len(va_x)}")
+        if start_epoch > 1:
+            log.info(f"resuming after epoch {start_epoch - 1} (step {step})")
 
     # Ctrl-C (KeyboardInterrupt) abandons the epoch in flight; the last complete one is on disk
     # already, and atomic writes mean an interrupted save leaves the previous file intact.
@@ -279,7 +300,7 @@ def train(cfg: TrainConfig, quiet: bool = False, evaluate_at_end: bool = True) -
             gen = epoch_generators(cfg.seed, epoch, dist.rank, device)
             t0 = time.perf_counter()
             tr, step = train_one_epoch(fwd_model, opt, ema, tr_x, tr_y, cfg, epoch=epoch, step=step,
-                                       total_steps=total_steps, gen=gen, dist=dist, quiet=quiet)
+                                       total_steps=total_steps, gen=gen, dist=dist)
             train_seconds = time.perf_counter() - t0
             eval_model = ema.model if ema is not None else dist.unwrap(model)
             t1 = time.perf_counter()
@@ -305,15 +326,14 @@ def train(cfg: TrainConfig, quiet: bool = False, evaluate_at_end: bool = True) -
                     optimizer=opt.state_dict(), step=step, history=history,
                     **({"ema": ema.model.state_dict()} if ema is not None else {})), run_dir / "last.pt")
                 write_history(run_dir, history)
-                if not quiet:
-                    print(f"epoch {epoch:3d}/{cfg.epochs}  train loss {tr['loss']:.4f} acc {tr['acc']:.4f}  "
-                          f"val loss {va['loss']:.4f} acc {va['acc']:.4f}  {train_seconds:5.1f}s"
-                          f"{'  *' if is_best else ''}", flush=True)
+                log.info(f"epoch {epoch:3d}/{cfg.epochs}  train loss {tr['loss']:.4f} acc {tr['acc']:.4f}  "
+                         f"val loss {va['loss']:.4f} acc {va['acc']:.4f}  {train_seconds:5.1f}s"
+                         f"{'  *' if is_best else ''}")
     except KeyboardInterrupt:
-        if dist.is_main and not quiet:
+        if dist.is_main:
             done = history[-1]["epoch"] if history else 0
-            print(f"stopped: {done} complete epoch(s) saved in {run_dir}; "
-                  f"continue with `fmnist train --resume {run_dir}`", file=sys.stderr)
+            log.warning(f"stopped: {done} complete epoch(s) saved in {run_dir}; "
+                        f"continue with `fmnist train --resume {run_dir}`")
         dist.cleanup()
         raise
     # Leave together: a rank that tears down its gloo group while rank 0 is still validating and
@@ -327,11 +347,5 @@ def train(cfg: TrainConfig, quiet: bool = False, evaluate_at_end: bool = True) -
         if len(val_idx):
             # Temperature and unsure threshold from the validation split, into best.pt itself.
             from .calibrate import calibrate
-            cal = calibrate(run_dir / "best.pt", dataset=ds, device=device, val_idx=val_idx, report_test=False)
-            if not quiet:
-                print(f"calibrated on validation: temperature {cal['temperature']:.3f}, unsure below "
-                      f"{cal['threshold']:.0%}; ECE {cal['val_ece_before']:.4f} -> {cal['val_ece_after']:.4f}")
-        if evaluate_at_end:
-            from .evaluate import evaluate_run
-            evaluate_run(run_dir, device=device, dataset=ds, quiet=quiet)
-    return run_dir
+            calibrate(run_dir / "best.pt", dataset=ds, device=device, val_idx=val_idx, report_test=False)  # logs
+    return run_dir if dist.is_main else None
