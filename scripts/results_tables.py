@@ -92,7 +92,9 @@ def photos(p):
     return (f"{p['n']} test images (seed {p['seed']}), model `{p['model']}`: 28x28 accuracy {pct(p['acc_28x28'])}, "
             f"as product photos {pct(p['acc_photos'])} (gap {p['gap_points']:.2f} points; the same top-1 for "
             f"{p['agreement']:.1%}; {p['errors']} errors); {p['seconds_per_photo_predict'] * 1000:.1f} ms per photo "
-            f"end to end (decode, preprocess, classify).")
+            f"end to end (decode, preprocess, classify)."
+            + (f" As shop listings (brand line, price badge, text banner around the photo): {pct(p['acc_listings'])}, "
+               f"the same top-1 as the plain photo for {p['listing_agreement']:.1%}." if "acc_listings" in p else ""))
 
 
 def onnx(o):

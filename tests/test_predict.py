@@ -1,5 +1,6 @@
 """fmnist predict and the Python API, on real files; the product-photo round trip."""
 
+import io
 import json
 import subprocess
 import sys
@@ -8,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fmnist.photos import render_product_photo
+from fmnist.photos import render_listing, render_product_photo
 from fmnist.predict import Predictor, default_checkpoint
 
 
@@ -43,6 +44,21 @@ def test_product_photo_round_trip(predictor, dataset):
     acc = (via_photo == dataset.test_labels[idx].numpy()).mean()
     print(f"photo round trip: agreement {agreement:.3f}, accuracy {acc:.3f}")
     assert agreement > 0.85 and acc > 0.8
+
+
+def test_shop_listing_badges_and_banners_do_not_take_over(predictor, dataset):
+    """The same product photos framed as a shop listing (brand line, price badge, dark text
+    banner): the conversion still finds the item, so most answers stay what the plain photo got.
+    (The paper recipe's trim box takes the badge and banner in.)"""
+    rng = np.random.default_rng(3)
+    idx = rng.choice(10000, 60, replace=False)
+    shots = [render_product_photo(im, rng) for im in dataset.test_images[idx].numpy()]
+    listings = [render_listing(s, rng) for s in shots]
+    plain, listed = predictor.predict(shots, top_k=1), predictor.predict(listings, top_k=1)
+    same = np.mean([a.top[0][0] == b.top[0][0] for a, b in zip(plain, listed)])
+    assert same >= 0.8, same
+    im = Image.open(io.BytesIO(listings[0]))
+    assert im.height > Image.open(io.BytesIO(shots[0])).height   # the listing frames the photo
 
 
 def test_api_accepts_paths_pil_arrays(predictor, dataset, tmp_path):

@@ -31,3 +31,37 @@ def render_product_photo(img28: np.ndarray, rng: np.random.Generator, quality: i
     buf = io.BytesIO()
     photo.save(buf, format="JPEG", quality=quality)
     return buf.getvalue()
+
+
+BADGE_COLOURS = ((220, 30, 30), (250, 200, 0), (0, 120, 220), (20, 20, 20))
+
+
+def render_listing(photo: bytes, rng: np.random.Generator, quality: int = 85) -> bytes:
+    """A product photo (JPEG bytes) as a shop listing shows it: a brand line above, a price
+    badge in a top corner, a dark banner of text below, all on the photo's own backdrop and
+    none over the item. What the robust conversion must see past: the trim box of the paper
+    recipe stretches to take them in."""
+    from PIL import ImageDraw, ImageFont
+
+    im = Image.open(io.BytesIO(photo)).convert("RGB")
+    w, h = im.size
+    bg = tuple(int(v) for v in np.asarray(im)[:4, :4].reshape(-1, 3).mean(0))
+    m = max(24, int(h * rng.uniform(0.12, 0.2)))           # room above and below the photo
+    out = Image.new("RGB", (w, h + 2 * m), bg)
+    out.paste(im, (0, m))
+    d = ImageDraw.Draw(out)
+    font = ImageFont.load_default(size=max(10, m // 3))
+    r = int(m * rng.uniform(0.35, 0.5))                     # badge radius
+    right = rng.random() < 0.7                              # badge in the right corner, brand on the left
+    cx = w - r - 6 if right else r + 6
+    d.text((int(w * (0.04 if right else 0.55)), m // 4), str(rng.choice(["BRAND", "NEW IN", "SALE", "Collection"])),
+           fill=(0, 0, 0), font=font)
+    colour = BADGE_COLOURS[int(rng.integers(len(BADGE_COLOURS)))]
+    d.ellipse((cx - r, m // 2 - r + 4, cx + r, m // 2 + r + 4), fill=colour)
+    d.text((cx - r * 0.7, m // 2 - r * 0.3 + 4), f"-{int(rng.integers(1, 8)) * 10}%", fill=(255, 255, 255), font=font)
+    top = h + m + m // 4
+    d.rectangle((0, top, w, h + 2 * m), fill=(20, 20, 20))
+    d.text((int(w * 0.04), top + 2), str(rng.choice(["FREE SHIPPING", "ONLY TODAY", "2 FOR 1"])), fill=(255, 255, 255), font=font)
+    buf = io.BytesIO()
+    out.save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
