@@ -301,6 +301,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: 0 = all cores)")
     p.add_argument("--device", default="auto", help="recorded device (the throughput part runs on CPU)")
     p.add_argument("--no-compile-check", action="store_true", help="skip the torch.compile comparison")
+    p.add_argument("--dry-run", action="store_true",
+                   help="run each part's whole code path at tiny sizes in seconds (1 epoch on 500 images, a few "
+                        "steps, no torch.compile comparison): a smoke test whose figures mean nothing (default: off)")
 
     return ap
 
