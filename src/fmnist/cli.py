@@ -160,7 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Locate the Fashion-MNIST files, verify their SHA-256, print counts per class.")
     _add_data_dir(p)
     p.add_argument("--download", action="store_true",
-                   help="download into the cache (~/.cache/fmnist) even if a copy exists elsewhere (default: off)")
+                   help="download into the cache (~/.cache/fmnist) even if a copy exists elsewhere; files "
+                        "already in the cache that do not verify are downloaded again (default: off)")
 
     # ---- train
     p = sub.add_parser("train", help="train a model (default preset: fast)",
@@ -389,7 +390,7 @@ def cmd_data(args) -> int:
     from .classes import CLASS_NAMES
 
     if args.download:
-        root = data.fetch_all(data.cache_dir())
+        root = data.fetch_all(data.cache_dir(), refetch_bad=True)
     else:
         root = data.locate(args.data_dir)
     arrays = data.load_arrays(root)  # verifies every SHA-256, raises on any mismatch
