@@ -31,18 +31,23 @@ def dataset():
 
 
 @pytest.fixture(scope="session")
-def tiny_run(tmp_path_factory, dataset):
-    """One short real training run, evaluated as `fmnist train` does, shared by the tests that
-    need a trained model."""
-    from fmnist import config
-    from fmnist.evaluate import evaluate_run
-    from fmnist.train import train
-
+def tiny_train(tmp_path_factory, dataset):
+    """One short real training run by `fmnist train` in its own process (1 thread, so other
+    load cannot stall it), shared by the tests that need a trained model or the command's
+    output: .run (the run directory), .stdout, .stderr."""
     out = tmp_path_factory.mktemp("runs")
-    cfg = config.resolve("seed", {"epochs": 2, "subset": 4000, "out_dir": str(out), "batch_size": 64})
-    run = train(cfg)
-    evaluate_run(run, dataset=dataset)
-    return run
+    r = subprocess.run([sys.executable, "-m", "fmnist", "train", "--preset", "seed", "--epochs", "2", "--subset",
+                        "4000", "--threads", "1", "--out-dir", str(out)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    (run,) = out.iterdir()
+    return SimpleNamespace(run=run, stdout=r.stdout, stderr=r.stderr)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tiny_train):
+    """The run directory of that run."""
+    return tiny_train.run
 
 
 # A tiny `fast`-style run that holds every piece of state a resume must restore and every

@@ -26,14 +26,12 @@ def test_data_command(dataset, cli):
     assert "verified" in r.stdout and "Ankle boot" in r.stdout and "60000" in r.stdout
 
 
-def test_train_then_evaluate_end_to_end(tmp_path, dataset, cli):
-    r = cli("train", "--preset", "seed", "--epochs", "1", "--subset", "4000", "--out-dir", tmp_path)
-    assert r.returncode == 0, r.stderr
-    assert "epoch   1/1" in r.stderr and "macro avg" in r.stdout  # progress on stderr, the report on stdout
-    (run_dir,) = tmp_path.iterdir()
-    assert (run_dir / "best.pt").is_file()
+def test_train_then_evaluate_end_to_end(tiny_train, tmp_path, cli):
+    """`fmnist train` (the shared run, conftest.tiny_train), then `fmnist evaluate` on its directory."""
+    assert "epoch   2/2" in tiny_train.stderr and "macro avg" in tiny_train.stdout  # progress on stderr, report on stdout
+    assert tiny_train.stdout.startswith("test accuracy ") and tiny_train.stdout.splitlines()[-1].startswith("report: ")
     out = tmp_path / "eval"
-    r = cli("evaluate", run_dir, "--out", out)
+    r = cli("evaluate", tiny_train.run, "--out", out)
     assert r.returncode == 0, r.stderr
     m = json.loads((out / "metrics.json").read_text())
     assert m["test_acc"] > 0.6 and len(m["confusion_matrix"]) == 10 and f"report: {out}" in r.stdout

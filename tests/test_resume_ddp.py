@@ -77,7 +77,11 @@ def test_resume_with_more_epochs_extends_a_constant_lr_run(tmp_path, tiny_run, d
 
     run = shutil.copytree(tiny_run, tmp_path / "run")
     before = checkpoint.load(run / "last.pt")
-    train(TrainConfig(resume=str(run), epochs=3))
+    threads = torch.get_num_threads()
+    try:
+        train(TrainConfig(resume=str(run), epochs=3))  # the run's own --threads 1 ...
+    finally:
+        torch.set_num_threads(threads)  # ... not for the rest of this test process
     after = checkpoint.load(run / "last.pt")
     assert before["epoch"] == 2 and after["epoch"] == 3 and after["step"] == before["step"] * 3 // 2
     assert {h["lr"] for h in history(run)} == {"0.001"}
