@@ -1,6 +1,10 @@
 import gzip
+import logging
 import struct
+import subprocess
+import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -27,15 +31,66 @@ def dataset():
 
 
 @pytest.fixture(scope="session")
-def tiny_run(tmp_path_factory, dataset):
-    """One short real training run, evaluated as `fmnist train` does, shared by the tests that
-    need a trained model."""
-    from fmnist import config
-    from fmnist.evaluate import evaluate_run
-    from fmnist.train import train
-
+def tiny_train(tmp_path_factory, dataset):
+    """One short real training run by `fmnist train` in its own process (1 thread, so other
+    load cannot stall it), shared by the tests that need a trained model or the command's
+    output: .run (the run directory), .stdout, .stderr."""
     out = tmp_path_factory.mktemp("runs")
-    cfg = config.resolve("seed", {"epochs": 2, "subset": 4000, "out_dir": str(out), "batch_size": 64})
-    run = train(cfg)
-    evaluate_run(run, dataset=dataset)
+    r = subprocess.run([sys.executable, "-m", "fmnist", "train", "--preset", "seed", "--epochs", "2", "--subset",
+                        "4000", "--threads", "1", "--out-dir", str(out)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    (run,) = out.iterdir()
+    return SimpleNamespace(run=run, stdout=r.stdout, stderr=r.stderr)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tiny_train):
+    """The run directory of that run."""
+    return tiny_train.run
+
+
+# A tiny `fast`-style run that holds every piece of state a resume must restore and every
+# training path a short run can take: the augmentation stream (shifts, flips, erasing, photo
+# artefacts, shoe pairs), the one-cycle schedule, the weight EMA, BatchNorm statistics, and the
+# calibration at the end. 3,000 images, 2 epochs, 1 thread so every run uses the same kernels.
+FAST_RUN_ARGS = ["--preset", "fast", "--ema", "0.9", "--erase", "0.25", "--photo", "0.2", "--pairs", "0.5",
+                 "--subset", "3000", "--batch-size", "64", "--epochs", "2", "--threads", "1", "--quiet"]
+
+
+@pytest.fixture(scope="session")
+def fast_run(tmp_path_factory, dataset):
+    """That run, by `fmnist train` in its own process, shared by the tests that need it:
+    .run (the run directory), .args (the train flags), .steps (optimizer steps in all)."""
+    out = tmp_path_factory.mktemp("fast-run")
+    subprocess.run([sys.executable, "-m", "fmnist", "train", *FAST_RUN_ARGS, "--out-dir", str(out)],
+                   check=True, timeout=300)
+    (run,) = out.iterdir()
+    return SimpleNamespace(run=run, args=FAST_RUN_ARGS, steps=2 * (3000 // 64 + 1))
+
+
+@pytest.fixture
+def cli(capsys):
+    """`fmnist ARGV` in this process, without a new interpreter's second of start-up: returns
+    (returncode, stdout, stderr) as subprocess.run would. An uncaught exception fails the test."""
+    from fmnist.cli import main
+
+    def run(*argv):
+        capsys.readouterr()
+        try:
+            rc = main([str(a) for a in argv])
+        except SystemExit as e:  # argparse's usage errors
+            rc = e.code
+        out, err = capsys.readouterr()
+        return SimpleNamespace(returncode=rc, stdout=out, stderr=err)
     return run
+
+
+@pytest.fixture(autouse=True)
+def _drop_cli_log_handler():
+    """cli.main() installs a handler on the `fmnist` logger; a test that ran it leaves none behind."""
+    yield
+    logger = logging.getLogger("fmnist")
+    for h in [h for h in logger.handlers if getattr(h, "fmnist_cli", False)]:
+        logger.removeHandler(h)
+    logger.setLevel(logging.NOTSET)

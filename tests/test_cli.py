@@ -1,3 +1,6 @@
+"""The fmnist command. Most cases run `cli.main` in this process (the `cli` fixture); those that
+need a process of their own (the entry point, a real server, a closed pipe) start one."""
+
 import json
 import os
 import subprocess
@@ -11,52 +14,49 @@ def run(*args, **kw):
 
 
 def test_help_lists_subcommands():
-    r = run("--help")
+    r = run("--help")  # also: `python -m fmnist` starts
     assert r.returncode == 0
     for cmd in ("data", "train", "evaluate"):
         assert cmd in r.stdout
 
 
-def test_data_command(dataset):
-    r = run("data")
+def test_data_command(dataset, cli):
+    r = cli("data")
     assert r.returncode == 0, r.stderr
     assert "verified" in r.stdout and "Ankle boot" in r.stdout and "60000" in r.stdout
 
 
-def test_train_then_evaluate_end_to_end(tmp_path, dataset):
-    r = run("train", "--preset", "seed", "--epochs", "1", "--subset", "4000", "--out-dir", str(tmp_path))
-    assert r.returncode == 0, r.stderr
-    assert "epoch   1/1" in r.stderr and "macro avg" in r.stdout  # progress on stderr, the report on stdout
-    (run_dir,) = tmp_path.iterdir()
-    assert (run_dir / "best.pt").is_file()
+def test_train_then_evaluate_end_to_end(tiny_train, tmp_path, cli):
+    """`fmnist train` (the shared run, conftest.tiny_train), then `fmnist evaluate` on its directory."""
+    assert "epoch   2/2" in tiny_train.stderr and "macro avg" in tiny_train.stdout  # progress on stderr, report on stdout
+    assert tiny_train.stdout.startswith("test accuracy ") and tiny_train.stdout.splitlines()[-1].startswith("report: ")
     out = tmp_path / "eval"
-    r = run("evaluate", str(run_dir), "--out", str(out))
+    r = cli("evaluate", tiny_train.run, "--out", out)
     assert r.returncode == 0, r.stderr
     m = json.loads((out / "metrics.json").read_text())
-    assert m["test_acc"] > 0.6 and len(m["confusion_matrix"]) == 10
+    assert m["test_acc"] > 0.6 and len(m["confusion_matrix"]) == 10 and f"report: {out}" in r.stdout
 
 
-def test_bad_inputs_give_one_line_errors(tmp_path):
-    r = run("evaluate", str(tmp_path / "missing.pt"))
-    assert r.returncode == 1 and "no such checkpoint" in r.stderr and "Traceback" not in r.stderr
-    r = run("train", "--epochs", "0")
+def test_bad_inputs_give_one_line_errors(tmp_path, cli):
+    r = cli("evaluate", tmp_path / "missing.pt")
+    assert r.returncode == 1 and "no such checkpoint" in r.stderr
+    r = cli("train", "--epochs", "0")
     assert r.returncode == 1 and "--epochs must be >= 1" in r.stderr
-    r = run("train", "--model", "nope")
+    r = cli("train", "--preset", "nope")
     assert r.returncode == 2 and "invalid choice" in r.stderr
 
 
-
-def test_named_data_dir_is_used_or_refused(tmp_path):
+def test_named_data_dir_is_used_or_refused(tmp_path, cli, monkeypatch):
     # an empty --data-dir is an error naming the missing files, not a quiet switch to another copy
-    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "c")}
-    env.pop("FMNIST_DATA", None)
-    r = run("data", "--data-dir", str(tmp_path), env=env)
-    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "c"))
+    monkeypatch.delenv("FMNIST_DATA", raising=False)
+    r = cli("data", "--data-dir", tmp_path)
+    assert r.returncode == 1
     assert len(r.stderr.strip().splitlines()) == 1
     assert "train-images-idx3-ubyte.gz" in r.stderr and "t10k-labels-idx1-ubyte.gz" in r.stderr
     assert "verified" not in r.stdout
-    env["FMNIST_DATA"] = str(tmp_path / "x")
-    r = run("train", "--epochs", "1", "--out-dir", str(tmp_path / "runs"), env=env)
+    monkeypatch.setenv("FMNIST_DATA", str(tmp_path / "x"))
+    r = cli("train", "--epochs", "1", "--out-dir", tmp_path / "runs")
     assert r.returncode == 1 and "$FMNIST_DATA" in r.stderr and "does not exist" in r.stderr, r.stderr
     assert not (tmp_path / "c").exists() and not (tmp_path / "runs").exists()  # nothing downloaded, no run started
 
@@ -73,29 +73,29 @@ def _one_line_error(r, *words, code=1):
     assert len(errors) == 1 and all(w in errors[0] for w in words), r.stderr
 
 
-def test_train_out_dir_that_is_a_file(tmp_path):
+def test_train_out_dir_that_is_a_file(tmp_path, cli):
     f = tmp_path / "file"
     f.write_text("x")
-    _one_line_error(run("train", "--epochs", "1", "--out-dir", str(f)), "--out-dir", str(f), "not a directory")
-    _one_line_error(run("train", "--epochs", "1", "--out-dir", str(f / "sub")), "--out-dir", "not a directory")
+    _one_line_error(cli("train", "--epochs", "1", "--out-dir", f), "--out-dir", str(f), "not a directory")
+    _one_line_error(cli("train", "--epochs", "1", "--out-dir", f / "sub"), "--out-dir", "not a directory")
     assert f.read_text() == "x"
 
 
-def test_evaluate_out_that_is_a_file(tmp_path):
+def test_evaluate_out_that_is_a_file(tmp_path, cli):
     f = tmp_path / "file"
     f.write_text("x")
-    _one_line_error(run("evaluate", DEFAULT_PT, "--out", str(f)), "--out", str(f), "not a directory")
+    _one_line_error(cli("evaluate", DEFAULT_PT, "--out", f), "--out", str(f), "not a directory")
 
 
-def test_export_out_that_is_a_directory(tmp_path):
-    _one_line_error(run("export", DEFAULT_PT, "--out", str(tmp_path)), "--out", str(tmp_path), "is a directory")
+def test_export_out_that_is_a_directory(tmp_path, cli):
+    _one_line_error(cli("export", DEFAULT_PT, "--out", tmp_path), "--out", str(tmp_path), "is a directory")
     assert list(tmp_path.iterdir()) == []
 
 
-def test_serve_port_out_of_range():
+def test_serve_port_out_of_range(cli):
     for port in ("99999", "-1"):
-        _one_line_error(run("serve", "--port", port), "--port", "0..65535", code=2)
-    _one_line_error(run("serve", "--max-batch", "0"), "--max-batch", "must be >= 1", code=2)
+        _one_line_error(cli("serve", "--port", port), "--port", "0..65535", code=2)
+    _one_line_error(cli("serve", "--max-batch", "0"), "--max-batch", "must be >= 1", code=2)
 
 
 def test_serve_port_in_use():
@@ -120,15 +120,14 @@ def test_closed_stdout_pipe_exits_quietly(dataset):
 
 # ---------------------------------------------------------------------------- train flags
 
-def _train_cfg(monkeypatch, *argv):
-    """The TrainConfig `fmnist train ARGV` would train with (training itself stubbed out)."""
+def _train_cfg(monkeypatch, cli, *argv):
+    """(result, the TrainConfig `fmnist train ARGV` would train with): training itself stubbed out."""
     import fmnist.train
-    from fmnist import cli
 
     seen = []
     monkeypatch.setattr(fmnist.train, "train", lambda cfg: seen.append(cfg))
-    rc = cli.main(["train", *argv])
-    return rc, (seen[0] if seen else None)
+    r = cli("train", *argv)
+    return r, (seen[0] if seen else None)
 
 
 def test_train_flags_are_the_config_fields():
@@ -150,14 +149,14 @@ def test_train_flags_are_the_config_fields():
             assert "default" in a.help.lower() or "fast" in a.help, a.option_strings
 
 
-def test_preset_and_arch_flags(monkeypatch):
-    rc, cfg = _train_cfg(monkeypatch, "--preset", "seed", "--epochs", "3", "--arch", "fast", "--no-flip")
-    assert rc == 0 and (cfg.preset, cfg.model, cfg.epochs, cfg.batch_size, cfg.augment.flip) == ("seed", "fast", 3, 64, False)
+def test_preset_and_arch_flags(monkeypatch, cli):
+    r, cfg = _train_cfg(monkeypatch, cli, "--preset", "seed", "--epochs", "3", "--arch", "fast", "--no-flip")
+    assert r.returncode == 0 and (cfg.preset, cfg.model, cfg.epochs, cfg.batch_size, cfg.augment.flip) == ("seed", "fast", 3, 64, False)
 
 
-def test_model_flag_is_a_deprecated_preset_alias(monkeypatch, capsys):
-    rc, cfg = _train_cfg(monkeypatch, "--model", "seed")
-    assert rc == 0 and cfg.preset == "seed" and cfg.model == "seed"
-    assert "--model is deprecated" in capsys.readouterr().err
-    rc, cfg = _train_cfg(monkeypatch, "--model", "seed", "--preset", "fast")
-    assert rc == 1 and cfg is None and "disagree" in capsys.readouterr().err
+def test_model_flag_is_a_deprecated_preset_alias(monkeypatch, cli):
+    r, cfg = _train_cfg(monkeypatch, cli, "--model", "seed")
+    assert r.returncode == 0 and cfg.preset == "seed" and cfg.model == "seed"
+    assert "warning: --model is deprecated" in r.stderr
+    r, cfg = _train_cfg(monkeypatch, cli, "--model", "seed", "--preset", "fast")
+    assert r.returncode == 1 and cfg is None and "disagree" in r.stderr

@@ -123,3 +123,23 @@ def test_oversized_content_is_refused_and_not_retried(server, tmp_path, mode):
         data.fetch_file(SPEC, tmp_path / "only-bad", mirrors=[bad])
     assert "could not download" in str(e.value)
     assert not any((tmp_path / "only-bad").iterdir())
+
+
+def test_data_download_fetches_a_corrupt_cached_file_again(server, tmp_path, monkeypatch, dataset, cli):
+    """The fix every verification error names (`fmnist data --download`) must fix a corrupt
+    cached file, not stop at the same error."""
+    url, hits = server("files", root=dataset.root)
+    cache = tmp_path / "cache" / "fmnist"
+    cache.mkdir(parents=True)
+    for spec in data.FILES.values():
+        (cache / (spec.stem + ".gz")).symlink_to(data.find_file(dataset.root, spec.stem))
+    bad = cache / "t10k-labels-idx1-ubyte.gz"
+    bad.unlink()
+    bad.write_bytes(gzip.compress(idx_bytes(np.zeros(10_000, np.uint8), "labels")))  # right shape, wrong labels
+    monkeypatch.setattr(data, "MIRRORS", (url,))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    r = cli("data", "--download")
+    assert r.returncode == 0, r.stderr
+    assert hits == ["/data/t10k-labels-idx1-ubyte.gz"]  # that file alone, once
+    assert f"{bad} does not verify" in r.stderr and "verified" in r.stdout
+    assert bad.read_bytes() == (dataset.root / "t10k-labels-idx1-ubyte.gz").read_bytes()

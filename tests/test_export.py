@@ -1,8 +1,5 @@
 """ONNX export: PyTorch and ONNX Runtime agree; int8 keeps its accuracy."""
 
-import subprocess
-import sys
-
 import numpy as np
 import pytest
 
@@ -37,13 +34,13 @@ def test_fp32_matches_pytorch_on_test_images(exported, dataset):
 
 
 def test_int8_accuracy_change_is_bounded(exported, dataset):
-    y = dataset.test_labels.numpy()
-    x = dataset.test_images.numpy()
+    y = dataset.test_labels[:5000].numpy()
+    x = dataset.test_images[:5000].numpy()
     acc32 = (OnnxModel(exported[0]).probabilities(x).argmax(1) == y).mean()
     acc8 = (OnnxModel(exported[1]).probabilities(x).argmax(1) == y).mean()
-    print(f"test accuracy fp32 {acc32:.4f}, int8 {acc8:.4f} ({(acc8 - acc32) * 100:+.2f} points)")
-    assert acc32 > 0.93  # measured on all 10,000 test images (the model card says 93.68 %)
-    assert abs(acc8 - acc32) < 0.01
+    print(f"accuracy on 5,000 test images: fp32 {acc32:.4f}, int8 {acc8:.4f} ({(acc8 - acc32) * 100:+.2f} points)")
+    assert acc32 > 0.92  # measured (the model card says 93.68 % on all 10,000)
+    assert abs(acc8 - acc32) < 0.01  # the same images: the difference is int8's alone
 
 
 def test_export_without_tta_is_the_bare_model(dataset, tmp_path):
@@ -68,16 +65,26 @@ def test_dynamic_batch_axis(exported):
         assert m.logits(np.random.rand(n, 1, 28, 28).astype(np.float32)).shape == (n, 10)
 
 
-def test_predict_cli_onnx_backend(exported, dataset, tmp_path):
+def test_predict_cli_onnx_backend(exported, dataset, tmp_path, cli):
     from PIL import Image
 
     Image.fromarray(dataset.test_images[0].numpy()).save(tmp_path / "a.png")
-    r = subprocess.run([sys.executable, "-m", "fmnist", "predict", str(tmp_path / "a.png"), "--backend", "onnx",
-                        "--checkpoint", str(exported[0]), "--json"], capture_output=True, text=True)
+    r = cli("predict", tmp_path / "a.png", "--backend", "onnx", "--checkpoint", exported[0], "--json")
     assert r.returncode == 0, r.stderr
     assert '"label": "Ankle boot"' in r.stdout
     p = Predictor(exported[0], backend="onnx").predict([dataset.test_images[0].numpy()])[0]
     assert p.top[0][0] == "Ankle boot"
+
+
+def test_export_command(tmp_path, cli, dataset):
+    out = tmp_path / "sub" / "bare.onnx"
+    r = cli("export", default_checkpoint(), "--out", out, "--no-tta-flip")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == "" and f"wrote {out}" in r.stderr and "fp32" in r.stderr  # a note, not a result
+    m = OnnxModel(out)
+    assert not m.meta["tta_flip"] and m.meta["quantization"] == "none"
+    x = dataset.test_images[:200].numpy()
+    assert (m.probabilities(x).argmax(1) == dataset.test_labels[:200].numpy()).mean() > 0.85
 
 
 def test_onnx_backend_needs_onnx_file():

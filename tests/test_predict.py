@@ -2,8 +2,6 @@
 
 import io
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -70,7 +68,7 @@ def test_api_accepts_paths_pil_arrays(predictor, dataset, tmp_path):
     assert preds[0].image.shape == (28, 28) and abs(sum(preds[0].probabilities) - 1) < 1e-5
 
 
-def test_cli_table_json_errors_and_saved_images(dataset, tmp_path):
+def test_cli_table_json_errors_and_saved_images(dataset, tmp_path, cli):
     d = tmp_path / "photos"
     d.mkdir()
     rng = np.random.default_rng(1)
@@ -79,25 +77,22 @@ def test_cli_table_json_errors_and_saved_images(dataset, tmp_path):
     (d / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 20)
     (d / "README.txt").write_text("not an image, and not an image extension: skipped in folders")
     seen = tmp_path / "seen"
-    r = subprocess.run([sys.executable, "-m", "fmnist", "predict", str(d), "--save-preprocessed", str(seen)],
-                       capture_output=True, text=True)
+    r = cli("predict", d, "--save-preprocessed", seen)
     assert r.returncode == 1  # one file failed
     lines = r.stdout.splitlines()
     assert lines[0].startswith("file") and len(lines) == 5
     assert "broken.png" in r.stdout and "error:" in r.stdout and "1 of 4 file(s)" in r.stderr
     assert len(list(seen.glob("*.png"))) == 3
     assert Image.open(next(seen.glob("*.png"))).size == (28, 28)
-    r = subprocess.run([sys.executable, "-m", "fmnist", "predict", str(d / "p0.jpg"), "--json", "--top-k", "2"],
-                       capture_output=True, text=True)
+    r = cli("predict", d / "p0.jpg", "--json", "--top-k", "2")
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert len(out) == 1 and len(out[0]["top"]) == 2 and 0 < out[0]["probability"] <= 1
 
 
-def test_cli_no_images_and_bad_checkpoint(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "fmnist", "predict", str(tmp_path)], capture_output=True, text=True)
+def test_cli_no_images_and_bad_checkpoint(tmp_path, cli):
+    r = cli("predict", tmp_path)
     assert r.returncode == 1 and "no image files found" in r.stderr
     (tmp_path / "x.png").write_bytes(b"")
-    r = subprocess.run([sys.executable, "-m", "fmnist", "predict", str(tmp_path / "x.png"), "--checkpoint",
-                        str(tmp_path / "nope.pt")], capture_output=True, text=True)
-    assert r.returncode == 1 and "no such checkpoint" in r.stderr and "Traceback" not in r.stderr
+    r = cli("predict", tmp_path / "x.png", "--checkpoint", tmp_path / "nope.pt")
+    assert r.returncode == 1 and "no such checkpoint" in r.stderr

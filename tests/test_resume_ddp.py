@@ -15,29 +15,13 @@ import torch
 
 from fmnist import checkpoint
 
-# A tiny `fast`-style run that holds every piece of state a resume must restore: the
-# augmentation stream (shifts, flips, erasing), the one-cycle schedule, the weight EMA and
-# BatchNorm statistics. 3,000 images, 2 epochs, 1 thread so every run uses the same kernels.
-ARGS = ["--preset", "fast", "--ema", "0.9", "--erase", "0.25", "--subset", "3000", "--batch-size", "64",
-        "--epochs", "2", "--threads", "1", "--quiet"]
-STEPS = 2 * (3000 // 64 + 1)
-
-
-def train_cmd(out, *extra):
-    return [sys.executable, "-m", "fmnist", "train", *ARGS, "--out-dir", str(out), *extra]
+def train_cmd(args, out, *extra):
+    return [sys.executable, "-m", "fmnist", "train", *args, "--out-dir", str(out), *extra]
 
 
 def only_run(d: Path) -> Path:
     (run,) = [p for p in d.iterdir() if p.is_dir()]
     return run
-
-
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory, dataset):
-    """The uninterrupted single-process run both tests compare against."""
-    out = tmp_path_factory.mktemp("ref")
-    subprocess.run(train_cmd(out), check=True, timeout=300)
-    return only_run(out)
 
 
 def history(run: Path) -> list[dict]:
@@ -47,10 +31,13 @@ def history(run: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-def test_kill_mid_epoch_then_resume_matches_uninterrupted(tmp_path, reference):
+def test_kill_mid_epoch_then_resume_matches_uninterrupted(tmp_path, fast_run):
+    """The shared fast-style run (conftest.FAST_RUN_ARGS: augmentation stream, one-cycle, EMA,
+    BatchNorm) again, killed during epoch 2 and resumed, must end bit-identical to it."""
+    reference = fast_run.run
     ref = checkpoint.load(reference / "last.pt")
     crash_out = tmp_path / "crash"
-    proc = subprocess.Popen(train_cmd(crash_out))
+    proc = subprocess.Popen(train_cmd(fast_run.args, crash_out))
     deadline = time.time() + 120
     while time.time() < deadline:  # wait until epoch 1 is on disk, then kill during epoch 2
         runs = list(crash_out.glob("*/history.csv"))
@@ -68,7 +55,7 @@ def test_kill_mid_epoch_then_resume_matches_uninterrupted(tmp_path, reference):
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     got = checkpoint.load(run / "last.pt")
-    assert got["epoch"] == 2 and got["step"] == ref["step"] == STEPS
+    assert got["epoch"] == 2 and got["step"] == ref["step"] == fast_run.steps
     for part in ("state_dict", "ema"):  # weights, BatchNorm statistics, and the EMA copy of both
         for k in ref[part]:
             assert torch.equal(ref[part][k], got[part][k]), (part, k)
@@ -80,7 +67,7 @@ def test_kill_mid_epoch_then_resume_matches_uninterrupted(tmp_path, reference):
     r = subprocess.run([sys.executable, "-m", "fmnist", "train", "--resume", str(run), "--epochs", "4"],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 1 and "onecycle" in r.stderr and "leave out --epochs" in r.stderr, r.stderr
-    assert checkpoint.load(run / "last.pt")["step"] == STEPS
+    assert checkpoint.load(run / "last.pt")["step"] == fast_run.steps
 
 
 def test_resume_with_more_epochs_extends_a_constant_lr_run(tmp_path, tiny_run, dataset):
@@ -90,7 +77,11 @@ def test_resume_with_more_epochs_extends_a_constant_lr_run(tmp_path, tiny_run, d
 
     run = shutil.copytree(tiny_run, tmp_path / "run")
     before = checkpoint.load(run / "last.pt")
-    train(TrainConfig(resume=str(run), epochs=3))
+    threads = torch.get_num_threads()
+    try:
+        train(TrainConfig(resume=str(run), epochs=3))  # the run's own --threads 1 ...
+    finally:
+        torch.set_num_threads(threads)  # ... not for the rest of this test process
     after = checkpoint.load(run / "last.pt")
     assert before["epoch"] == 2 and after["epoch"] == 3 and after["step"] == before["step"] * 3 // 2
     assert {h["lr"] for h in history(run)} == {"0.001"}
@@ -98,40 +89,36 @@ def test_resume_with_more_epochs_extends_a_constant_lr_run(tmp_path, tiny_run, d
         train(TrainConfig(resume=str(run), epochs=1))
 
 
-def test_resume_rejects_changed_settings_and_missing_state(tmp_path, capsys):
-    from fmnist.cli import main
-
-    assert main(["train", "--resume", str(tmp_path), "--lr", "0.1", "--arch", "wide"]) == 1
-    assert "drop --arch, --lr" in capsys.readouterr().err
-    assert main(["train", "--resume", str(tmp_path), "--preset", "seed"]) == 1
-    assert "drop --preset" in capsys.readouterr().err
-    assert main(["train", "--resume", str(tmp_path)]) == 1
-    assert "no last.pt to resume from" in capsys.readouterr().err
+def test_resume_rejects_changed_settings_and_missing_state(tmp_path, cli):
+    r = cli("train", "--resume", tmp_path, "--lr", "0.1", "--arch", "wide")
+    assert r.returncode == 1 and "drop --arch, --lr" in r.stderr
+    r = cli("train", "--resume", tmp_path, "--preset", "seed")
+    assert r.returncode == 1 and "drop --preset" in r.stderr
+    r = cli("train", "--resume", tmp_path)
+    assert r.returncode == 1 and "no last.pt to resume from" in r.stderr
 
 
-def test_truncated_last_checkpoint_gets_clear_error_on_resume(tmp_path, tiny_run, capsys):
-    from fmnist.cli import main
-
+def test_truncated_last_checkpoint_gets_clear_error_on_resume(tmp_path, tiny_run, cli):
     run = tmp_path / "run"
     run.mkdir()
     data = (tiny_run / "last.pt").read_bytes()
     (run / "last.pt").write_bytes(data[: len(data) // 2])
-    assert main(["train", "--resume", str(run)]) == 1  # an exception here would fail the test: no traceback
-    assert "truncated or corrupt" in capsys.readouterr().err
+    r = cli("train", "--resume", run)
+    assert r.returncode == 1 and "truncated or corrupt" in r.stderr
 
 
-def test_ddp_two_processes_match_one(tmp_path, reference):
+def test_ddp_two_processes_match_one(tmp_path, fast_run):
     """Same global batch (64), BatchNorm and EMA: the same optimizer steps, and accuracy within noise.
     (The fast model covers the whole DDP path; the seed model's case added nothing but 30 s.)"""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                        "-m", "fmnist", "train", *ARGS, "--out-dir", str(tmp_path)],
+                        "-m", "fmnist", "train", *fast_run.args, "--out-dir", str(tmp_path)],
                        capture_output=True, text=True, timeout=300, env=env)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    multi = only_run(tmp_path)
+    multi, reference = only_run(tmp_path), fast_run.run
     s1 = json.loads((reference / "train_summary.json").read_text())
     s2 = json.loads((multi / "train_summary.json").read_text())
-    assert s1["steps"] == s2["steps"] == STEPS
+    assert s1["steps"] == s2["steps"] == fast_run.steps
     assert json.loads((multi / "environment.json").read_text())["world_size"] == 2
     a1 = json.loads((reference / "metrics.json").read_text())["test_acc"]
     a2 = json.loads((multi / "metrics.json").read_text())["test_acc"]

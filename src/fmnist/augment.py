@@ -1,7 +1,8 @@
 """Batch augmentation as tensor ops: no per-sample Python, runs on whatever device holds x.
 
-All functions take x (B, C, H, W) float and a torch.Generator, so a run is reproducible
-and its augmentation stream can be checkpointed and resumed.
+All functions take x (B, C, H, W) float and a torch.Generator, so a run is reproducible; the
+trainer seeds that generator from (seed, epoch, rank), so a resumed run replays the stream with
+no generator state saved.
 """
 
 from __future__ import annotations

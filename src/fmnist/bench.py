@@ -120,15 +120,16 @@ def time_inference(model, batch: int, steps: int = 20, warmup: int = 3, channels
     return _images_per_second(step, batch, steps, warmup)
 
 
-def throughput(models=None, batch: int = 256, compile_check: bool = True) -> dict:
+def throughput(models=None, batch: int = 256, compile_check: bool = True, matmul_n: int = 2048,
+               steps: int = 12) -> dict:
     from .inference import bf16_fast
 
-    peaks = {"fp32": matmul_peak()}
-    conv_peaks = {"fp32": conv_peak()}
+    peaks = {"fp32": matmul_peak(matmul_n)}
+    conv_peaks = {"fp32": conv_peak(batch=batch)}
     precisions = ["fp32"]
     if bf16_fast(torch.device("cpu")):
-        peaks["bf16"] = matmul_peak(dtype=torch.bfloat16)
-        conv_peaks["bf16"] = conv_peak(dtype=torch.bfloat16)
+        peaks["bf16"] = matmul_peak(matmul_n, dtype=torch.bfloat16)
+        conv_peaks["bf16"] = conv_peak(batch=batch, dtype=torch.bfloat16)
         precisions.append("bf16")
     log.info("matmul peak: " + ", ".join(f"{k} {v:.1f} GFLOP/s" for k, v in peaks.items())
              + "; dense 3x3 conv peak: " + ", ".join(f"{k} {v:.1f} GFLOP/s" for k, v in conv_peaks.items())
@@ -142,8 +143,8 @@ def throughput(models=None, batch: int = 256, compile_check: bool = True) -> dic
         r = {"params": count_parameters(m), "train_mflop_per_image": tf / 1e6, "infer_mflop_per_image": inf / 1e6}
         for prec in precisions:
             amp = "bf16" if prec == "bf16" else "off"
-            tr = time_train_steps(m, batch, amp=amp)
-            ev = time_inference(m, batch, amp=amp)
+            tr = time_train_steps(m, batch, steps=steps, amp=amp)
+            ev = time_inference(m, batch, steps=steps, amp=amp)
             r[prec] = {"train_img_s": tr, "infer_img_s": ev, "train_gflops": tr * tf / 1e9,
                        "infer_gflops": ev * inf / 1e9,
                        "train_peak_ratio": tr * tf / 1e9 / peaks[prec], "infer_peak_ratio": ev * inf / 1e9 / peaks[prec],
@@ -183,7 +184,8 @@ def compile_comparison(batch: int, steps: int = 200) -> dict:
     return res
 
 
-def accuracy_runs(presets, seeds, out_dir: Path, epochs: dict | None = None) -> dict:
+def accuracy_runs(presets, seeds, out_dir: Path, epochs: dict | None = None, overrides: dict | None = None) -> dict:
+    """overrides: TrainConfig settings for every run (--dry-run's tiny subset)."""
     from . import config
     from .train import train
 
@@ -197,12 +199,12 @@ def accuracy_runs(presets, seeds, out_dir: Path, epochs: dict | None = None) -> 
             raise ValueError(f"preset {name!r} is listed twice in --presets")
         runs = []
         for seed in (seeds[:int(n_seeds)] if n_seeds else seeds):
-            overrides = {"seed": seed, "out_dir": str(out_dir / "runs"), "report_test": True}
+            given = {"seed": seed, "out_dir": str(out_dir / "runs"), "report_test": True}
             if n_epochs:
-                overrides["epochs"] = int(n_epochs)
+                given["epochs"] = int(n_epochs)
             elif epochs and preset in epochs:
-                overrides["epochs"] = epochs[preset]
-            cfg = config.resolve(preset, overrides)
+                given["epochs"] = epochs[preset]
+            cfg = config.resolve(preset, {**given, **(overrides or {})})
             log.info(f"training {spec} seed {seed} ({cfg.epochs} epochs)...")
             with _quiet("fmnist.train", "fmnist.calibrate"):  # this part's own lines report each run
                 run_dir = train(cfg)
@@ -313,6 +315,20 @@ def plot(results: dict, path: Path) -> None:
     _save(fig, path)
 
 
+# --dry-run: every part's whole code path at sizes that take seconds, for CI and the test suite
+# (a smoke test: the figures it writes mean nothing).
+DRY_RUN = {
+    "throughput": dict(batch=8, matmul_n=128, steps=2, compile_check=False),
+    "accuracy": dict(overrides={"subset": 500, "epochs": 1}),
+    "profile": dict(steps=2, warmup=1),
+    "photos": dict(n=100),
+    "photos_real": dict(limit=6, test_n=500),
+    "conversion_speed": dict(n=2, reps=1),
+    "onnx": dict(batch=8, test_n=200, reps=2, latency_n=10, calib_n=64),
+    "serve": dict(levels=(2,), max_requests=20, max_seconds=2.0, warmup=10, onnx=False),
+}
+
+
 def run(args) -> int:
     import json
 
@@ -333,28 +349,31 @@ def run(args) -> int:
                                                    "presets": args.presets, "seeds": seeds})
     if args.threads:
         torch.set_num_threads(args.threads)
+    dry = DRY_RUN if getattr(args, "dry_run", False) else {}
     if "throughput" in args.parts:
-        report["throughput"] = throughput(compile_check=not args.no_compile_check)
+        report["throughput"] = throughput(**{"compile_check": not args.no_compile_check, **dry.get("throughput", {})})
         write_json(out / "bench.json", report)
     if "accuracy" in args.parts:
         epochs = dict(kv.split("=") for kv in args.epochs.split(",")) if args.epochs else {}
-        acc = accuracy_runs(args.presets.split(","), seeds, out, {k: int(v) for k, v in epochs.items()})
+        acc = accuracy_runs(args.presets.split(","), seeds, out, {k: int(v) for k, v in epochs.items()},
+                            **dry.get("accuracy", {}))
         report["accuracy"] = merge_accuracy(report.get("accuracy", {}), acc) if args.append else acc
         plot(report["accuracy"], out / "time_to_accuracy.png")
     if "profile" in args.parts:
-        report["profile"] = profile_training()
+        report["profile"] = profile_training(**dry.get("profile", {}))
     if "photos" in args.parts:
-        report["photos"] = photos(checkpoint_path=args.checkpoint, figure=out / "photo_pipeline.png")
+        report["photos"] = photos(checkpoint_path=args.checkpoint, figure=out / "photo_pipeline.png",
+                                  **dry.get("photos", {}))
         if args.real:
             report["photos_real"] = photos_real(args.real, args.checkpoint, out, ablation=args.ablation,
-                                                nonclothing=args.nonclothing)
-            report["conversion_speed"] = conversion_speed(args.real)
+                                                nonclothing=args.nonclothing, **dry.get("photos_real", {}))
+            report["conversion_speed"] = conversion_speed(args.real, **dry.get("conversion_speed", {}))
         write_json(out / "bench.json", report)
     if "onnx" in args.parts:
-        report["onnx"] = onnx_backends(checkpoint_path=args.checkpoint)
+        report["onnx"] = onnx_backends(checkpoint_path=args.checkpoint, **dry.get("onnx", {}))
     if "serve" in args.parts:
         from .loadtest import run_all
-        report["serve"] = run_all(checkpoint=args.checkpoint)
+        report["serve"] = run_all(checkpoint=args.checkpoint, **dry.get("serve", {}))
     write_json(out / "bench.json", report)
     (out / "accuracy_partial.json").unlink(missing_ok=True)  # the accuracy part's safety copy, now in bench.json
     log.info(f"wrote {out / 'bench.json'}" + (f" and {out / 'time_to_accuracy.png'}" if "accuracy" in args.parts else ""))
@@ -490,7 +509,7 @@ def photos(n: int = 2000, checkpoint_path=None, seed: int = 0, figure: Path | No
         from .plots import photo_pipeline
 
         # one photo of each of five classes, for the README
-        pick = [int(np.flatnonzero(labels == c)[0]) for c in (0, 1, 5, 8, 9)]
+        pick = [int(np.flatnonzero(labels == c)[0]) for c in (0, 1, 5, 8, 9) if (labels == c).any()]
         top3 = pred.predict([shots[i] for i in pick], top_k=3)
         photo_pipeline([shots[i] for i in pick], [r.image for r in top3], [r.top for r in top3],
                        [classes[labels[i]] for i in pick], figure)
@@ -512,9 +531,10 @@ ABLATION = {  # name -> robust.RobustOptions overrides; each drops one step of t
 
 
 def photos_real(root, checkpoint_path=None, out: Path | None = None, ablation: bool = False,
-                nonclothing=None) -> dict:
+                nonclothing=None, limit: int | None = None, test_n: int | None = None) -> dict:
     """Real labelled photos (realphotos.py): paper vs robust conversion (and, with ablation, the
-    robust pipeline with each step dropped), per split, kind and class, with confusion matrices."""
+    robust pipeline with each step dropped), per split, kind and class, with confusion matrices.
+    limit: the first N photos of each split only; test_n: the first N test images only (--dry-run)."""
     import hashlib
 
     from . import realphotos
@@ -532,7 +552,7 @@ def photos_real(root, checkpoint_path=None, out: Path | None = None, ablation: b
         res["model"], res["checkpoint"] = pred.meta.get("model"), pred.meta.get("checkpoint")
         res["variants"][name] = {}
         for split in ("dev", "heldout"):
-            sel = realphotos.select(photos_, split)
+            sel = realphotos.select(photos_, split)[:limit]
             if not sel:
                 continue
             r = realphotos.evaluate(pred, sel)
@@ -548,12 +568,13 @@ def photos_real(root, checkpoint_path=None, out: Path | None = None, ablation: b
     from . import data
 
     ds = data.load()   # the model's own 28x28 test accuracy, beside its photo figures
-    res["test_acc_28x28"] = float((pred.probabilities(ds.test_images.numpy()).argmax(1) == ds.test_labels.numpy()).mean())
+    x, y = ds.test_images[:test_n].numpy(), ds.test_labels[:test_n].numpy()
+    res["test_acc_28x28"] = float((pred.probabilities(x).argmax(1) == y).mean())
     if nonclothing:
         res["nonclothing"] = {}
         for split in ("dev", "heldout"):
             sel = realphotos.select([p for root in str(nonclothing).split(",")
-                                     for p in realphotos.read_manifest(root.strip())], split)
+                                     for p in realphotos.read_manifest(root.strip())], split)[:limit]
             r = realphotos.unsure_rate(pred, sel)
             res["nonclothing"][split] = r
             kinds = "; ".join(f"{k} {v['unsure']}/{v['n']}" for k, v in r["per_kind"].items())
@@ -603,10 +624,12 @@ def conversion_speed(root, n: int = 12, reps: int = 5, megapixels: float = 1.0) 
 
 # ---------------------------------------------------------------------------- onnx
 
-def onnx_backends(checkpoint_path=None, batch: int = 256) -> dict:
-    """Images/s at `batch` and single-image latency for PyTorch eager, ORT fp32 and ORT int8,
-    with the test accuracy of each. All three run the same function: with flip TTA where the
-    model was trained with it (export's default), so an image costs two forward passes."""
+def onnx_backends(checkpoint_path=None, batch: int = 256, test_n: int | None = None, reps: int = 20,
+                  latency_n: int = 200, calib_n: int = 1024) -> dict:
+    """Images/s at `batch` and single-image latency (`latency_n` images) for PyTorch eager, ORT fp32
+    and ORT int8, with the test accuracy of each (the first `test_n` test images; None = all).
+    All three run the same function: with flip TTA where the model was trained with it (export's
+    default), so an image costs two forward passes."""
     import tempfile
 
     import numpy as np
@@ -619,8 +642,8 @@ def onnx_backends(checkpoint_path=None, batch: int = 256) -> dict:
 
     src = checkpoint_path or default_checkpoint()
     ds = data.load()
-    x_all = ds.test_images.numpy()[:, None].astype(np.float32) / 255
-    y = ds.test_labels.numpy()
+    x_all = ds.test_images[:test_n].numpy()[:, None].astype(np.float32) / 255
+    y = ds.test_labels[:test_n].numpy()
     model, ckpt = checkpoint.load_model(src)
     tta = checkpoint.trained_with_tta(ckpt)
     model = (FlipTTA(model) if tta else model).to(memory_format=torch.channels_last)
@@ -632,7 +655,7 @@ def onnx_backends(checkpoint_path=None, batch: int = 256) -> dict:
     out = {"batch": batch, "checkpoint": str(src), "tta_flip": tta, "backends": {}}
     with tempfile.TemporaryDirectory() as d:
         fp32 = export(src, Path(d) / "m.onnx")
-        int8 = export(src, Path(d) / "m.int8.onnx", int8=True)
+        int8 = export(src, Path(d) / "m.int8.onnx", int8=True, calib_n=calib_n)
         engines = {"pytorch-eager-fp32": torch_logits, "onnxruntime-fp32": OnnxModel(fp32).logits,
                    "onnxruntime-int8": OnnxModel(int8).logits}
         for name, fn in engines.items():
@@ -641,18 +664,19 @@ def onnx_backends(checkpoint_path=None, batch: int = 256) -> dict:
             xb = x_all[:batch]
             for _ in range(3):
                 fn(xb)
-            reps, t = 20, time.perf_counter()
+            t = time.perf_counter()
             for _ in range(reps):
                 fn(xb)
             ips = batch * reps / (time.perf_counter() - t)
             lat = []
-            for i in range(200):
+            for i in range(latency_n):
                 t = time.perf_counter()
                 fn(x_all[i:i + 1])
                 lat.append(time.perf_counter() - t)
             lat.sort()
-            out["backends"][name] = {"test_acc": acc, "img_s_batch": ips, "latency_ms_p50": lat[100] * 1000,
-                                     "latency_ms_p99": lat[197] * 1000}
+            p50, p99 = lat[latency_n // 2], lat[max(0, round(0.99 * latency_n) - 1)]  # [100], [197] of 200
+            out["backends"][name] = {"test_acc": acc, "img_s_batch": ips, "latency_ms_p50": p50 * 1000,
+                                     "latency_ms_p99": p99 * 1000}
             log.info(f"{name:>20}: test acc {acc:.4f}  {ips:8.0f} img/s at batch {batch}  "
-                     f"single image p50 {lat[100] * 1000:.2f} ms, p99 {lat[197] * 1000:.2f} ms")
+                     f"single image p50 {p50 * 1000:.2f} ms, p99 {p99 * 1000:.2f} ms")
     return out

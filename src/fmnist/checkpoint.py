@@ -3,7 +3,8 @@
 A checkpoint is a plain dict of tensors and primitives, so it loads with
 torch.load(weights_only=True) (no pickled code runs). Keys:
   format, model, model_config, state_dict, class_names, normalization, metrics, epoch,
-  train_config; resumable ones (last.pt) add optimizer, step, ema, rng, history.
+  train_config; resumable ones (last.pt) add optimizer, step, ema (when used), history. No random
+  state: every random stream is a function of (seed, epoch, rank) (train.epoch_generators).
 """
 
 from __future__ import annotations

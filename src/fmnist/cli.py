@@ -160,7 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Locate the Fashion-MNIST files, verify their SHA-256, print counts per class.")
     _add_data_dir(p)
     p.add_argument("--download", action="store_true",
-                   help="download into the cache (~/.cache/fmnist) even if a copy exists elsewhere (default: off)")
+                   help="download into the cache (~/.cache/fmnist) even if a copy exists elsewhere; files "
+                        "already in the cache that do not verify are downloaded again (default: off)")
 
     # ---- train
     p = sub.add_parser("train", help="train a model (default preset: fast)",
@@ -302,6 +303,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: 0 = all cores)")
     p.add_argument("--device", default="auto", help="recorded device (the throughput part runs on CPU)")
     p.add_argument("--no-compile-check", action="store_true", help="skip the torch.compile comparison")
+    p.add_argument("--dry-run", action="store_true",
+                   help="run each part's whole code path at tiny sizes in seconds (1 epoch on 500 images, a few "
+                        "steps, no torch.compile comparison): a smoke test whose figures mean nothing (default: off)")
 
     return ap
 
@@ -387,7 +391,7 @@ def cmd_data(args) -> int:
     from .classes import CLASS_NAMES
 
     if args.download:
-        root = data.fetch_all(data.cache_dir())
+        root = data.fetch_all(data.cache_dir(), refetch_bad=True)
     else:
         root = data.locate(args.data_dir)
     arrays = data.load_arrays(root)  # verifies every SHA-256, raises on any mismatch

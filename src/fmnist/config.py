@@ -5,11 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 
 
-def flag(default, help: str, **argparse_kw):
-    """A field that `fmnist train` offers as a flag (--name-with-dashes, or argparse_kw["flag"]):
-    the flag's help comes from here, its type from the annotation, the default it shows from the
-    presets (or argparse_kw["shown"])."""
-    return field(default=default, metadata={"help": help, **argparse_kw})
+def flag(default, help: str, **kw):
+    """A field that `fmnist train` offers as --name-with-dashes: its help, its type (from the
+    annotation) and the default it shows (each preset's) all come from here. kw: argparse
+    settings (choices, metavar), `flag` for another flag name, `shown` for the default's text."""
+    return field(default=default, metadata={"help": help, **kw})
 
 
 @dataclass
@@ -31,8 +31,7 @@ class AugmentConfig:
 @dataclass
 class TrainConfig:
     preset: str = "fast"              # the recipe these settings started from (PRESETS)
-    model: str = flag("fast", "architecture, a name in fmnist.models.REGISTRY", flag="--arch",
-                                metavar="NAME")
+    model: str = flag("fast", "architecture, a name in fmnist.models.REGISTRY", flag="--arch", metavar="NAME")
     model_config: dict = field(default_factory=dict)  # overrides of the architecture's config
     epochs: int = flag(9, "epochs")
     batch_size: int = flag(256, "batch size")

@@ -271,10 +271,19 @@ def fetch_file(spec: IdxFile, dest_dir: Path, mirrors=None, retries: int = 3, ti
                       "dataset-fashion-mnist) and pass --data-dir.")
 
 
-def fetch_all(dest_dir: Path, mirrors=None, **kw) -> Path:
+def fetch_all(dest_dir: Path, mirrors=None, refetch_bad: bool = False, **kw) -> Path:
+    """Download each file dest_dir lacks; with refetch_bad, also each one it has that does not
+    verify (what `fmnist data --download` does, the fix every verification error suggests)."""
     for spec in FILES.values():
-        if find_file(dest_dir, spec.stem) is None:
-            fetch_file(spec, dest_dir, mirrors=mirrors, **kw)
+        have = find_file(dest_dir, spec.stem)
+        if have is not None and refetch_bad:
+            try:
+                read_idx(have, spec.kind, spec.count, spec.sha256)
+            except DataError:
+                log.warning(f"{have} does not verify; downloading it again")
+                have = None
+        if have is None:
+            fetch_file(spec, dest_dir, mirrors=mirrors, **kw)  # NAME.gz, which find_file prefers
     return dest_dir
 
 
@@ -290,13 +299,14 @@ class FashionMNIST:
     root: Path
 
 
-def load_arrays(directory: Path, verify: bool = True) -> dict[str, np.ndarray]:
+def load_arrays(directory: Path) -> dict[str, np.ndarray]:
+    """The four files as arrays, each verified against its SHA-256."""
     out = {}
     for key, spec in FILES.items():
         path = find_file(directory, spec.stem)
         if path is None:
             raise DataError(f"{directory / (spec.stem + '.gz')}: missing; {FIX_HINT}")
-        out[key] = read_idx(path, spec.kind, spec.count, spec.sha256 if verify else None)
+        out[key] = read_idx(path, spec.kind, spec.count, spec.sha256)
     return out
 
 

@@ -102,7 +102,7 @@ def sample_png() -> bytes:
 
 
 def run_all(checkpoint=None, levels=(1, 8, 32), max_requests: int = 3000, max_seconds: float = 10.0,
-            onnx: bool = True) -> dict:
+            onnx: bool = True, warmup: int = 200) -> dict:
     """Each setting in its own server process: PyTorch with and without dynamic batching, and
     (where onnxruntime is installed) the same model exported to ONNX, batched."""
     import tempfile
@@ -127,7 +127,7 @@ def run_all(checkpoint=None, levels=(1, 8, 32), max_requests: int = 3000, max_se
             proc = start_server(port, ckpt, extra)
             try:
                 req = _request_bytes(port, payload, "x.png", "image/png")
-                asyncio.run(_drive(port, req, 8, 200, 5))  # warm-up: threads, allocator, first batches
+                asyncio.run(_drive(port, req, 8, warmup, 5))  # warm-up: threads, allocator, first batches
                 rows = []
                 for c in levels:
                     r = asyncio.run(_drive(port, req, c, max_requests, max_seconds))

@@ -139,11 +139,6 @@ class Predictor:
         return preds
 
 
-def load(checkpoint_path: str | Path | None = None, device: str = "cpu", backend: str = "torch",
-         pipeline: str = "robust") -> Predictor:
-    return Predictor(checkpoint_path, device, backend, pipeline)
-
-
 def format_table(preds: list[Prediction], top_k: int) -> str:
     width = max([len(p.source) for p in preds] + [4])
     lines = [f"{'file':<{width}}  " + "  ".join(f"{'top-' + str(i + 1):<22}" for i in range(top_k))]

@@ -242,7 +242,8 @@ def train(cfg: TrainConfig) -> Path | None:
     ds = data.load(cfg.data_dir)
     train_idx, val_idx = data.stratified_split(ds.train_labels, cfg.val_fraction, cfg.seed)
     if cfg.subset:
-        # A stratified-enough subset: the split's first `subset` indices in a seeded order.
+        # A seeded random subset of the split (near-stratified at these sizes), and a validation
+        # set a fifth its size (at least 100 images).
         g = torch.Generator().manual_seed(cfg.seed)
         train_idx = train_idx[torch.randperm(len(train_idx), generator=g)[:cfg.subset]]
         val_idx = val_idx[torch.randperm(len(val_idx), generator=g)[:max(cfg.subset // 5, 100)]]

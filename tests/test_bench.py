@@ -1,0 +1,72 @@
+"""`fmnist bench --dry-run`: each part's whole code path at tiny sizes, through the command, and
+what it writes is strict JSON (no Infinity/NaN, which json.dumps would write and JSON forbids)."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from fmnist.cli import main
+
+REAL = Path(__file__).resolve().parents[1] / "photos" / "real"
+
+
+def _strict(text: str):
+    def refuse(token):
+        raise ValueError(f"{token} is not JSON")
+    return json.loads(text, parse_constant=refuse)
+
+
+def bench(tmp_path, *argv) -> dict:
+    assert main(["bench", *argv, "--dry-run", "--out", str(tmp_path)]) == 0
+    return _strict((tmp_path / "bench.json").read_text())
+
+
+def test_throughput(tmp_path):
+    r = bench(tmp_path, "throughput")["throughput"]
+    assert r["matmul_peak_gflops"]["fp32"] > 0 and "compile" not in r
+    for name, m in r["models"].items():
+        assert m["params"] > 0 and m["train_mflop_per_image"] > m["infer_mflop_per_image"] > 0, name
+        assert m["fp32"]["train_img_s"] > 0 and m["fp32"]["infer_img_s"] > 0, name
+
+
+def test_accuracy(tmp_path, dataset):
+    r = bench(tmp_path, "accuracy", "--presets", "seed", "--seeds", "1")["accuracy"]["seed"]
+    (run,) = r["runs"]
+    assert len(run["curve"]) == 1 and 0.3 < run["final_test_acc"] < 1  # one epoch on 500 images: above chance
+    assert run["time_to"]["0.94"] is None and r["summary"]["time_to_0.94_median"] is None  # was Infinity
+    assert (tmp_path / "time_to_accuracy.png").stat().st_size > 0
+    assert not (tmp_path / "accuracy_partial.json").exists()  # superseded by bench.json
+
+
+def test_profile(tmp_path, dataset):
+    r = bench(tmp_path, "profile")["profile"]
+    assert r["steps"] == 2 and sum(k["share"] for k in r["kinds"].values()) == pytest.approx(1)
+    assert "convolution" in r["kinds"]
+
+
+def test_photos_with_real_photos(tmp_path, dataset):
+    rep = bench(tmp_path, "photos", "--real", str(REAL))
+    p = rep["photos"]
+    assert p["n"] == 100 and p["errors"] == 0 and p["acc_28x28"] > 0.85 and p["acc_photos"] > 0.6
+    assert (tmp_path / "photo_pipeline.png").stat().st_size > 0
+    real = rep["photos_real"]
+    assert set(real["variants"]) == {"paper", "robust"}
+    assert real["variants"]["robust"]["dev"]["n"] == 6 and real["test_acc_28x28"] > 0.85
+    assert rep["conversion_speed"]["robust"]["median_ms"] > 0
+
+
+def test_onnx(tmp_path, dataset):
+    pytest.importorskip("onnxruntime")
+    r = bench(tmp_path, "onnx")["onnx"]
+    assert set(r["backends"]) == {"pytorch-eager-fp32", "onnxruntime-fp32", "onnxruntime-int8"}
+    for name, b in r["backends"].items():
+        assert b["test_acc"] > 0.85 and b["img_s_batch"] > 0 and b["latency_ms_p99"] >= b["latency_ms_p50"], name
+
+
+def test_serve(tmp_path):
+    r = bench(tmp_path, "serve")["serve"]
+    assert set(r["settings"]) == {"batching", "no-batching"}
+    for name, rows in r["settings"].items():
+        (row,) = rows
+        assert row["requests"] > 0 and row["errors"] == 0 and row["rps"] > 0, name
