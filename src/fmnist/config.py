@@ -51,6 +51,10 @@ class TrainConfig:
                             "AMX/AVX512-BF16)", choices=["auto", "bf16", "off"])
     compile: bool = flag(False, "torch.compile the model (measured slower end to end on 2 CPU cores; "
                                 "docs/RESULTS.md)")
+    compile_mode: str = flag("default", "torch.compile mode with --compile: reduce-overhead replays CUDA graphs "
+                                        "(cuts the per-step launch cost of small models on a GPU), max-autotune "
+                                        "also searches kernels (minutes of compiling)",
+                             choices=["default", "reduce-overhead", "max-autotune"])
     val_fraction: float = flag(0.1, "stratified, seeded validation hold-out from the training set")
     seed: int = flag(0, "random seed")
     device: str = flag("auto", "auto, cpu, cuda, cuda:N or mps (auto = cuda, then mps, then cpu)")
@@ -142,6 +146,8 @@ def validate(cfg: TrainConfig) -> None:
         (cfg.subset >= 0, f"--subset must be >= 0, got {cfg.subset}"),
         (0 <= cfg.label_smoothing < 1, "--label-smoothing must be in [0, 1)"),
         (cfg.amp in ("auto", "bf16", "off"), f"--amp must be auto, bf16 or off, got {cfg.amp}"),
+        (cfg.compile_mode in ("default", "reduce-overhead", "max-autotune"),
+         f"--compile-mode must be default, reduce-overhead or max-autotune, got {cfg.compile_mode}"),
         (cfg.real_repeat >= 1, f"--real-repeat must be >= 1, got {cfg.real_repeat}"),
     ]
     for ok, msg in checks:
