@@ -274,7 +274,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="measure throughput, hardware efficiency and time-to-accuracy",
                        description="Benchmark on this machine: fp32 matmul peak, training/inference images/s and "
                                    "GFLOP/s per model, eager vs torch.compile, and (part 'accuracy') wall time to "
-                                   "92/93/94%% test accuracy per preset and seed. Writes bench.json and a plot.")
+                                   "92/93/94/95%% test accuracy per preset and seed, in seconds and in seed epochs: "
+                                   "multiples of one training epoch of the `seed` network, timed at the start of the "
+                                   "part, so that sittings on different machines compare. Writes bench.json and a "
+                                   "plot.")
     p.add_argument("parts", nargs="*", metavar="PART",
                    help="any of: throughput, accuracy, profile (where fast's training step spends its time), "
                         "photos (product-photo round trip), onnx (PyTorch vs ONNX "
@@ -303,7 +306,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", default=None, help="override epochs per preset, e.g. 'best-cpu=20' (default: preset's)")
     p.add_argument("--out", default="bench", help="output directory (default: bench)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: 0 = all cores)")
-    p.add_argument("--device", default="auto", help="recorded device (the throughput part runs on CPU)")
+    p.add_argument("--device", default="auto",
+                   help="device of the accuracy part and its seed-epoch reference (the throughput part runs on "
+                        "CPU) (default: auto)")
     p.add_argument("--no-compile-check", action="store_true", help="skip the torch.compile comparison")
 
     return ap
