@@ -58,9 +58,14 @@ def reference(ref):
     return line + "."
 
 
+def secs_fine(x):
+    """Seconds with a decimal below 100 s (GPU runs take a few), for files with seed epochs."""
+    return secs(x) if x is None or x >= 100 else f"{x:.1f} s"
+
+
 def _times(secs_value, ratio, reached=None):
-    """'143 s' (old bench.json), '143 s = 9.5x' with a seed-epoch ratio, then '(3/3)' if given."""
-    cell = secs(secs_value) + (f" = {ratio:.1f}x" if ratio is not None else "")
+    """'143 s' (old bench.json), '4.6 s = 1.9x' with a seed-epoch ratio, then '(3/3)' if given."""
+    cell = secs(secs_value) if ratio is None else f"{secs_fine(secs_value)} = {ratio:.1f}x"
     return cell + (f" ({reached})" if reached is not None else "")
 
 
@@ -80,8 +85,8 @@ def accuracy(a, ref=None):
         s = r["summary"]
         cells = [_times(s.get(f"time_to_{k}_median"), s.get(f"time_to_{k}_median_seed_epochs"),
                         s.get(f"time_to_{k}_reached", "-")) if f"time_to_{k}_reached" in s else "-" for k in keys]
-        wall = f"{s['wall_seconds_median']:.0f}" + (f" = {s['wall_seed_epochs_median']:.1f}x"
-                                                    if "wall_seed_epochs_median" in s else "")
+        wall = (f"{secs_fine(s['wall_seconds_median'])[:-2]} = {s['wall_seed_epochs_median']:.1f}x"
+                if "wall_seed_epochs_median" in s else f"{s['wall_seconds_median']:.0f}")
         out.append(f"| `{spec}` | {s['n']} | {pct(s['final_test_acc_median'])} | {s['final_test_acc_mean'] * 100:.2f} ± "
                    f"{s['final_test_acc_std'] * 100:.2f} | {wall} | " + " | ".join(cells) + " |")
     out += ["", "Per run:", "", f"| preset | seed | final test acc | wall s | {heads} |",
@@ -89,7 +94,8 @@ def accuracy(a, ref=None):
     for spec, r in a.items():
         for run in r["runs"]:
             t, se = run["time_to"], run.get("time_to_seed_epochs", {})
-            wall = f"{run['wall_seconds']:.0f}" + (f" = {run['wall_seed_epochs']:.1f}x" if "wall_seed_epochs" in run else "")
+            wall = (f"{secs_fine(run['wall_seconds'])[:-2]} = {run['wall_seed_epochs']:.1f}x"
+                    if "wall_seed_epochs" in run else f"{run['wall_seconds']:.0f}")
             out.append(f"| `{spec}` | {run['seed']} | {pct(run['final_test_acc'])} | {wall} | "
                        + " | ".join(_times(t[k], se.get(k)) if k in t else "-" for k in keys) + " |")
     return "\n".join(out)

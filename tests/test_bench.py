@@ -85,5 +85,5 @@ def test_results_tables_show_seed_epochs_only_where_measured(tmp_path):
     report["accuracy"]["gpu"]["summary"] = bench._summarise(report["accuracy"]["gpu"]["runs"])
     md = _tables(tmp_path, report)
     assert "| to 92 % | to 93 % | to 94 % | to 95 % |" in md
-    assert "| `gpu` | 3 | 94.00 % | 94.00 ± 0.00 | 101 = 10.1x | 50 s = 5.0x (3/3) |" in md
+    assert "| `gpu` | 3 | 94.00 % | 94.00 ± 0.00 | 101 = 10.1x | 50.0 s = 5.0x (3/3) |" in md
     assert "10.00 s at the start of the sitting, 11.00 s at its end" in md

@@ -190,10 +190,10 @@ REFERENCE_WORKLOAD = ("one training epoch of the `seed` preset (the assignment's
                       "its training split, after a warm-up")
 
 
-def seed_epoch(device: str = "auto", subset: int = 0, warmup_steps: int = 20) -> dict:
+def seed_epoch(device: str = "auto", subset: int = 0, warmup_steps: int = 20, ds=None) -> dict:
     """Time the reference workload on `device`: one epoch of `seed` over the 54,000 images a seed
-    run trains on (the first `subset` of them, for tests), through the real training loop.
-    Returns {"workload", "seconds", "images", "device", "threads"}."""
+    run trains on (the first `subset` of them, for tests), through the real training loop; `ds`:
+    the dataset if loaded already. Returns {"workload", "seconds", "images", "device", "threads"}."""
     from . import config, data
     from .distributed import DistInfo
     from .models import model_config
@@ -202,7 +202,7 @@ def seed_epoch(device: str = "auto", subset: int = 0, warmup_steps: int = 20) ->
 
     dev = pick_device(device)
     cfg = config.resolve("seed", {"device": str(dev)})
-    ds = data.load()
+    ds = ds or data.load()
     train_idx, _ = data.stratified_split(ds.train_labels, cfg.val_fraction, cfg.seed)
     if subset:
         train_idx = train_idx[:subset]
