@@ -433,7 +433,7 @@ def cmd_train(args) -> int:
         log.warning("--model is deprecated: it picks a preset, so it is now --preset (--arch picks the model)")
         if args.preset not in (None, args.preset_deprecated):
             raise ValueError(f"--model {args.preset_deprecated} and --preset {args.preset} disagree; give --preset")
-    preset = args.preset or args.preset_deprecated or _default_preset(args.device)
+    preset = args.preset or args.preset_deprecated or (None if args.resume else _default_preset(args.device))
     overrides = train_overrides(args)
     if args.resume:
         # Everything comes from the run being continued; only these may change.
