@@ -28,6 +28,14 @@ def test_space_to_depth_stem_has_no_28x28_map_and_rejects_other_patches():
         create_model("fast", {"stem_patch": 3})
 
 
+def test_wrn_first_stage_runs_at_full_resolution():
+    """stem_pool=False (wrn): no pooling after the stem, stages at 28, 14 and 7 pixels, then 4."""
+    m = create_model("wrn", {"stem": 4, "widths": (4, 4, 4)}).eval()
+    assert model_config("wrn")["stem_pool"] is False and model_config("wide")["stem_pool"] is True
+    assert m.forward_features(torch.rand(2, 1, 28, 28)).shape == (2, 4, 4, 4)
+    assert sum(isinstance(mod, torch.nn.MaxPool2d) for mod in m.features) == 3
+
+
 def test_seed_matches_keras_parameter_count():
     # Keras model.summary() of the assignment's network: 356,234 trainable parameters.
     assert count_parameters(create_model("seed")) == 356_234

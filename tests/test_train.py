@@ -154,3 +154,69 @@ def test_compile_trains_and_saves_the_plain_model(tmp_path, dataset, monkeypatch
 @pytest.mark.slow
 def test_compile_with_inductor(tmp_path, dataset):
     _train_compiled(tmp_path)
+
+def test_fused_optimizer_on_cuda_only():
+    from fmnist.train import make_optimizer, optimizer_options
+
+    adamw, sgd = config.resolve("fast", {}), config.resolve("fast", {"optimizer": "sgd"})
+    assert optimizer_options(adamw, torch.device("cuda")) == {"fused": True}
+    assert optimizer_options(adamw, torch.device("cpu")) == {}
+    assert optimizer_options(sgd, torch.device("cuda")) == {}  # Adam(W) only: what the presets use
+    opt = make_optimizer(torch.nn.Linear(2, 2), adamw, torch.device("cpu"))
+    assert not opt.defaults["fused"] and opt.param_groups[0]["weight_decay"] == adamw.weight_decay
+
+
+def test_compile_mode_reaches_torch_compile(tmp_path, monkeypatch, dataset):
+    """--compile --compile-mode X compiles the model with mode X (torch.compile faked: compiling
+    for real costs a minute here; what it does on a GPU is measured there)."""
+    from fmnist.train import train
+
+    asked = []
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: asked.append(kw) or model)
+    cfg = config.resolve("seed", {"subset": 256, "epochs": 1, "threads": 1, "compile": True,
+                                  "compile_mode": "reduce-overhead", "out_dir": str(tmp_path)})
+    train(cfg)
+    assert asked == [{"mode": "reduce-overhead"}]
+    with pytest.raises(ValueError, match="--compile-mode"):
+        config.resolve("fast", {"compile_mode": "fastest"})
+
+
+def test_training_step_never_waits_for_the_device():
+    """No host sync per step: in an epoch with shifts, flips, erasing, EMA and a fused optimizer
+    (as on CUDA), fmnist's code reads a tensor's value twice, at the end of the epoch, however
+    many steps it has. On a GPU each such read would stall the host until the queue drains."""
+    import sys
+
+    from fmnist.distributed import DistInfo
+    from fmnist.models import create_model, model_config
+    from fmnist.train import EMA, epoch_generators, train_one_epoch
+
+    torch.manual_seed(0)
+    cfg = config.resolve("fast", {"batch_size": 16, "ema": 0.999, "erase": 0.5, "translate": 2,
+                                  "model_config": {"stem": 8, "widths": (8, 8)}})
+    model = create_model(cfg.model, model_config(cfg.model, cfg.model_config)).to(memory_format=torch.channels_last)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
+    ema = EMA(model, cfg.ema)
+    x, y = torch.randint(0, 256, (24 * 16, 28, 28), dtype=torch.uint8), torch.randint(0, 10, (24 * 16,))
+    reads = []
+    names = ("item", "tolist", "__bool__", "__int__", "__float__", "nonzero")
+    originals = {n: getattr(torch.Tensor, n) for n in names}
+
+    def counted(name):
+        def read(self, *a, **kw):
+            if "fmnist" in sys._getframe(1).f_code.co_filename:  # our code, not torch's internals
+                reads.append((name, sys._getframe(1).f_lineno))
+            return originals[name](self, *a, **kw)
+        return read
+
+    try:
+        for n in names:
+            setattr(torch.Tensor, n, counted(n))
+        for steps in (4, 24):
+            reads.clear()
+            train_one_epoch(model, opt, ema, x[:steps * 16], y[:steps * 16], cfg, epoch=1, step=0, total_steps=100,
+                            gen=epoch_generators(0, 1, 0, torch.device("cpu")), dist=DistInfo())
+            assert len(reads) == 2, (steps, reads)
+    finally:
+        for n, f in originals.items():
+            setattr(torch.Tensor, n, f)

@@ -164,14 +164,17 @@ def build_parser() -> argparse.ArgumentParser:
                         "already in the cache that do not verify are downloaded again (default: off)")
 
     # ---- train
-    p = sub.add_parser("train", help="train a model (default preset: fast)",
+    p = sub.add_parser("train", help="train a model (default preset: gpu on CUDA, else fast)",
                        description="Train a preset recipe. Flags left out take the preset's value. Results go to "
                                    "OUT_DIR/<timestamp>-<preset>/ (config, history.csv, best.pt, last.pt, report).",
                        )
     p.add_argument("--preset", default=None, choices=list(PRESETS),
                    help="recipe: seed = the lab assignment's Keras CNN unchanged; fast = best time-to-accuracy "
                         "on a CPU; photo = fast that has also seen what converted real photos look like (the "
-                        "shipped model, ~4 min); best-cpu = highest accuracy (~35 min on 2 cores) (default: fast)")
+                        "shipped model, ~4 min); best-cpu = highest accuracy (~35 min on 2 cores); gpu = large "
+                        "batches for a GPU; best-gpu = highest accuracy in ~10 min on one H100. gpu and best-gpu "
+                        "are untested on real GPU hardware in this repo so far (their code paths run on CPU in "
+                        "the tests) (default: gpu when training on CUDA, else fast)")
     p.add_argument("--model", dest="preset_deprecated", choices=list(PRESETS), help=argparse.SUPPRESS)
     _add_config_flags(p)
     _add_data_dir(p)
@@ -272,7 +275,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="measure throughput, hardware efficiency and time-to-accuracy",
                        description="Benchmark on this machine: fp32 matmul peak, training/inference images/s and "
                                    "GFLOP/s per model, eager vs torch.compile, and (part 'accuracy') wall time to "
-                                   "92/93/94%% test accuracy per preset and seed. Writes bench.json and a plot.")
+                                   "92/93/94/95%% test accuracy per preset and seed, in seconds and in seed epochs: "
+                                   "multiples of one training epoch of the `seed` network, timed at the start of the "
+                                   "part, so that sittings on different machines compare. Writes bench.json and a "
+                                   "plot.")
     p.add_argument("parts", nargs="*", metavar="PART",
                    help="any of: throughput, accuracy, profile (where fast's training step spends its time), "
                         "photos (product-photo round trip), onnx (PyTorch vs ONNX "
@@ -301,7 +307,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", default=None, help="override epochs per preset, e.g. 'best-cpu=20' (default: preset's)")
     p.add_argument("--out", default="bench", help="output directory (default: bench)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: 0 = all cores)")
-    p.add_argument("--device", default="auto", help="recorded device (the throughput part runs on CPU)")
+    p.add_argument("--device", default="auto",
+                   help="device of the accuracy part and its seed-epoch reference (the throughput part runs on "
+                        "CPU) (default: auto)")
     p.add_argument("--no-compile-check", action="store_true", help="skip the torch.compile comparison")
     p.add_argument("--dry-run", action="store_true",
                    help="run each part's whole code path at tiny sizes in seconds (1 epoch on 500 images, a few "
@@ -407,6 +415,18 @@ def cmd_data(args) -> int:
     return 0
 
 
+def _default_preset(device_flag: str | None) -> str:
+    """The preset for the device training will run on, when --preset is not given."""
+    from . import config
+    from .runinfo import pick_device
+
+    device = str(pick_device(device_flag or "auto"))
+    preset = config.default_preset(device)
+    if preset != "fast":
+        log.info(f"no --preset given: {preset}, the default on {device} (--preset fast for the CPU recipe)")
+    return preset
+
+
 def cmd_train(args) -> int:
     from . import config
     from .evaluate import evaluate_run, summary_text
@@ -417,7 +437,7 @@ def cmd_train(args) -> int:
         log.warning("--model is deprecated: it picks a preset, so it is now --preset (--arch picks the model)")
         if args.preset not in (None, args.preset_deprecated):
             raise ValueError(f"--model {args.preset_deprecated} and --preset {args.preset} disagree; give --preset")
-    preset = args.preset or args.preset_deprecated or "fast"
+    preset = args.preset or args.preset_deprecated or (None if args.resume else _default_preset(args.device))
     overrides = train_overrides(args)
     if args.resume:
         # Everything comes from the run being continued; only these may change.

@@ -88,6 +88,9 @@ class FastConfig:
     # 2 = space-to-depth stem: each 2x2 patch becomes 4 channels and the stem conv runs at 14x14,
     # so no 28x28 map (whose BatchNorm, ReLU and pooling are memory-bound on a CPU) exists.
     stem_patch: int = 1
+    # False: no pooling after the stem, so the first stage runs at 28x28 (28 -> 14 -> 7 -> 4 over
+    # three stages, as ResNet-9 does on CIFAR). Costly on a CPU, cheap on a GPU.
+    stem_pool: bool = True
 
 
 class ConvBN(nn.Sequential):
@@ -121,8 +124,10 @@ class FastNet(nn.Module):
         self.norm = Normalize()
         if cfg.stem_patch == 2:
             layers: list[nn.Module] = [nn.PixelUnshuffle(2), ConvBN(4, cfg.stem)]  # (B, stem, 14, 14)
-        else:
+        elif cfg.stem_pool:
             layers = [ConvBN(1, cfg.stem), nn.MaxPool2d(2)]                        # (B, stem, 14, 14)
+        else:
+            layers = [ConvBN(1, cfg.stem)]                                          # (B, stem, 28, 28)
         cin = cfg.stem
         for w, r in zip(cfg.widths, cfg.res):
             layers += [ConvBN(cin, w), *(Residual(w) for _ in range(r)), nn.MaxPool2d(2, ceil_mode=True)]
@@ -173,6 +178,10 @@ REGISTRY: dict[str, ModelSpec] = {
     "seed": ModelSpec(SeedNet, SeedConfig),
     "fast": ModelSpec(FastNet, FastConfig),
     "wide": ModelSpec(FastNet, FastConfig, {"stem": 64, "widths": (128, 256), "res": (1, 1), "dropout": 0.1}),
+    # wrn: a wide ResNet for GPUs (best-gpu): three stages at 28, 14 and 7 pixels, two residual
+    # convs each, 17M parameters; 22x wide's FLOPs per image, too slow for a CPU.
+    "wrn": ModelSpec(FastNet, FastConfig, {"stem": 96, "widths": (192, 384, 768), "res": (2, 2, 2),
+                                           "dropout": 0.2, "stem_pool": False}),
 }
 
 

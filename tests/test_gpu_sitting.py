@@ -1,0 +1,42 @@
+"""scripts/gpu_sitting.py, the one-go measurement for a session lent a GPU, run here on CPU at
+tiny sizes (--smoke): what it writes, and that results_tables.py renders it."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def sitting(tmp_path, *args):
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "gpu_sitting.py"), "--smoke", "--out", str(tmp_path),
+                        "--runs", str(tmp_path / "runs"), *args], capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr
+    return json.loads((tmp_path / "sitting.json").read_text()), r.stderr
+
+
+def test_sitting_shortens_best_gpu_to_its_budget_and_writes_json(tmp_path, dataset):
+    report, log = sitting(tmp_path, "--parts", "probe,best-gpu", "--budget", "1")
+    assert "running best-gpu@1" in log  # 2 smoke epochs do not fit 1 s: a 1-epoch schedule, said so
+    assert set(report["probe"]) == {"fast", "gpu", "best-gpu"} and report["probe"]["best-gpu"]["model"] == "wrn"
+    (run,) = report["accuracy"]["best-gpu@1"]["runs"]
+    assert run["seed_epoch_seconds"] == report["reference"]["seconds"] and "seconds_after" in report["reference"]
+    assert report["environment"]["device"] == "cpu" and report["sittings"][0]["smoke"] is True
+    md = subprocess.run([sys.executable, str(ROOT / "scripts" / "results_tables.py"), str(tmp_path / "sitting.json")],
+                        capture_output=True, text=True, check=True).stdout
+    assert "| `best-gpu@1` | 1 |" in md
+
+
+@pytest.mark.slow
+def test_whole_sitting_in_smoke_mode(tmp_path, dataset):
+    """Every part (torch.compile for real, ~1 minute here); a second call adds to the same file."""
+    report, _ = sitting(tmp_path)
+    assert set(report["accuracy"]) == {"fast", "gpu", "gpu --compile --compile-mode reduce-overhead", "best-gpu"}
+    assert report["accuracy"]["gpu"]["summary"]["n"] == 3 and "skipped" in report["syncs"]  # CUDA only
+    report, _ = sitting(tmp_path, "--parts", "fast")
+    assert len(report["sittings"]) == 2 and "best-gpu" in report["accuracy"]
