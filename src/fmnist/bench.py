@@ -333,8 +333,12 @@ def run(args) -> int:
     if "onnx" in args.parts:
         report["onnx"] = onnx_backends(checkpoint_path=args.checkpoint)
     if "serve" in args.parts:
-        from .loadtest import run_all
-        report["serve"] = run_all(checkpoint=args.checkpoint)
+        # Its own file, one entry per sitting: an earlier sitting's figures are never replaced.
+        from .loadtest import append_sitting, run_all
+        n = append_sitting(out / "serve.json", {"environment": env, **run_all(checkpoint=args.checkpoint)})
+        print(f"added sitting {n} to {out / 'serve.json'}")
+        if set(args.parts) == {"serve"}:
+            return 0
     write_json(out / "bench.json", report)
     print(f"wrote {out / 'bench.json'}" + (f" and {out / 'time_to_accuracy.png'}" if "accuracy" in args.parts else ""))
     return 0

@@ -251,7 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("parts", nargs="*", metavar="PART",
                    help="any of: throughput, accuracy, profile (where fast's training step spends its time), "
                         "photos (product-photo round trip), onnx (PyTorch vs ONNX "
-                        "Runtime fp32/int8), serve (HTTP load test on loopback) (default: throughput accuracy)")
+                        "Runtime fp32/int8), serve (HTTP load test on loopback with wrk where installed, ~8 min: "
+                        "appends a sitting to OUT/serve.json) (default: throughput accuracy)")
     p.add_argument("--checkpoint", default=None,
                    help="model for the photos/onnx/serve parts (default: the shipped model)")
     p.add_argument("--real", metavar="DIR", default=None,
