@@ -235,6 +235,18 @@ def rss_mb(pid: int) -> float:
     return total / 1024
 
 
+def cpu_seconds(pid: int) -> float:
+    """CPU seconds (user + system) a process has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def machine_busy_seconds() -> float:
+    """CPU seconds all cores have spent busy (not idle, not waiting for I/O) since boot."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    return (sum(fields[:8]) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
+
+
 def stop_server(proc: subprocess.Popen) -> None:
     proc.terminate()
     try:
@@ -246,9 +258,18 @@ def stop_server(proc: subprocess.Popen) -> None:
 
 # ---------------------------------------------------------------------------- the bench
 
-def measure(port: int, payload: Payload, connections: int, seconds: float, tool: str) -> dict:
+def measure(port: int, payload: Payload, connections: int, seconds: float, tool: str, pid: int | None = None) -> dict:
+    """One load level. With the server's pid, also the cores it kept busy and the cores the whole
+    machine did: on a shared machine, anything else running shows as the difference less the
+    load generator's share."""
     run = run_wrk if tool == "wrk" else run_python
-    return {"payload": payload.name, "connections": connections, **run(port, payload, connections, seconds)}
+    cpu0, busy0, t0 = cpu_seconds(pid) if pid else 0.0, machine_busy_seconds(), time.perf_counter()
+    r = {"payload": payload.name, "connections": connections, **run(port, payload, connections, seconds)}
+    wall = time.perf_counter() - t0
+    if pid:
+        r["server_cores"] = (cpu_seconds(pid) - cpu0) / wall
+    r["machine_cores"] = (machine_busy_seconds() - busy0) / wall
+    return r
 
 
 def bench_setting(label: str, extra, loads: list[Payload], levels, seconds: float, warmup: float, tool: str,
@@ -262,16 +283,17 @@ def bench_setting(label: str, extra, loads: list[Payload], levels, seconds: floa
         for p in loads:
             measure(port, p, max(levels), warmup, tool)  # warm-up: threads, allocator, batch sizes
             for c in levels:
-                r = measure(port, p, c, seconds, tool)
+                r = measure(port, p, c, seconds, tool, proc.pid)
                 rows.append(r)
                 log(f"{label:>12} {p.name:>9} c={c:>2}: {r['rps']:7.1f} req/s  p50 {r['p50_ms']:6.1f} ms  "
-                    f"p99 {r['p99_ms']:6.1f} ms  ({r['requests']} requests, {r['errors']} errors)")
+                    f"p99 {r['p99_ms']:6.1f} ms  ({r['requests']} requests, {r['errors']} errors; cores busy: "
+                    f"server {r['server_cores']:.2f}, machine {r['machine_cores']:.2f})")
         out["rows"] = rows
         if soak:
             c, s = soak
             before = rss_mb(proc.pid)
             load = next((p for p in loads if p.name == "photo"), loads[0])  # the issue's: the photo, multipart
-            r = measure(port, load, c, s, tool)
+            r = measure(port, load, c, s, tool, proc.pid)
             r.update(rss_mb_before=before, rss_mb_after=rss_mb(proc.pid))
             out["soak"] = r
             log(f"{label:>12} soak {r['payload']} c={c} {s:g} s: {r['rps']:.1f} req/s, p99 {r['p99_ms']:.1f} ms, "
