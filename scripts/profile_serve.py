@@ -175,6 +175,21 @@ def render(profiles: list[dict], env: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def wait_for_quiet(limit_s: float = 180, idle_cores: float = 0.2) -> float:
+    """Wait (up to limit_s) until the machine is nearly idle for a second: on a shared machine a
+    setting measured beside someone else's job would be compared with one that was not.
+    -> the cores that were busy when it went on."""
+    deadline = time.monotonic() + limit_s
+    while True:
+        b0 = loadtest.machine_busy_seconds()
+        time.sleep(1)
+        busy = loadtest.machine_busy_seconds() - b0
+        if busy < idle_cores or time.monotonic() > deadline:
+            return busy
+        print(f"machine busy ({busy:.2f} cores) with other work: waiting", flush=True)
+        time.sleep(4)
+
+
 def before_env(src: str) -> dict:
     """Environment to run the server from another src folder (the code before issue 12's work).
     That code did not depend on uvloop: it is hidden, so uvicorn picks asyncio as it did then."""
@@ -202,6 +217,7 @@ def main() -> int:
     profiles = []
     for label, env in runs:
         for name in ("photo", "png28"):
+            wait_for_quiet()
             p = profile_one(label, loads[name], args.seconds, args.rate, [], env)
             profiles.append(p)
             print(f"{label} {name}: {p['wrk']['rps']:.0f} req/s, server {p['server_cpu_ms_per_request']:.2f} CPU ms "
