@@ -8,8 +8,9 @@ then answers 408 and closes. The body's deadline is RequestGuard's (guards.py), 
 under any ASGI server.
 
 It is a mixin over either of uvicorn's HTTP/1.1 protocols: httptools (a C parser, the
-default where installed: it parses a request in a few microseconds where h11, pure Python,
-takes tens) or h11 (always installed with uvicorn). Why not another server: hypercorn and
+default where installed) or h11 (pure Python, always installed with uvicorn). Parsing and
+writing took 60-150 CPU us per request with h11 and 40 with httptools, uvicorn's protocol
+code included (bench/cpu-serve/profile.md). Why not another server: hypercorn and
 granian have read timeouts but are one more dependency and behave differently under load;
 this is ~60 lines on uvicorn's own protocols.
 """
