@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: setup train test dataset browser bench clean
+.PHONY: setup train test dataset browser wrk bench clean
 
 # constraints.txt pins torch to the CPU build on this project's machines' disk: without it,
 # pip resolves the package's torch range to a multi-GB CUDA build.
@@ -23,16 +23,21 @@ dataset:
 browser:
 	@sh scripts/install-system-deps.sh chromium
 
+# Debian's wrk, the load generator `fmnist bench serve` drives the server with (without it the
+# bench falls back to a slower Python client, and the wrk test skips).
+wrk:
+	@sh scripts/install-system-deps.sh wrk
+
 setup: $(STAMP) dataset
 
 train: setup
 	$(BIN)/fmnist train
 
 # FMNIST_REQUIRE_BROWSER: the browser test fails instead of skipping if chromium is missing.
-test: setup browser
+test: setup browser wrk
 	FMNIST_REQUIRE_BROWSER=1 $(BIN)/python -m pytest
 
-bench: setup
+bench: setup wrk
 	$(BIN)/fmnist bench
 
 clean:

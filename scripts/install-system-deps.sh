@@ -1,13 +1,15 @@
 #!/bin/sh
 # Install Debian packages when we can (apt-get present and running as root); otherwise say
-# what is missing and carry on: fmnist downloads the dataset itself, and the browser test
-# skips with a reason when no chromium is installed.
+# what is missing and carry on: fmnist downloads the dataset itself, the browser test skips
+# with a reason when no chromium is installed, and `fmnist bench serve` uses its own client
+# when no wrk is.
 set -u
 missing=""
 for pkg in "$@"; do
     case "$pkg" in
         dataset-fashion-mnist) [ -d /usr/share/datasets/fashion-mnist ] || missing="$missing $pkg" ;;
         chromium) command -v chromium >/dev/null 2>&1 || missing="$missing $pkg" ;;
+        wrk) command -v wrk >/dev/null 2>&1 || missing="$missing $pkg" ;;
         *) dpkg -s "$pkg" >/dev/null 2>&1 || missing="$missing $pkg" ;;
     esac
 done

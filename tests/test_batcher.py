@@ -40,6 +40,20 @@ def test_concurrent_requests_share_batches_and_get_their_own_rows():
     assert items == 10 and batches < 10
 
 
+@pytest.mark.parametrize("on_the_way", [0, 1])
+def test_a_lone_request_waits_only_when_others_are_on_their_way(on_the_way):
+    """With `incoming` (the server's running conversions) a request runs at once when nothing
+    else is coming, and waits up to max_wait (here 300 ms) for company when something is."""
+    async def go(b):
+        loop = asyncio.get_running_loop()
+        t = loop.time()
+        await b.submit(image(1))
+        return loop.time() - t
+
+    took = run(go, one_hot_of_first_pixel, max_batch=32, max_wait_ms=300, incoming=lambda: on_the_way)
+    assert (took < 0.1) if on_the_way == 0 else (0.25 < took < 1.0), took
+
+
 def test_error_outside_inference_fails_the_batch_and_worker_goes_on():
     """Images of different shapes cannot be stacked: np.stack raised outside the worker's try,
     the worker died, and every later request hung."""

@@ -65,8 +65,13 @@ def test_onnx(tmp_path, dataset):
 
 
 def test_serve(tmp_path):
-    r = bench(tmp_path, "serve")["serve"]
-    assert set(r["settings"]) == {"batching", "no-batching"}
-    for name, rows in r["settings"].items():
-        (row,) = rows
-        assert row["requests"] > 0 and row["errors"] == 0 and row["rps"] > 0, name
+    """The serve part appends a sitting to serve.json (earlier sittings stay) instead of bench.json."""
+    for n in (1, 2):
+        assert main(["bench", "serve", "--dry-run", "--out", str(tmp_path)]) == 0
+        doc = _strict((tmp_path / "serve.json").read_text())
+        assert len(doc["sittings"]) == n
+    s = doc["sittings"][-1]
+    assert set(s["settings"]) == {"torch"} and s["environment"]["torch"]
+    for row in s["settings"]["torch"]["rows"]:
+        assert row["requests"] > 0 and row["errors"] == 0 and row["rps"] > 0, row
+    assert s["settings"]["torch"]["soak"]["errors"] == 0

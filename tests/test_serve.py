@@ -64,6 +64,7 @@ def test_health_model_docs(server):
     meta = checkpoint.load(default_checkpoint())
     assert m["classes"][0] == "T-shirt/top" and m["parameters"] > 1000
     assert m["accuracy"] == meta["metrics"]["test_acc"]  # reports the served file's own figure
+    assert m["threads"] == 1  # inference keeps to one core: conversions and the event loop need the rest
     assert httpx.get(server + "/docs").status_code == 200
     assert "/v1/predict" in httpx.get(server + "/openapi.json").json()["paths"]
 
@@ -83,6 +84,36 @@ def test_predict_test_images_and_photos(server, dataset):
     truth = [names[int(dataset.test_labels[i])] for i in idx] * 2
     assert sum(p["label"] == t for p, t in zip(preds, truth)) >= 10
     assert preds[0]["preprocessed"].startswith("data:image/png;base64,")
+
+
+def test_raw_body_is_the_image(server, dataset):
+    """Content-Type image/*: the body is the image, no multipart, same answer as multipart."""
+    rng = np.random.default_rng(1)
+    photo = render_product_photo(dataset.test_images[3].numpy(), rng)
+    raw = httpx.post(server + "/v1/predict", content=photo, headers={"content-type": "image/jpeg"},
+                     params={"top_k": 2, "include_image": True})
+    assert raw.status_code == 200 and raw.headers["content-type"] == "application/json", raw.text
+    form = httpx.post(server + "/v1/predict", files={"files": ("p.jpg", photo, "image/jpeg")},
+                      params={"top_k": 2, "include_image": True})
+    (a,), (b,) = raw.json()["predictions"], form.json()["predictions"]
+    assert a["filename"] == "image" and len(a["top"]) == 2
+    assert {k: v for k, v in a.items() if k != "filename"} == {k: v for k, v in b.items() if k != "filename"}
+    octet = httpx.post(server + "/v1/predict", content=png(dataset.test_images[0].numpy()),
+                       headers={"content-type": "application/octet-stream"})
+    assert octet.status_code == 200 and octet.json()["predictions"][0]["label"] == "Ankle boot"
+
+
+@pytest.mark.parametrize("ctype,body,status,code", [
+    ("image/png", b"", 400, "empty_file"),
+    ("image/png", b"just some text", 415, "unsupported_media_type"),
+    ("application/json", b'{"image": "x"}', 422, "invalid_request"),
+    (None, b"abc", 422, "invalid_request"),
+])
+def test_bad_raw_bodies_get_4xx_json(server, ctype, body, status, code):
+    r = httpx.post(server + "/v1/predict", content=body, headers={"content-type": ctype} if ctype else {})
+    assert r.status_code == status and r.json()["error"]["code"] == code, r.text
+    if code == "invalid_request":
+        assert "Content-Type image/*" in r.json()["error"]["message"]
 
 
 def test_concurrent_requests_are_batched_and_accurate(server, dataset):

@@ -33,14 +33,24 @@ def fake_ghostscript(tmp_path_factory):
     return d, marker
 
 
-@pytest.fixture(scope="module")
-def server(fake_ghostscript):
+class ServerUrl(str):
+    """The base URL, and which HTTP parser the server runs."""
+
+    def __new__(cls, url: str, http: str):
+        self = super().__new__(cls, url)
+        self.http = http
+        return self
+
+
+@pytest.fixture(scope="module", params=["httptools", "h11"])
+def server(request, fake_ghostscript):
+    """Every attack against both HTTP parsers the server can run on."""
     env = dict(os.environ, PATH=f"{fake_ghostscript[0]}{os.pathsep}{os.environ['PATH']}")
     # Short limits so each attack is cut off in about a second.
     proc, url = start_server("--max-upload-mb", str(LIMIT_MB), "--max-conversions", "1", "--conversion-wait", "0",
                              "--header-timeout", "1", "--keep-alive-timeout", "1", "--body-timeout", "1.5",
-                             "--limit-concurrency", str(CONNECTIONS), env=env)
-    yield url
+                             "--limit-concurrency", str(CONNECTIONS), "--http", request.param, env=env)
+    yield ServerUrl(url, request.param)
     proc.terminate()
     proc.wait(10)
 
@@ -92,14 +102,14 @@ def small_upload(name: str = "a.png", body: bytes | None = None):
     return {"files": (name, body or png(np.zeros((28, 28), np.uint8)), "image/png")}
 
 
-def test_chunked_body_is_counted_not_trusted(server):
-    """Transfer-Encoding: chunked plus a small Content-Length: the header lies, the bytes count.
-    Before the fix the whole body was read into memory and answered 415 after the fact."""
-    sock = socket.create_connection(("127.0.0.1", _port(server)), timeout=5)
+def send_chunked_upload(url: str, head_extra: bytes = b"") -> tuple[RawReader, int, int]:
+    """A multipart body sent chunked until the server answers or 64x the limit has gone out:
+    (reader holding the answer, bytes sent, the cap)."""
+    sock = socket.create_connection(("127.0.0.1", _port(url)), timeout=5)
     reader = RawReader(sock)
     reader.start()
     boundary = b"b0undary"
-    sock.sendall(b"POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\nTransfer-Encoding: chunked\r\n"
+    sock.sendall(b"POST /v1/predict HTTP/1.1\r\nHost: x\r\n" + head_extra + b"Transfer-Encoding: chunked\r\n"
                  b"Content-Type: multipart/form-data; boundary=" + boundary + b"\r\n\r\n")
     part = (b"--" + boundary + b'\r\nContent-Disposition: form-data; name="files"; filename="a.png"\r\n'
             b"Content-Type: image/png\r\n\r\n")
@@ -115,10 +125,26 @@ def test_chunked_body_is_counted_not_trusted(server):
     reader.join(5)
     sock.close()
     assert reader.data, f"no answer after {sent:,} bytes: the server is still reading"
+    return reader, sent, cap
+
+
+def test_chunked_body_is_counted_not_trusted(server):
+    """Transfer-Encoding: chunked plus a small Content-Length: the header lies, the bytes count.
+    Before the fix the whole body was read into memory and answered 415 after the fact. h11
+    reads it chunked and the byte count stops it (413); httptools refuses the head outright."""
+    reader, sent, cap = send_chunked_upload(server, b"Content-Length: 100\r\n")
+    status, body = reader.response()
+    expected = (413, "payload_too_large") if server.http == "h11" else (400, "invalid_http")
+    assert (status, body["error"]["code"]) == expected, reader.data[:300]
+    assert sent < cap / 2, f"the server kept reading: {sent:,} bytes sent"
+    assert httpx.get(server + "/healthz").status_code == 200
+
+
+def test_chunked_body_without_length_is_counted(server):
+    reader, sent, cap = send_chunked_upload(server)
     status, body = reader.response()
     assert status == 413 and body["error"]["code"] == "payload_too_large", reader.data[:300]
     assert sent < cap / 2, f"the server kept reading: {sent:,} bytes sent"
-    assert httpx.get(server + "/healthz").status_code == 200
 
 
 def test_eps_upload_never_reaches_ghostscript(server, fake_ghostscript):

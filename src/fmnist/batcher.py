@@ -4,7 +4,9 @@ Requests put (image, future) on a queue; one worker task takes the first item, t
 collecting until it has `max_batch` images or `max_wait` seconds have passed since the first,
 and runs the batch in a worker thread, so the event loop never blocks on inference. Under
 light load a request waits at most `max_wait`; under heavy load batches fill at once and
-throughput grows with load.
+throughput grows with load. Given `incoming` (how many requests are on their way: the server
+passes its running conversions), the worker waits only while some are: a lone request runs at
+once instead of waiting `max_wait` for company that is not coming.
 
 Safety net: an unexpected error in the worker fails the batch it was building and the worker
 goes on; a result with the wrong number of rows fails its batch instead of leaving requests
@@ -32,7 +34,7 @@ class BatcherUnavailable(RuntimeError):
 
 class DynamicBatcher:
     def __init__(self, infer: Callable[[np.ndarray], np.ndarray], max_batch: int = 32, max_wait_ms: float = 2.0,
-                 timeout_s: float = 30.0):
+                 timeout_s: float = 30.0, incoming: Callable[[], int] | None = None):
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         if max_wait_ms < 0:
@@ -43,6 +45,7 @@ class DynamicBatcher:
         self.max_batch = max_batch
         self.max_wait = max_wait_ms / 1000
         self.timeout_s = timeout_s
+        self.incoming = incoming
         # One inference thread: torch already uses every core inside a forward pass.
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fmnist-infer")
         self.queue: asyncio.Queue | None = None
@@ -130,8 +133,8 @@ class DynamicBatcher:
         deadline = time.monotonic() + self.max_wait
         while len(batch) < self.max_batch:
             timeout = deadline - time.monotonic()
-            if timeout <= 0:
-                # Past the deadline: still take what is already queued, without waiting.
+            if timeout <= 0 or (self.incoming is not None and self.incoming() == 0):
+                # Past the deadline, or nobody else on the way: take what is already queued, without waiting.
                 try:
                     batch.append(self.queue.get_nowait())
                     continue

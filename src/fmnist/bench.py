@@ -411,7 +411,7 @@ DRY_RUN = {
     "photos_real": dict(limit=6, test_n=500),
     "conversion_speed": dict(n=2, reps=1),
     "onnx": dict(batch=8, test_n=200, reps=2, latency_n=10, calib_n=64),
-    "serve": dict(levels=(2,), max_requests=20, max_seconds=2.0, warmup=10, onnx=False),
+    "serve": dict(levels=(2,), seconds=1.0, warmup=0.5, soak=(2, 1.0), onnx=False),
 }
 
 
@@ -465,8 +465,13 @@ def run(args) -> int:
     if "onnx" in args.parts:
         report["onnx"] = onnx_backends(checkpoint_path=args.checkpoint, **dry.get("onnx", {}))
     if "serve" in args.parts:
-        from .loadtest import run_all
-        report["serve"] = run_all(checkpoint=args.checkpoint, **dry.get("serve", {}))
+        # Its own file, one entry per sitting: an earlier sitting's figures are never replaced.
+        from .loadtest import append_sitting, run_all
+        n = append_sitting(out / "serve.json", {"environment": env, **run_all(checkpoint=args.checkpoint,
+                                                                             **dry.get("serve", {}))})
+        log.info(f"added sitting {n} to {out / 'serve.json'}")
+        if set(args.parts) == {"serve"}:
+            return 0
     write_json(out / "bench.json", report)
     (out / "accuracy_partial.json").unlink(missing_ok=True)  # the accuracy part's safety copy, now in bench.json
     log.info(f"wrote {out / 'bench.json'}" + (f" and {out / 'time_to_accuracy.png'}" if "accuracy" in args.parts else ""))

@@ -251,6 +251,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="time for a request head to arrive, from its first byte, else 408 (default: 10.0)")
     p.add_argument("--body-timeout", type=_at_least(0, strict=True), default=60.0, metavar="SECONDS",
                    help="time for a whole request body to arrive, else 408 (default: 60.0)")
+    p.add_argument("--threads", type=_at_least(1, int), default=1,
+                   help="inference threads (torch, ONNX Runtime); the rest of the cores convert images and run "
+                        "the event loop (default: 1)")
+    p.add_argument("--http", choices=["auto", "httptools", "h11"], default="auto",
+                   help="HTTP/1.1 parser: httptools (C) or h11 (pure Python) (default: auto = httptools if installed)")
+    p.add_argument("--loop", choices=["auto", "uvloop", "asyncio"], default="auto",
+                   help="event loop (default: auto = uvloop if installed)")
     p.add_argument("--log-level", default="info", help="uvicorn log level (default: info)")
     p.add_argument("--access-log", action="store_true", help="log every request (default: off)")
     p.add_argument("--pipeline", choices=["robust", "paper"], default="robust",
@@ -282,7 +289,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("parts", nargs="*", metavar="PART",
                    help="any of: throughput, accuracy, profile (where fast's training step spends its time), "
                         "photos (product-photo round trip), onnx (PyTorch vs ONNX "
-                        "Runtime fp32/int8), serve (HTTP load test on loopback) (default: throughput accuracy)")
+                        "Runtime fp32/int8), serve (HTTP load test on loopback with wrk where installed, ~8 min: "
+                        "appends a sitting to OUT/serve.json) (default: throughput accuracy)")
     p.add_argument("--checkpoint", default=None,
                    help="model for the photos/onnx/serve parts (default: the shipped model)")
     p.add_argument("--real", metavar="DIR", default=None,

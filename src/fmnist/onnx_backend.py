@@ -23,7 +23,11 @@ class OnnxModel:
             raise FileNotFoundError(f"{path}: no such ONNX file; create one with `fmnist export CHECKPOINT`")
         opts = ort.SessionOptions()
         if threads:
+            # By default ORT takes a thread per core and keeps them spinning after each run:
+            # CPU that a server's conversion threads and event loop need.
             opts.intra_op_num_threads = threads
+            opts.inter_op_num_threads = 1
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
             self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
         except Exception as e:  # ORT raises its own exception types for corrupt files

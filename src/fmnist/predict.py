@@ -48,17 +48,18 @@ class Prediction:
 
 
 class Predictor:
-    """A loaded model plus the preprocessing pipeline. backend: 'torch' or 'onnx'."""
+    """A loaded model plus the preprocessing pipeline. backend: 'torch' or 'onnx'; threads: ONNX
+    Runtime's intra-op threads (0: its default; torch's are process-wide, torch.set_num_threads)."""
 
     def __init__(self, checkpoint_path: str | Path | None = None, device: str = "cpu", backend: str = "torch",
-                 pipeline: str = "robust", robust_options=None):
+                 pipeline: str = "robust", robust_options=None, threads: int = 0):
         self.backend = backend
         self.pipeline = pipeline
         ckpt: dict = {}
         self.robust_options = robust_options  # robust.RobustOptions; None = every step on
         if backend == "onnx":
             from .onnx_backend import OnnxModel
-            self.model = OnnxModel(checkpoint_path)
+            self.model = OnnxModel(checkpoint_path, threads=threads)
             self.meta = self.model.meta
             self.tta_flip = False
         elif backend == "torch":
@@ -80,6 +81,12 @@ class Predictor:
         self.temperature = float(cal.get("temperature", 1.0))
         self.threshold = float(cal.get("threshold", 0.0))
         self.meta["calibration"] = cal or None
+
+    def inference_threads(self) -> int:
+        """Threads one forward pass may use (ONNX Runtime: 0 = its default, a thread per core)."""
+        if self.backend == "onnx":
+            return self.model.session.get_session_options().intra_op_num_threads
+        return torch.get_num_threads()
 
     # -- core: 28x28 uint8 batch -> probabilities
     @torch.no_grad()

@@ -1,6 +1,7 @@
 """`fmnist serve`: an HTTP API and a web page in front of a model.
 
-  POST /v1/predict   multipart field `files` (one or several images) -> top-k per image
+  POST /v1/predict   multipart field `files` (one or several images), or one image as the raw
+                     body (Content-Type image/*) -> top-k per image
   GET  /v1/model     name, classes, parameters, accuracy
   GET  /v1/samples   random test images for the page's strip
   GET  /healthz      liveness: 503 when inference cannot run; batcher and conversion counters
@@ -15,22 +16,24 @@ and slow clients live in guards.py and httpserver.py.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
+import json
 import logging
 import os
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
 import numpy as np
-from fastapi import FastAPI, File, HTTPException, Query, Request, UploadFile
+from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from PIL import Image
-from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .batcher import BatcherUnavailable, DynamicBatcher
@@ -60,6 +63,11 @@ class ServeConfig:
     limit_concurrency: int = 256
     keep_alive_s: float = 5.0        # idle keep-alive connection closed after this (uvicorn's default)
     header_timeout_s: float = 10.0   # request head, from its first byte (httpserver.py)
+    # Inference threads (torch intra-op; ONNX Runtime's pool, which otherwise takes a thread per
+    # core and spins between calls): the conversions and the event loop need the other cores.
+    threads: int = 1
+    http: str = "auto"               # httptools where installed (a C parser), else h11
+    loop: str = "auto"               # uvloop where installed, else asyncio (uvicorn's choice)
 
 
 def _err(status: int, code: str, message: str, headers: dict | None = None) -> JSONResponse:
@@ -105,6 +113,45 @@ def _prepare(data: bytes, name: str, cfg: ServeConfig, predictor: Predictor) -> 
         raise HTTPException(422, detail=("unprocessable_image", f"{name}: {str(e).removeprefix('image: ')}")) from None
 
 
+# Both ways to send images, for the OpenAPI page (the handler reads the body itself).
+PREDICT_BODY = {"requestBody": {"required": True, "content": {
+    "multipart/form-data": {"schema": {"type": "object", "required": ["files"], "properties": {
+        "files": {"type": "array", "items": {"type": "string", "format": "binary"},
+                  "description": "image files (PNG, JPEG, GIF, WebP, BMP, TIFF)"}}}},
+    "image/*": {"schema": {"type": "string", "format": "binary"},
+                "description": "one image as the whole body, e.g. Content-Type: image/jpeg"}}}}
+RAW_TYPES = ("image/", "application/octet-stream")
+HOW_TO_SEND = ("send images as multipart/form-data field 'files' (curl -F files=@photo.jpg URL/v1/predict), "
+               "or one image as the body with Content-Type image/* (curl --data-binary @photo.jpg "
+               "-H 'Content-Type: image/jpeg' URL/v1/predict)")
+
+
+async def _uploads(request: Request, cfg: ServeConfig) -> list[tuple[str, bytes]]:
+    """(name, bytes) of each image in the request: the raw body (Content-Type image/*), or the
+    multipart field `files`. A raw body skips multipart parsing and the upload's spooled file
+    (a few percent of a small image's CPU time: bench/cpu-serve/profile.md)."""
+    ctype = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    if ctype.startswith(RAW_TYPES):
+        return [("image", await request.body())]
+    if ctype != "multipart/form-data":
+        raise HTTPException(422, detail=("invalid_request", f"no images in a {ctype or 'Content-Type-less'} "
+                                                            f"request: {HOW_TO_SEND}"))
+    async with request.form() as form:  # starlette caps files at 1000; the body cap bounds the bytes
+        files = form.getlist("files")
+        if not files:
+            raise HTTPException(422, detail=("invalid_request", f"files: field required: {HOW_TO_SEND}"))
+        if len(files) > cfg.max_files:
+            raise HTTPException(413, detail=("too_many_files", f"{len(files)} files; at most {cfg.max_files} "
+                                                               "per request"))
+        out = []
+        for i, f in enumerate(files):
+            if isinstance(f, str):
+                raise HTTPException(422, detail=("invalid_request", f"files: item {i + 1} is a text field, "
+                                                                    f"not a file: {HOW_TO_SEND}"))
+            out.append((f.filename or f"file {i + 1}", await f.read()))
+        return out
+
+
 def _mount_docs(app: FastAPI) -> None:
     """Swagger UI from the swagger-ui-bundle package, so /docs works with no CDN."""
     import swagger_ui_bundle
@@ -123,8 +170,12 @@ def _mount_docs(app: FastAPI) -> None:
 def create_app(predictor: Predictor | None = None, cfg: ServeConfig | None = None) -> FastAPI:
     cfg = cfg or ServeConfig()
     predictor = predictor or Predictor()
-    batcher = DynamicBatcher(predictor.probabilities, cfg.max_batch, cfg.max_wait_ms, cfg.inference_timeout_s)
     slots = ConversionSlots(cfg.max_conversions, cfg.conversion_wait_s)
+    # A batch waits for company only while images are being converted: those are on their way.
+    batcher = DynamicBatcher(predictor.probabilities, cfg.max_batch, cfg.max_wait_ms, cfg.inference_timeout_s,
+                             incoming=lambda: slots.running)
+    # One thread per conversion slot: the slots already bound how many run at once.
+    converters = ThreadPoolExecutor(cfg.max_conversions, thread_name_prefix="fmnist-convert")
     samples = load_samples()
     rng = np.random.default_rng()
 
@@ -133,6 +184,7 @@ def create_app(predictor: Predictor | None = None, cfg: ServeConfig | None = Non
         await batcher.start()
         yield
         await batcher.stop()
+        converters.shutdown(wait=False)
 
     app = FastAPI(title="fmnist", version="1", lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="Fashion-MNIST classifier: upload clothing photos, get the top classes.")
@@ -190,7 +242,8 @@ def create_app(predictor: Predictor | None = None, cfg: ServeConfig | None = Non
         m = predictor.meta
         return {"name": m.get("model"), "classes": predictor.class_names, "parameters": m.get("parameters"),
                 "accuracy": m.get("metrics", {}).get("test_acc"), "val_accuracy": m.get("metrics", {}).get("val_acc"),
-                "backend": predictor.backend, "max_batch": cfg.max_batch, "max_wait_ms": cfg.max_wait_ms,
+                "backend": predictor.backend, "threads": predictor.inference_threads(),
+                "max_batch": cfg.max_batch, "max_wait_ms": cfg.max_wait_ms,
                 "limits": {"max_upload_bytes": cfg.max_upload_bytes, "max_files": cfg.max_files,
                            "max_pixels": cfg.max_pixels, "formats": sorted(ACCEPTED_FORMATS - {"MPO"})}}
 
@@ -201,25 +254,22 @@ def create_app(predictor: Predictor | None = None, cfg: ServeConfig | None = Non
         return {"samples": [{"id": int(i), "label": predictor.class_names[int(labels[i])],
                              "image": png_data_url(imgs[i])} for i in idx]}
 
-    @app.post("/v1/predict", summary="Classify one or several images")
+    @app.post("/v1/predict", summary="Classify one or several images", openapi_extra=PREDICT_BODY)
     async def predict(request: Request,
-                      files: list[UploadFile] = File(..., description="image files (PNG, JPEG, GIF, WebP, BMP, TIFF)"),
                       top_k: int = Query(3, ge=1, le=10, description="classes per image"),
                       include_image: bool = Query(False, description="also return the 28x28 image the model saw")):
-        if len(files) > cfg.max_files:
-            raise HTTPException(413, detail=("too_many_files", f"{len(files)} files; at most {cfg.max_files} per request"))
-        names = [f.filename or f"file {i + 1}" for i, f in enumerate(files)]
-        datas = [await f.read() for f in files]
+        uploads = await _uploads(request, cfg)
+        loop = asyncio.get_running_loop()
         pres = []
-        for d, n in zip(datas, names):
+        for name, data in uploads:
             try:
                 async with slots.slot():
                     # Checked once a slot is ours: a client that left while we waited costs nothing more.
                     if await request.is_disconnected():
-                        slots.dropped += len(datas) - len(pres)
-                        log.info("client left: %d conversion(s) dropped", len(datas) - len(pres))
+                        slots.dropped += len(uploads) - len(pres)
+                        log.info("client left: %d conversion(s) dropped", len(uploads) - len(pres))
                         return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
-                    pres.append(await run_in_threadpool(_prepare, d, n, cfg, predictor))
+                    pres.append(await loop.run_in_executor(converters, _prepare, data, name, cfg, predictor))
             except Busy as e:
                 raise HTTPException(503, detail=("busy", f"every image conversion slot ({cfg.max_conversions}) "
                                                          f"stayed busy for {cfg.conversion_wait_s:g} s: retry shortly"),
@@ -233,7 +283,7 @@ def create_app(predictor: Predictor | None = None, cfg: ServeConfig | None = Non
             raise HTTPException(503, detail=("inference_unavailable", f"inference is unavailable: {e}"),
                                 headers={"Retry-After": "5"}) from None
         out = []
-        for name, pre, p in zip(names, pres, probs):
+        for (name, _), pre, p in zip(uploads, pres, probs):
             order = np.argsort(-p)[:top_k]
             unsure, reason = predictor.judge(pre.item_found, pre.note, p)
             item = {"filename": name, "label": predictor.class_names[order[0]], "probability": float(p[order[0]]),
@@ -242,12 +292,14 @@ def create_app(predictor: Predictor | None = None, cfg: ServeConfig | None = Non
             if include_image:
                 item["preprocessed"] = png_data_url(pre.image)
             out.append(item)
-        return {"predictions": out}
+        # Encoded here: FastAPI would first walk the dict through jsonable_encoder.
+        return Response(json.dumps({"predictions": out}).encode(), media_type="application/json")
 
     return app
 
 
 def main(args) -> int:
+    import torch
     import uvicorn
 
     from .httpserver import protocol_with_head_deadline
@@ -257,12 +309,16 @@ def main(args) -> int:
                       max_conversions=args.max_conversions or ServeConfig.max_conversions,
                       conversion_wait_s=args.conversion_wait, limit_concurrency=args.limit_concurrency,
                       keep_alive_s=args.keep_alive_timeout, header_timeout_s=args.header_timeout,
-                      body_timeout_s=args.body_timeout)
-    predictor = Predictor(args.checkpoint, backend=args.backend, pipeline=getattr(args, "pipeline", "robust"))
+                      body_timeout_s=args.body_timeout, threads=args.threads, http=args.http, loop=args.loop)
+    torch.set_num_threads(cfg.threads)
+    predictor = Predictor(args.checkpoint, backend=args.backend, pipeline=getattr(args, "pipeline", "robust"),
+                          threads=cfg.threads)
     app = create_app(predictor, cfg)
-    log.info(f"serving {predictor.meta.get('model')} ({predictor.backend}) on http://{args.host}:{args.port}/  "
-             f"API docs: /docs  batching: max {cfg.max_batch}, wait {cfg.max_wait_ms} ms")
+    protocol = protocol_with_head_deadline(cfg.header_timeout_s, cfg.http)
+    log.info(f"serving {predictor.meta.get('model')} ({predictor.backend}, {cfg.threads} inference thread(s)) on "
+             f"http://{args.host}:{args.port}/  API docs: /docs  batching: max {cfg.max_batch}, wait {cfg.max_wait_ms} ms  "
+             f"http: {protocol.implementation}")
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=args.access_log,
-                http=protocol_with_head_deadline(cfg.header_timeout_s), limit_concurrency=cfg.limit_concurrency,
+                http=protocol, loop=cfg.loop, limit_concurrency=cfg.limit_concurrency,
                 timeout_keep_alive=cfg.keep_alive_s)
     return 0
