@@ -48,7 +48,7 @@ def test_profile(tmp_path, dataset):
 def test_photos_with_real_photos(tmp_path, dataset):
     rep = bench(tmp_path, "photos", "--real", str(REAL))
     p = rep["photos"]
-    assert p["n"] == 100 and p["errors"] == 0 and p["acc_28x28"] > 0.85 and p["acc_photos"] > 0.6
+    assert p["n"] == 50 and p["errors"] == 0 and p["acc_28x28"] > 0.85 and p["acc_photos"] > 0.6
     assert (tmp_path / "photo_pipeline.png").stat().st_size > 0
     real = rep["photos_real"]
     assert set(real["variants"]) == {"paper", "robust"}

@@ -34,12 +34,12 @@ def test_fp32_matches_pytorch_on_test_images(exported, dataset):
 
 
 def test_int8_accuracy_change_is_bounded(exported, dataset):
-    y = dataset.test_labels[:5000].numpy()
-    x = dataset.test_images[:5000].numpy()
+    y = dataset.test_labels[:2000].numpy()
+    x = dataset.test_images[:2000].numpy()
     acc32 = (OnnxModel(exported[0]).probabilities(x).argmax(1) == y).mean()
     acc8 = (OnnxModel(exported[1]).probabilities(x).argmax(1) == y).mean()
-    print(f"accuracy on 5,000 test images: fp32 {acc32:.4f}, int8 {acc8:.4f} ({(acc8 - acc32) * 100:+.2f} points)")
-    assert acc32 > 0.92  # measured (the model card says 93.68 % on all 10,000)
+    print(f"accuracy on 2,000 test images: fp32 {acc32:.4f}, int8 {acc8:.4f} ({(acc8 - acc32) * 100:+.2f} points)")
+    assert acc32 > 0.92  # measured (the model card says 93.68 % on all 10,000; 94.6 % on these)
     assert abs(acc8 - acc32) < 0.01  # the same images: the difference is int8's alone
 
 

@@ -141,13 +141,13 @@ def throughput(models=None, batch: int = 256, compile_check: bool = True, matmul
     for name in models or list(REGISTRY):
         torch.manual_seed(0)
         m = create_model(name)
-        tf, inf = train_flops_per_image(m)
+        tf, inf = train_flops_per_image(m, batch=min(batch, 64))  # per image: any batch counts the same
         m = m.to(memory_format=torch.channels_last)
         r = {"params": count_parameters(m), "train_mflop_per_image": tf / 1e6, "infer_mflop_per_image": inf / 1e6}
         for prec in precisions:
             amp = "bf16" if prec == "bf16" else "off"
-            tr = time_train_steps(m, batch, steps=steps, amp=amp)
-            ev = time_inference(m, batch, steps=steps, amp=amp)
+            tr = time_train_steps(m, batch, steps=steps, warmup=min(3, steps), amp=amp)
+            ev = time_inference(m, batch, steps=steps, warmup=min(3, steps), amp=amp)
             r[prec] = {"train_img_s": tr, "infer_img_s": ev, "train_gflops": tr * tf / 1e9,
                        "infer_gflops": ev * inf / 1e9,
                        "train_peak_ratio": tr * tf / 1e9 / peaks[prec], "infer_peak_ratio": ev * inf / 1e9 / peaks[prec],
@@ -407,8 +407,8 @@ DRY_RUN = {
     "throughput": dict(batch=8, matmul_n=128, steps=2, compile_check=False),
     "accuracy": dict(overrides={"subset": 500, "epochs": 1}),
     "profile": dict(steps=2, warmup=1),
-    "photos": dict(n=100),
-    "photos_real": dict(limit=6, test_n=500),
+    "photos": dict(n=50),
+    "photos_real": dict(limit=6, test_n=200),
     "conversion_speed": dict(n=2, reps=1),
     "onnx": dict(batch=8, test_n=200, reps=2, latency_n=10, calib_n=64),
     "serve": dict(levels=(2,), seconds=1.0, warmup=0.5, soak=(2, 1.0), onnx=False),
