@@ -84,7 +84,7 @@ def calibrate(path, dataset=None, device: str = "cpu", val_idx: torch.Tensor | N
     path = checkpoint.resolve_path(path)
     ckpt = checkpoint.load(path)
     cfg = ckpt.get("train_config") or {}
-    ds = dataset or data.load(cfg.get("data_dir"), quiet=True)
+    ds = dataset or data.load(cfg.get("data_dir"))
     if val_idx is None:
         val_fraction, seed = cfg.get("val_fraction", 0.1), cfg.get("seed", 0)
         if not val_fraction:

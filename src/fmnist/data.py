@@ -310,9 +310,8 @@ def load_arrays(directory: Path) -> dict[str, np.ndarray]:
     return out
 
 
-def load(data_dir: str | Path | None = None, download: bool = True, quiet: bool | None = None) -> FashionMNIST:
-    """The verified dataset. `quiet` is ignored (messages go through logging); it stays only
-    until calibrate.py stops passing it."""
+def load(data_dir: str | Path | None = None, download: bool = True) -> FashionMNIST:
+    """The verified dataset (found, or downloaded, as `locate` says)."""
     root = locate(data_dir, download=download)
     a = load_arrays(root)
     t = lambda x: torch.from_numpy(x.copy())  # noqa: E731 - frombuffer arrays are read-only
