@@ -11,7 +11,6 @@ only to report the expected calibration error before and after.
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import numpy as np
 import torch
