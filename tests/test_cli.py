@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 FMNIST = [sys.executable, "-m", "fmnist"]
 
 
@@ -160,3 +162,18 @@ def test_model_flag_is_a_deprecated_preset_alias(monkeypatch, cli):
     assert "warning: --model is deprecated" in r.stderr
     r, cfg = _train_cfg(monkeypatch, cli, "--model", "seed", "--preset", "fast")
     assert r.returncode == 1 and cfg is None and "disagree" in r.stderr
+
+
+def test_a_command_names_the_extra_it_needs(monkeypatch):
+    """Without the serve extra, fmnist serve says which pip extra to install (and starts nothing)."""
+    import importlib.util
+
+    from fmnist import cli
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "fastapi" else real(name, *a))
+    with pytest.raises(ImportError, match=r"fmnist serve needs the optional extra: pip install 'fmnist\[serve\]' "
+                                          r"\(fastapi not installed\)"):
+        cli.cmd_serve(None)
+    with pytest.raises(ImportError, match=r"fmnist\[serve\]"):
+        cli.need_extra("serve", "fmnist bench serve", *cli.SERVE_MODULES, "httpx")

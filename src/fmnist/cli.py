@@ -326,7 +326,21 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def need_extra(extra: str, what: str, *modules: str) -> None:
+    """ImportError naming the pip extra that `what` needs, if any of `modules` is missing."""
+    import importlib.util
+
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ImportError(f"{what} needs the optional extra: pip install 'fmnist[{extra}]' "
+                          f"({', '.join(missing)} not installed)")
+
+
+SERVE_MODULES = ("fastapi", "uvicorn", "multipart", "httptools", "swagger_ui_bundle")
+
+
 def cmd_serve(args) -> int:
+    need_extra("serve", "fmnist serve", *SERVE_MODULES)
     from .serve import main as serve_main
 
     return serve_main(args)
@@ -348,6 +362,10 @@ def cmd_bench(args) -> int:
     if bad:
         raise ValueError(f"unknown bench part(s) {', '.join(sorted(bad))}; "
                          f"choose from throughput, accuracy, profile, photos, onnx, serve")
+    if "serve" in args.parts:
+        need_extra("serve", "fmnist bench serve", *SERVE_MODULES, "httpx")
+    if "onnx" in args.parts:
+        need_extra("onnx", "fmnist bench onnx", "onnx", "onnxruntime")
     return run(args)
 
 
