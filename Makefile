@@ -35,7 +35,7 @@ train: setup
 
 # FMNIST_REQUIRE_BROWSER: the browser test fails instead of skipping if chromium is missing.
 test: setup browser wrk
-	FMNIST_REQUIRE_BROWSER=1 $(BIN)/python -m pytest
+	FMNIST_REQUIRE_BROWSER=1 $(BIN)/python -m pytest --durations=15
 
 bench: setup wrk
 	$(BIN)/fmnist bench
