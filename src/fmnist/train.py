@@ -223,35 +223,30 @@ def epoch_generators(seed: int, epoch: int, rank: int, device: torch.device) -> 
 
 # ---------------------------------------------------------------------------- main loop
 
-def train(cfg: TrainConfig) -> Path | None:
-    """Train per `cfg` (or continue cfg.resume) and calibrate best.pt on validation; returns the
-    run directory (None on the other ranks of a distributed run). Progress goes to the
-    `fmnist.train` logger; the test-set evaluation is the caller's (evaluate.evaluate_run)."""
-    dist = DistInfo.from_env()
-    resume_ckpt = None
-    if cfg.resume:
-        run_dir = Path(cfg.resume)
-        if run_dir.is_file():
-            run_dir = run_dir.parent
-        if not (run_dir / "last.pt").exists():
-            raise checkpoint.CheckpointError(f"{run_dir}: no last.pt to resume from (is this a run directory "
-                                             f"of `fmnist train`?)")
-        resume_ckpt = checkpoint.load(run_dir / "last.pt")
-        if "optimizer" not in resume_ckpt:
-            raise checkpoint.CheckpointError(f"{run_dir / 'last.pt'}: holds no training state to resume")
-        saved = from_dict(resume_ckpt["train_config"])
-        # Everything comes from the run being continued, which ends where it was planned to.
-        saved.epochs = resumed_epochs(saved, cfg.epochs, run_dir)
-        saved.resume = str(run_dir)
-        saved.device = cfg.device if cfg.device != "auto" else saved.device
-        saved.threads = cfg.threads or saved.threads  # same kernels as before, unless told otherwise
-        cfg = saved
-    validate(cfg)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    device = pick_device(cfg.device) if not dist.enabled else dist.device(cfg.device)
-    dist.init(device)
-    ds = data.load(cfg.data_dir)
+def _resume_config(cfg: TrainConfig) -> tuple[TrainConfig, dict | None, Path | None]:
+    """cfg.resume: the run's own config (to the end of its own schedule) and its last.pt."""
+    if not cfg.resume:
+        return cfg, None, None
+    run_dir = Path(cfg.resume)
+    if run_dir.is_file():
+        run_dir = run_dir.parent
+    if not (run_dir / "last.pt").exists():
+        raise checkpoint.CheckpointError(f"{run_dir}: no last.pt to resume from (is this a run directory "
+                                         f"of `fmnist train`?)")
+    ckpt = checkpoint.load(run_dir / "last.pt")
+    if "optimizer" not in ckpt:
+        raise checkpoint.CheckpointError(f"{run_dir / 'last.pt'}: holds no training state to resume")
+    saved = from_dict(ckpt["train_config"])
+    # Everything comes from the run being continued, which ends where it was planned to.
+    saved.epochs = resumed_epochs(saved, cfg.epochs, run_dir)
+    saved.resume = str(run_dir)
+    saved.device = cfg.device if cfg.device != "auto" else saved.device
+    saved.threads = cfg.threads or saved.threads  # same kernels as before, unless told otherwise
+    return saved, ckpt, run_dir
+
+
+def _splits(cfg: TrainConfig, ds, device: torch.device, dist: DistInfo) -> dict:
+    """Training images (plus real photos), validation and (reporting only) test, on the device."""
     train_idx, val_idx = data.stratified_split(ds.train_labels, cfg.val_fraction, cfg.seed)
     if cfg.subset:
         # A seeded random subset of the split (near-stratified at these sizes), and a validation
@@ -267,10 +262,13 @@ def train(cfg: TrainConfig) -> Path | None:
         if dist.is_main:
             log.info("training with %d real photos (dev/train splits of %s; %d of no clothing) x %d", len(rx),
                      cfg.real_photos, int((ry == OUTLIER).sum()), cfg.real_repeat)
-    va_x, va_y = ds.train_images[val_idx].to(device), ds.train_labels[val_idx].to(device)
-    te_x, te_y = (ds.test_images.to(device), ds.test_labels.to(device)) if cfg.report_test else (None, None)
+    test = (ds.test_images.to(device), ds.test_labels.to(device)) if cfg.report_test else (None, None)
+    return {"train": (tr_x, tr_y), "val": (ds.train_images[val_idx].to(device), ds.train_labels[val_idx].to(device)),
+            "test": test, "val_idx": val_idx}
 
-    mcfg = model_config(cfg.model, cfg.model_config)
+
+def _build(cfg: TrainConfig, mcfg: dict, device: torch.device, dist: DistInfo):
+    """-> (model, the module the steps call, optimizer, EMA or None)."""
     torch.manual_seed(cfg.seed)  # initial weights: the same on every rank (DDP also broadcasts them)
     model = create_model(cfg.model, mcfg).to(device)
     if cfg.channels_last:
@@ -282,23 +280,69 @@ def train(cfg: TrainConfig) -> Path | None:
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN time its algorithms once
     fwd_model = torch.compile(model, mode=cfg.compile_mode) if cfg.compile else model
+    return model, fwd_model, opt, ema
+
+
+def _restore_state(ckpt: dict, model, opt, ema, cfg: TrainConfig, device: torch.device, dist: DistInfo) -> dict:
+    """Weights, optimizer, EMA and history from last.pt -> where the loop picks up."""
+    dist.unwrap(model).load_state_dict(ckpt["state_dict"])
+    opt.load_state_dict(ckpt["optimizer"])
+    for group in opt.param_groups:  # saved groups carry the saving device's switches (fused on CUDA)
+        group.update(optimizer_options(cfg, device) or {"fused": None})
+    if ema is not None:
+        ema.model.load_state_dict(ckpt["ema"])
+    history = list(ckpt["history"])
+    return {"history": history, "step": ckpt["step"], "start_epoch": ckpt["epoch"] + 1,
+            "best_acc": max((h["val_acc"] for h in history), default=-1.0),
+            "elapsed": history[-1]["elapsed"] if history else 0.0}
+
+
+def _save_epoch(run_dir: Path, cfg: TrainConfig, mcfg: dict, cfg_dict: dict, model, eval_model, opt, ema,
+                va: dict, epoch: int, step: int, history: list, best_acc: float, dist: DistInfo) -> tuple[bool, float]:
+    """best.pt when validation improved, last.pt (the whole training state) and history.csv,
+    every epoch. -> (is best, best validation accuracy so far)."""
+    meta = dict(metrics={"val_acc": va["acc"], "val_loss": va["loss"], "epoch": epoch},
+                epoch=epoch, train_config=cfg_dict)
+    is_best = not (va["acc"] <= best_acc)  # NaN (no validation split) counts as best
+    if is_best:
+        best_acc = va["acc"]
+        checkpoint.save(checkpoint.make(cfg.model, mcfg, eval_model.state_dict(), **meta), run_dir / "best.pt")
+    checkpoint.save(checkpoint.make(
+        cfg.model, mcfg, dist.unwrap(model).state_dict(), **meta,
+        optimizer=opt.state_dict(), step=step, history=history,
+        **({"ema": ema.model.state_dict()} if ema is not None else {})), run_dir / "last.pt")
+    write_history(run_dir, history)
+    return is_best, best_acc
+
+
+def train(cfg: TrainConfig) -> Path | None:
+    """Train per `cfg` (or continue cfg.resume) and calibrate best.pt on validation; returns the
+    run directory (None on the other ranks of a distributed run). Progress goes to the
+    `fmnist.train` logger; the test-set evaluation is the caller's (evaluate.evaluate_run)."""
+    dist = DistInfo.from_env()
+    cfg, resume_ckpt, run_dir = _resume_config(cfg)
+    validate(cfg)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = pick_device(cfg.device) if not dist.enabled else dist.device(cfg.device)
+    dist.init(device)
+    ds = data.load(cfg.data_dir)
+    sp = _splits(cfg, ds, device, dist)
+    (tr_x, tr_y), (va_x, va_y), (te_x, te_y) = sp["train"], sp["val"], sp["test"]
+
+    mcfg = model_config(cfg.model, cfg.model_config)
+    model, fwd_model, opt, ema = _build(cfg, mcfg, device, dist)
     steps_per_epoch = len(tr_x) // cfg.batch_size + (1 if len(tr_x) % cfg.batch_size >= 2 * dist.world_size else 0)
     total_steps = steps_per_epoch * cfg.epochs
 
-    history, step, start_epoch, best_acc, elapsed0 = [], 0, 1, -1.0, 0.0
+    state = {"history": [], "step": 0, "start_epoch": 1, "best_acc": -1.0, "elapsed": 0.0}
     if resume_ckpt is not None:
-        dist.unwrap(model).load_state_dict(resume_ckpt["state_dict"])
-        opt.load_state_dict(resume_ckpt["optimizer"])
-        for group in opt.param_groups:  # saved groups carry the saving device's switches (fused on CUDA)
-            group.update(optimizer_options(cfg, device) or {"fused": None})
-        if ema is not None:
-            ema.model.load_state_dict(resume_ckpt["ema"])
-        history = list(resume_ckpt["history"])
-        step, start_epoch = resume_ckpt["step"], resume_ckpt["epoch"] + 1
-        best_acc = max((h["val_acc"] for h in history), default=-1.0)
-        elapsed0 = history[-1]["elapsed"] if history else 0.0
+        state = _restore_state(resume_ckpt, model, opt, ema, cfg, device, dist)
+    elif dist.is_main:
+        run_dir = new_run_dir(cfg)
     else:
-        run_dir = new_run_dir(cfg) if dist.is_main else None
+        run_dir = None
+    history, step, best_acc = state["history"], state["step"], state["best_acc"]
     cfg_dict = asdict(cfg)
     if dist.is_main:
         write_json(run_dir / "config.json", {**cfg_dict, "model_config": mcfg})
@@ -306,14 +350,14 @@ def train(cfg: TrainConfig) -> Path | None:
         n_params = count_parameters(model)
         log.info(f"run {run_dir}  preset={cfg.preset} model={cfg.model} ({n_params:,} params) device={device}"
                  f" threads={torch.get_num_threads()} world={dist.world_size}  train/val {len(tr_x)}/{len(va_x)}")
-        if start_epoch > 1:
-            log.info(f"resuming after epoch {start_epoch - 1} (step {step})")
+        if state["start_epoch"] > 1:
+            log.info(f"resuming after epoch {state['start_epoch'] - 1} (step {step})")
 
     # Ctrl-C (KeyboardInterrupt) abandons the epoch in flight; the last complete one is on disk
     # already, and atomic writes mean an interrupted save leaves the previous file intact.
-    t_start = time.perf_counter() - elapsed0
+    t_start = time.perf_counter() - state["elapsed"]
     try:
-        for epoch in range(start_epoch, cfg.epochs + 1):
+        for epoch in range(state["start_epoch"], cfg.epochs + 1):
             gen = epoch_generators(cfg.seed, epoch, dist.rank, device)
             t0 = time.perf_counter()
             tr, step = train_one_epoch(fwd_model, opt, ema, tr_x, tr_y, cfg, epoch=epoch, step=step,
@@ -331,18 +375,8 @@ def train(cfg: TrainConfig) -> Path | None:
                 row["test_acc"] = evaluate_split(eval_model, te_x, te_y, cfg, amp="off")["acc"]
             history.append(row)
             if dist.is_main:
-                weights = eval_model.state_dict()
-                meta = dict(metrics={"val_acc": va["acc"], "val_loss": va["loss"], "epoch": epoch},
-                            epoch=epoch, train_config=cfg_dict)
-                is_best = not (va["acc"] <= best_acc)  # NaN (no validation split) counts as best
-                if is_best:
-                    best_acc = va["acc"]
-                    checkpoint.save(checkpoint.make(cfg.model, mcfg, weights, **meta), run_dir / "best.pt")
-                checkpoint.save(checkpoint.make(
-                    cfg.model, mcfg, dist.unwrap(model).state_dict(), **meta,
-                    optimizer=opt.state_dict(), step=step, history=history,
-                    **({"ema": ema.model.state_dict()} if ema is not None else {})), run_dir / "last.pt")
-                write_history(run_dir, history)
+                is_best, best_acc = _save_epoch(run_dir, cfg, mcfg, cfg_dict, model, eval_model, opt, ema, va,
+                                                epoch, step, history, best_acc, dist)
                 log.info(f"epoch {epoch:3d}/{cfg.epochs}  train loss {tr['loss']:.4f} acc {tr['acc']:.4f}  "
                          f"val loss {va['loss']:.4f} acc {va['acc']:.4f}  {train_seconds:5.1f}s"
                          f"{'  *' if is_best else ''}")
@@ -361,8 +395,8 @@ def train(cfg: TrainConfig) -> Path | None:
         write_json(run_dir / "train_summary.json", {
             "train_seconds": sum(h["seconds"] for h in history), "elapsed": history[-1]["elapsed"],
             "best_val_acc": best_acc, "epochs": len(history), "steps": step})
-        if len(val_idx):
+        if len(sp["val_idx"]):
             # Temperature and unsure threshold from the validation split, into best.pt itself.
             from .calibrate import calibrate
-            calibrate(run_dir / "best.pt", dataset=ds, device=device, val_idx=val_idx, report_test=False)  # logs
+            calibrate(run_dir / "best.pt", dataset=ds, device=device, val_idx=sp["val_idx"], report_test=False)  # logs
     return run_dir if dist.is_main else None
