@@ -260,7 +260,7 @@ def accuracy_runs(presets, seeds, out_dir: Path, epochs: dict | None = None, ove
             raise ValueError(f"preset {name!r} is listed twice in --presets")
         runs = []
         for seed in (seeds[:int(n_seeds)] if n_seeds else seeds):
-            given = {**(overrides or {}), "seed": seed, "out_dir": str(out_dir / "runs"), "report_test": True}
+            given = {"seed": seed, "out_dir": str(out_dir / "runs"), "report_test": True}
             if n_epochs:
                 given["epochs"] = int(n_epochs)
             elif epochs and preset in epochs:
@@ -406,6 +406,7 @@ def plot(results: dict, path: Path) -> None:
 DRY_RUN = {
     "throughput": dict(batch=8, matmul_n=128, steps=2, compile_check=False),
     "accuracy": dict(overrides={"subset": 500, "epochs": 1}),
+    "seed_epoch": dict(subset=512, warmup_steps=2),
     "profile": dict(steps=2, warmup=1),
     "photos": dict(n=50),
     "photos_real": dict(limit=6, test_n=200),
@@ -443,12 +444,12 @@ def run(args) -> int:
         write_json(out / "bench.json", report)
     if "accuracy" in args.parts:
         epochs = dict(kv.split("=") for kv in args.epochs.split(",")) if args.epochs else {}
-        dry_acc = dry.get("accuracy", {})
         # the sitting's yardstick, before the long runs (--dry-run: a few hundred images of it)
-        ref = seed_epoch(args.device, **({"subset": 512, "warmup_steps": 2} if dry_acc else {}))
+        ref = seed_epoch(args.device, **dry.get("seed_epoch", {}))
         acc = accuracy_runs(args.presets.split(","), seeds, out, {k: int(v) for k, v in epochs.items()},
-                            overrides={"device": args.device, **dry_acc.get("overrides", {})}, reference=ref)
-        ref["seconds_after"] = seed_epoch(args.device, **({"subset": 512, "warmup_steps": 2} if dry_acc else {}))["seconds"]
+                            overrides={"device": args.device, **dry.get("accuracy", {}).get("overrides", {})},
+                            reference=ref)
+        ref["seconds_after"] = seed_epoch(args.device, **dry.get("seed_epoch", {}))["seconds"]
         (report["appended"][-1] if args.append else report)["reference"] = ref
         report["accuracy"] = merge_accuracy(report.get("accuracy", {}), acc) if args.append else acc
         plot(report["accuracy"], out / "time_to_accuracy.png")
@@ -671,8 +672,7 @@ def photos_real(root, checkpoint_path=None, out: Path | None = None, ablation: b
     if nonclothing:
         res["nonclothing"] = {}
         for split in ("dev", "heldout"):
-            sel = realphotos.select([p for root in str(nonclothing).split(",")
-                                     for p in realphotos.read_manifest(root.strip())], split)[:limit]
+            sel = realphotos.select(realphotos.read_manifests(nonclothing), split)[:limit]
             r = realphotos.unsure_rate(pred, sel)
             res["nonclothing"][split] = r
             kinds = "; ".join(f"{k} {v['unsure']}/{v['n']}" for k, v in r["per_kind"].items())

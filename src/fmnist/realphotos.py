@@ -60,6 +60,11 @@ def read_manifest(root: str | Path, verify: bool = True) -> list[Photo]:
     return out
 
 
+def read_manifests(roots: str | Path) -> list[Photo]:
+    """Several folders, comma-separated (as --real-photos and --nonclothing take them)."""
+    return [p for root in str(roots).split(",") for p in read_manifest(root.strip())]
+
+
 def select(photos: list[Photo], split: str) -> list[Photo]:
     """split: dev, heldout or all."""
     return photos if split == "all" else [p for p in photos if p.split == split]

@@ -176,8 +176,7 @@ def real_training_images(roots: str) -> tuple[torch.Tensor, torch.Tensor]:
     from .classes import CLASS_NAMES
     from .preprocess import preprocess
 
-    photos = [p for root in roots.split(",") for p in realphotos.read_manifest(root.strip())
-              if p.split in TRAIN_SPLITS]
+    photos = [p for p in realphotos.read_manifests(roots) if p.split in TRAIN_SPLITS]
     if not any(p.label in CLASS_NAMES for p in photos):
         raise ValueError(f"{roots}: no dev- or train-split photos of a class to train on")
     x = torch.from_numpy(np.stack([preprocess(p.path).image for p in photos]))
