@@ -220,3 +220,9 @@ def test_training_step_never_waits_for_the_device():
     finally:
         for n, f in originals.items():
             setattr(torch.Tensor, n, f)
+
+
+def test_training_commands_keep_freed_memory(tmp_path, tiny_run):
+    """`fmnist train` tunes glibc's malloc (fmnist.malloc) and its run records that it did."""
+    env = json.loads((tiny_run / "environment.json").read_text())
+    assert env["malloc_keeps_freed_memory"] is True

@@ -15,6 +15,7 @@ from dataclasses import fields
 from pathlib import Path
 
 from .config import AUGMENT_KEYS, PRESETS, AugmentConfig, TrainConfig
+from .malloc import keep_freed_memory
 
 log = logging.getLogger("fmnist.cli")
 
@@ -366,6 +367,7 @@ def cmd_bench(args) -> int:
         need_extra("serve", "fmnist bench serve", *SERVE_MODULES, "httpx")
     if "onnx" in args.parts:
         need_extra("onnx", "fmnist bench onnx", "onnx", "onnxruntime")
+    keep_freed_memory()  # as `fmnist train` does, so the bench measures what training gets
     return run(args)
 
 
@@ -459,6 +461,7 @@ def cmd_train(args) -> int:
     from .train import train
 
     _check_dir_arg("--out-dir", args.out_dir)
+    keep_freed_memory()
     if args.preset_deprecated:
         log.warning("--model is deprecated: it picks a preset, so it is now --preset (--arch picks the model)")
         if args.preset not in (None, args.preset_deprecated):
@@ -489,6 +492,7 @@ def cmd_evaluate(args) -> int:
     from .evaluate import evaluate_checkpoint, summary_text
 
     _check_dir_arg("--out", args.out)
+    keep_freed_memory()
     ds = None
     if args.data_dir:
         from . import data

@@ -60,7 +60,7 @@ class TrainConfig:
     threads: int = flag(0, "torch CPU threads, 0 = all cores")
     subset: int = flag(0, "train on a seeded random N of the training images (and validate on N/5, at least "
                           "100), for smoke tests; 0 = all")
-    eval_batch_size: int = 1024
+    eval_batch_size: int = 0          # 0 = inference.eval_batch_size: by device
     out_dir: str = flag("runs", "where run directories go")
     data_dir: str | None = None       # a flag shared with other commands (cli._add_data_dir)
     resume: str | None = flag(None, "continue RUN_DIR from its last complete epoch, to the end of its own "

@@ -70,7 +70,7 @@ def evaluate_checkpoint(path, device="auto", dataset=None, out_dir=None, tta_fli
     channels_last = cfg.get("channels_last", True)
     if channels_last:  # weights in the inputs' layout: 1.5x faster on CPU than mixing the two
         model = model.to(memory_format=torch.channels_last)
-    logits = predict_logits(model, x, 1024, tta_flip=tta, channels_last=channels_last)
+    logits = predict_logits(model, x, tta_flip=tta, channels_last=channels_last)
     m = compute_metrics(logits, y)
     m.update({"checkpoint": str(ckpt_path), "model": ckpt["model"], "epoch": ckpt.get("epoch"),
               "tta_flip": tta, "val_acc": ckpt.get("metrics", {}).get("val_acc")})

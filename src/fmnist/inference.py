@@ -35,13 +35,22 @@ def to_input(x_uint8: torch.Tensor, channels_last: bool) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 
+def eval_batch_size(device: torch.device) -> int:
+    """Images per forward pass when only throughput matters. A GPU wants large batches; a CPU
+    wants each layer's activations to stay in cache: on the 2-core EPYC, `fast` with flip TTA
+    evaluated 2.2x faster at 128 than at 1024 in fp32 and 1.7x in bf16 (64 was no better)."""
+    return 128 if device.type == "cpu" else 1024
+
+
 @torch.no_grad()
-def predict_logits(model, images: torch.Tensor, batch_size: int = 1024, tta_flip: bool = False,
+def predict_logits(model, images: torch.Tensor, batch_size: int = 0, tta_flip: bool = False,
                    channels_last: bool = True, amp: str = "off") -> torch.Tensor:
-    """Logits (N, 10) on the images' device for uint8 images (N, 28, 28). amp='off' (fp32) for
-    reported figures; per-epoch validation uses the training precision."""
+    """Logits (N, 10) on the images' device for uint8 images (N, 28, 28); batch_size 0 = the
+    device's eval_batch_size. amp='off' (fp32) for reported figures; per-epoch validation uses
+    the training precision."""
     model.eval()
     net = FlipTTA(model) if tta_flip else model
+    batch_size = batch_size or eval_batch_size(images.device)
     out = []
     for i in range(0, len(images), batch_size):
         x = to_input(images[i:i + batch_size], channels_last)

@@ -99,7 +99,7 @@ class Predictor:
         # The training code's own inference path (fp32, channels-last, flip TTA as trained), so
         # served predictions are the ones the reported test accuracy was measured with.
         x = torch.from_numpy(np.array(images, dtype=np.uint8, copy=True)).to(self.device)
-        logits = predict_logits(self.model, x, batch_size=1024, tta_flip=self.tta_flip, channels_last=True, amp="off")
+        logits = predict_logits(self.model, x, tta_flip=self.tta_flip, channels_last=True, amp="off")
         return torch.softmax(logits / self.temperature, 1).cpu().numpy()
 
     def prepare(self, item, name: str | None = None) -> Preprocessed:

@@ -37,7 +37,7 @@ def cpu_name() -> str:
 def environment(device: torch.device | str) -> dict:
     import numpy
 
-    from . import __version__
+    from . import __version__, malloc
 
     dev = torch.device(device)
     info = {
@@ -51,6 +51,7 @@ def environment(device: torch.device | str) -> dict:
         "cpu": cpu_name(),
         "cpu_count": os.cpu_count(),
         "threads": torch.get_num_threads(),
+        "malloc_keeps_freed_memory": malloc.tuned,
         "git_commit": git_commit(),
     }
     if dev.type == "cuda":
