@@ -34,8 +34,9 @@ train: setup
 	$(BIN)/fmnist train
 
 # FMNIST_REQUIRE_BROWSER: the browser test fails instead of skipping if chromium is missing.
+# -n 2: two pytest-xdist workers (DEVELOPERS.md, Tests).
 test: setup browser wrk
-	FMNIST_REQUIRE_BROWSER=1 $(BIN)/python -m pytest --durations=15
+	FMNIST_REQUIRE_BROWSER=1 $(BIN)/python -m pytest -n 2 --durations=15
 
 bench: setup wrk
 	$(BIN)/fmnist bench

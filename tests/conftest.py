@@ -1,5 +1,6 @@
 import gzip
 import logging
+import os
 import struct
 import subprocess
 import sys
@@ -8,6 +9,17 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+
+
+def pytest_configure(config):
+    """Under pytest-xdist (`make test` runs 2 workers) each worker, and every process it starts,
+    gets one torch/OpenMP thread: two workers of 2 threads each on 2 cores would oversubscribe
+    them, and OpenMP threads spin while they wait."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        os.environ["OMP_NUM_THREADS"] = "1"
+        import torch
+
+        torch.set_num_threads(1)
 
 
 def idx_bytes(arr: np.ndarray, kind: str) -> bytes:
