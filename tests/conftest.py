@@ -1,6 +1,7 @@
 import gzip
 import logging
 import os
+import shutil
 import struct
 import subprocess
 import sys
@@ -42,18 +43,41 @@ def dataset():
     return data.load()
 
 
+def shared_dir(tmp_path_factory, name: str, make) -> Path:
+    """A directory that `make(dir)` fills once per test session, even under pytest-xdist: the
+    first worker to ask builds it while the others wait on a file lock, so a shared training
+    run is not trained once per worker (the xdist docs' recipe)."""
+    from filelock import FileLock
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the session's directory, above each worker's own
+    d = root / name
+    with FileLock(str(d) + ".lock"):
+        if not (d / ".complete").exists():
+            shutil.rmtree(d, ignore_errors=True)
+            d.mkdir()
+            make(d)
+            (d / ".complete").touch()
+    return d
+
+
 @pytest.fixture(scope="session")
 def tiny_train(tmp_path_factory, dataset):
     """One short real training run by `fmnist train` in its own process (1 thread, so other
     load cannot stall it), shared by the tests that need a trained model or the command's
     output: .run (the run directory), .stdout, .stderr."""
-    out = tmp_path_factory.mktemp("runs")
-    r = subprocess.run([sys.executable, "-m", "fmnist", "train", "--preset", "seed", "--epochs", "2", "--subset",
-                        "4000", "--threads", "1", "--out-dir", str(out)],
-                       capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr
-    (run,) = out.iterdir()
-    return SimpleNamespace(run=run, stdout=r.stdout, stderr=r.stderr)
+    def make(d: Path):
+        r = subprocess.run([sys.executable, "-m", "fmnist", "train", "--preset", "seed", "--epochs", "2", "--subset",
+                            "4000", "--threads", "1", "--out-dir", str(d / "runs")],
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr
+        (d / "stdout").write_text(r.stdout)
+        (d / "stderr").write_text(r.stderr)
+
+    d = shared_dir(tmp_path_factory, "tiny-train", make)
+    (run,) = (d / "runs").iterdir()
+    return SimpleNamespace(run=run, stdout=(d / "stdout").read_text(), stderr=(d / "stderr").read_text())
 
 
 @pytest.fixture(scope="session")
@@ -74,10 +98,11 @@ FAST_RUN_ARGS = ["--preset", "fast", "--ema", "0.9", "--erase", "0.25", "--photo
 def fast_run(tmp_path_factory, dataset):
     """That run, by `fmnist train` in its own process, shared by the tests that need it:
     .run (the run directory), .args (the train flags), .steps (optimizer steps in all)."""
-    out = tmp_path_factory.mktemp("fast-run")
-    subprocess.run([sys.executable, "-m", "fmnist", "train", *FAST_RUN_ARGS, "--out-dir", str(out)],
-                   check=True, timeout=300)
-    (run,) = out.iterdir()
+    def make(d: Path):
+        subprocess.run([sys.executable, "-m", "fmnist", "train", *FAST_RUN_ARGS, "--out-dir", str(d)],
+                       check=True, timeout=300)
+
+    (run,) = [p for p in shared_dir(tmp_path_factory, "fast-run", make).iterdir() if p.is_dir()]
     return SimpleNamespace(run=run, args=FAST_RUN_ARGS, steps=2 * (3000 // 64 + 1))
 
 

@@ -31,7 +31,7 @@ def history(run: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-def test_kill_mid_epoch_then_resume_matches_uninterrupted(tmp_path, fast_run):
+def test_kill_mid_epoch_then_resume_matches_uninterrupted(tmp_path, fast_run, cli):
     """The shared fast-style run (conftest.FAST_RUN_ARGS: augmentation stream, one-cycle, EMA,
     BatchNorm) again, killed during epoch 2 and resumed, must end bit-identical to it."""
     reference = fast_run.run
@@ -64,8 +64,7 @@ def test_kill_mid_epoch_then_resume_matches_uninterrupted(tmp_path, fast_run):
     assert [[h[k] for k in same] for h in history(run)] == [[h[k] for k in same] for h in history(reference)]
 
     # --resume --epochs N would re-lay a one-cycle schedule under the steps already taken: refused.
-    r = subprocess.run([sys.executable, "-m", "fmnist", "train", "--resume", str(run), "--epochs", "4"],
-                       capture_output=True, text=True, timeout=300)
+    r = cli("train", "--resume", run, "--epochs", "4")
     assert r.returncode == 1 and "onecycle" in r.stderr and "leave out --epochs" in r.stderr, r.stderr
     assert checkpoint.load(run / "last.pt")["step"] == fast_run.steps
 
