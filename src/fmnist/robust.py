@@ -96,8 +96,21 @@ def border_model(lab: np.ndarray, k: int = 4) -> np.ndarray:
 
 
 def border_distance(lab: np.ndarray, centres: np.ndarray) -> np.ndarray:
-    """Distance of each pixel to the nearest border colour."""
-    return np.sqrt(((lab[:, :, None, :] - centres[None, None]) ** 2).sum(-1)).min(-1)
+    """(..., 3) Lab, (k, 3) float32 colours -> (...) float32 distance to the nearest colour.
+    One colour at a time on contiguous colour planes, in place: the same float32 sums as a
+    broadcast (..., k, 3) difference without its temporaries, and one sqrt after the min
+    (sqrt is monotonic, so the nearest colour and every bit of the result are unchanged)."""
+    planes = np.ascontiguousarray(np.moveaxis(lab, -1, 0), dtype=np.float32)   # (3, ...)
+    best, acc, tmp = None, np.empty_like(planes[0]), np.empty_like(planes[0])
+    for c in centres.astype(np.float32):
+        np.subtract(planes[0], c[0], out=acc)
+        np.multiply(acc, acc, out=acc)
+        for i in (1, 2):
+            np.subtract(planes[i], c[i], out=tmp)
+            np.multiply(tmp, tmp, out=tmp)
+            acc += tmp
+        best = acc.copy() if best is None else np.minimum(best, acc, out=best)
+    return np.sqrt(best, out=best)
 
 
 def seed_mask(lab: np.ndarray, seed_k: float = 2.0) -> tuple[np.ndarray, np.ndarray, float]:
@@ -193,9 +206,14 @@ def refine_edges(mask: np.ndarray, rgb: np.ndarray, centres: np.ndarray, thr: fl
     ker = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * band + 1, 2 * band + 1))
     m8 = mask.astype(np.uint8)
     inner, outer = cv2.erode(m8, ker) > 0, cv2.dilate(m8, ker) > 0
-    d = border_distance(cv2.cvtColor(rgb, cv2.COLOR_RGB2LAB).astype(np.float32), centres)
     edge = outer & ~inner
-    return inner | (edge & (d > thr)) | (edge & mask & (d > 0.5 * thr))
+    # Only the band's pixels need a colour distance: convert and measure those alone, (n, 1, 3)
+    # (RGB -> Lab is per pixel, so each value is what the whole image's conversion gives).
+    lab = cv2.cvtColor(np.ascontiguousarray(rgb[edge][:, None]), cv2.COLOR_RGB2LAB)[:, 0]
+    d = border_distance(lab, centres)
+    out = inner.copy()
+    out[edge] = (d > thr) | (mask[edge] & (d > 0.5 * thr))
+    return out
 
 
 def to_28(v: np.ndarray, downscale: str = "area", sharpen: float = 1.0) -> np.ndarray:
