@@ -3,6 +3,7 @@
 import io
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 from PIL import Image, ImageDraw
@@ -93,6 +94,21 @@ def test_each_ablation_switch_runs():
                {"polarity": False}, {"downscale": "thumb"}, {"downscale": "nearest"}):
         out = robust.convert(rgb, robust.RobustOptions(**kw))
         assert out.image.shape == (28, 28) and out.image.max() > 100
+
+
+def test_border_distance_matches_the_broadcast_formula_on_a_real_photo():
+    """The plane-by-plane distance is the broadcast (h, w, k, 3) formula it replaced, bit for
+    bit (robust's outputs must not move), on a whole image and on a gathered (n, 3) pixel list."""
+    rgb = np.asarray(load_rgb(REAL / "pullover-clean-002.jpg", work=robust.WORK))
+    lab8 = cv2.cvtColor(rgb, cv2.COLOR_RGB2LAB)
+    lab = lab8.astype(np.float32)
+    centres = robust.border_model(lab)
+    ref = np.sqrt(((lab[:, :, None, :] - centres[None, None]) ** 2).sum(-1)).min(-1)
+    d = robust.border_distance(lab, centres)
+    assert d.dtype == np.float32 and d.shape == rgb.shape[:2]
+    assert np.array_equal(d, ref) and ref.max() > 50          # a real spread of distances
+    pick = ref > np.median(ref)
+    assert np.array_equal(robust.border_distance(lab8[pick], centres), ref[pick])
 
 
 def test_real_photos_manifest_verifies_and_every_class_is_there():

@@ -1,0 +1,107 @@
+"""Time robust photo conversion: another revision's robust.py against the working tree's, in one run.
+
+    PYTHONPATH=src flock /work/cpu.lock python scripts/conversion_before_after.py [--ref main] [--reps 30]
+
+Inputs (the ones the project quotes): the 12 real photos `fmnist bench photos` scales to 1 MP
+and re-encodes at JPEG quality 90 (bench.conversion_speed), and the ~12.8 KB product photo the
+server load test posts (loadtest.bench_photo). For each, the server's per-photo path
+preprocess() (decode + convert) and robust.convert alone on the decoded array are timed, old
+and new interleaved call by call so drift between them cancels; one core (torch and OpenCV
+threads 1). Median and 90th percentile ms per call.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import sys
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+from PIL import Image
+
+import fmnist
+from fmnist import loadtest, realphotos, robust
+from fmnist.preprocess import load_rgb, preprocess
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from check_conversion_identical import load_reference  # noqa: E402
+
+REAL = Path(__file__).resolve().parents[1] / "photos" / "real"
+
+
+def one_mp_jpegs(n: int = 12) -> list[bytes]:
+    """As bench.conversion_speed makes them: every len//n-th real photo, bicubic to 1 MP, q90."""
+    allp = realphotos.read_manifest(REAL, verify=False)
+    out = []
+    for p in allp[:: max(1, len(allp) // n)][:n]:
+        im = Image.open(p.path).convert("RGB")
+        s = (1e6 / (im.width * im.height)) ** 0.5
+        im = im.resize((round(im.width * s), round(im.height * s)), Image.Resampling.BICUBIC)
+        buf = io.BytesIO()
+        im.save(buf, "JPEG", quality=90)
+        out.append(buf.getvalue())
+    return out
+
+
+def with_robust(mod, fn, *a):
+    """Call fn with `mod` standing in for fmnist.robust (preprocess imports it per call)."""
+    saved = sys.modules["fmnist.robust"]
+    sys.modules["fmnist.robust"], fmnist.robust = mod, mod
+    try:
+        return fn(*a)
+    finally:
+        sys.modules["fmnist.robust"], fmnist.robust = saved, saved
+
+
+def time_pair(calls_old, calls_new, reps: int) -> tuple[list[float], list[float]]:
+    """Interleave old and new call by call, `reps` rounds over every input; ms per call."""
+    t_old, t_new = [], []
+    for f_old, f_new in zip(calls_old, calls_new):   # warm-up
+        f_old(), f_new()
+    for r in range(reps):
+        for f_old, f_new in zip(calls_old, calls_new):
+            pair = [(f_old, t_old), (f_new, t_new)]
+            for f, ts in (pair if r % 2 == 0 else pair[::-1]):   # alternate who goes first
+                t = time.perf_counter()
+                f()
+                ts.append((time.perf_counter() - t) * 1000)
+    return t_old, t_new
+
+
+def fmt(ts: list[float]) -> str:
+    return f"median {np.median(ts):6.2f} ms, p90 {np.percentile(ts, 90):6.2f} ms"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--ref", default="main", help="git revision to compare against (default: main)")
+    ap.add_argument("--reps", type=int, default=30, help="rounds over every input (default: 30)")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    cv2.setNumThreads(1)
+    old = load_reference(args.ref)
+    photo, about = loadtest.bench_photo(REAL)
+    inputs = {"1-MP JPEG q90 (12 real photos)": one_mp_jpegs(), f"load-test photo: {about}": [photo]}
+    print(f"ref {args.ref} vs working tree; {args.reps} interleaved rounds; one core")
+    for name, blobs in inputs.items():
+        arrays = [np.asarray(load_rgb(b, work=robust.WORK)) for b in blobs]
+        print(name)
+        for what, old_calls, new_calls in [
+            ("preprocess (decode + convert)",
+             [lambda b=b: with_robust(old, preprocess, b) for b in blobs],
+             [lambda b=b: preprocess(b) for b in blobs]),
+            ("robust.convert alone",
+             [lambda a=a: old.convert(a) for a in arrays],
+             [lambda a=a: robust.convert(a) for a in arrays]),
+        ]:
+            t_old, t_new = time_pair(old_calls, new_calls, args.reps)
+            print(f"  {what:30s} old {fmt(t_old)} | new {fmt(t_new)} | "
+                  f"{np.median(t_old) / np.median(t_new):.2f}x")
+
+
+if __name__ == "__main__":
+    main()
