@@ -1,19 +1,22 @@
 """Time robust photo conversion: another revision's robust.py against the working tree's, in one run.
 
-    PYTHONPATH=src flock /work/cpu.lock python scripts/conversion_before_after.py [--ref main] [--reps 30]
+    PYTHONPATH=src flock /work/cpu.lock python scripts/conversion_before_after.py [--ref main] [--reps 30] \
+        [--out bench/cpu-photos]
 
 Inputs (the ones the project quotes): the 12 real photos `fmnist bench photos` scales to 1 MP
 and re-encodes at JPEG quality 90 (bench.conversion_speed), and the ~12.8 KB product photo the
 server load test posts (loadtest.bench_photo). For each, the server's per-photo path
 preprocess() (decode + convert) and robust.convert alone on the decoded array are timed, old
 and new interleaved call by call so drift between them cancels; one core (torch and OpenCV
-threads 1). Median and 90th percentile ms per call.
+threads 1). Median and 90th percentile ms per call; with --out, the sitting is appended to
+OUT/conversion_before_after.json.
 """
 
 from __future__ import annotations
 
 import argparse
 import io
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -80,6 +83,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--ref", default="main", help="git revision to compare against (default: main)")
     ap.add_argument("--reps", type=int, default=30, help="rounds over every input (default: 30)")
+    ap.add_argument("--out", default=None, help="append the sitting to OUT/conversion_before_after.json")
     args = ap.parse_args()
     torch.set_num_threads(1)
     cv2.setNumThreads(1)
@@ -87,6 +91,7 @@ def main() -> None:
     photo, about = loadtest.bench_photo(REAL)
     inputs = {"1-MP JPEG q90 (12 real photos)": one_mp_jpegs(), f"load-test photo: {about}": [photo]}
     print(f"ref {args.ref} vs working tree; {args.reps} interleaved rounds; one core")
+    rows = []
     for name, blobs in inputs.items():
         arrays = [np.asarray(load_rgb(b, work=robust.WORK)) for b in blobs]
         print(name)
@@ -101,6 +106,22 @@ def main() -> None:
             t_old, t_new = time_pair(old_calls, new_calls, args.reps)
             print(f"  {what:30s} old {fmt(t_old)} | new {fmt(t_new)} | "
                   f"{np.median(t_old) / np.median(t_new):.2f}x")
+            rows.append({"input": name, "path": what, "calls": len(t_new),
+                         "old_median_ms": float(np.median(t_old)), "old_p90_ms": float(np.percentile(t_old, 90)),
+                         "new_median_ms": float(np.median(t_new)), "new_p90_ms": float(np.percentile(t_new, 90))})
+    if args.out:
+        import json
+
+        from fmnist.atomic import write_json
+        from fmnist.runinfo import environment
+
+        path = Path(args.out) / "conversion_before_after.json"
+        record = json.loads(path.read_text()) if path.exists() else {"sittings": []}
+        ref = subprocess.run(["git", "rev-parse", args.ref], capture_output=True, text=True).stdout.strip()
+        record["sittings"].append({"environment": environment("cpu"), "ref": args.ref, "ref_commit": ref,
+                                   "reps": args.reps, "threads": 1, "rows": rows})
+        write_json(path, record)
+        print(f"appended to {path}")
 
 
 if __name__ == "__main__":
