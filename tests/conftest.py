@@ -131,3 +131,4 @@ def _drop_cli_log_handler():
     for h in [h for h in logger.handlers if getattr(h, "fmnist_cli", False)]:
         logger.removeHandler(h)
     logger.setLevel(logging.NOTSET)
+    logger.propagate = True

@@ -1,5 +1,8 @@
 """ONNX export: PyTorch and ONNX Runtime agree; int8 keeps its accuracy."""
 
+import logging
+import sys
+
 import numpy as np
 import pytest
 
@@ -78,9 +81,16 @@ def test_predict_cli_onnx_backend(exported, dataset, tmp_path, cli):
 
 def test_export_command(tmp_path, cli, dataset):
     out = tmp_path / "sub" / "bare.onnx"
-    r = cli("export", default_checkpoint(), "--out", out, "--no-tta-flip")
+    # As some onnxruntime modules do on import: a root handler, which must not print our lines twice.
+    root_handler = logging.StreamHandler(sys.stderr)
+    logging.getLogger().addHandler(root_handler)
+    try:
+        r = cli("export", default_checkpoint(), "--out", out, "--no-tta-flip")
+    finally:
+        logging.getLogger().removeHandler(root_handler)
     assert r.returncode == 0, r.stderr
     assert r.stdout == "" and f"wrote {out}" in r.stderr and "fp32" in r.stderr  # a note, not a result
+    assert r.stderr.count(f"wrote {out}") == 1, r.stderr
     m = OnnxModel(out)
     assert not m.meta["tta_flip"] and m.meta["quantization"] == "none"
     x = dataset.test_images[:200].numpy()

@@ -141,6 +141,9 @@ def setup_logging(level: int) -> None:
     handler.setFormatter(_Formatter("%(message)s"))
     logger.addHandler(handler)
     logger.setLevel(level)
+    # Ours alone: some of onnxruntime's modules call logging.basicConfig() when imported (as
+    # `fmnist export --int8` does), and every line would then print twice, once through root.
+    logger.propagate = False
 
 
 def _log_level(args) -> int:
