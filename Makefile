@@ -6,12 +6,14 @@ STAMP  := $(VENV)/.installed-stamp
 
 .PHONY: setup train test dataset browser wrk bench clean
 
+# --no-compile: modules are byte-compiled when first imported instead of all at install (torch has
+# thousands): measured 31 s -> 22 s to install, +3 s on the first import.
 # constraints.txt pins torch to the CPU build on this project's machines' disk: without it,
 # pip resolves the package's torch range to a multi-GB CUDA build.
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev]'
+	$(BIN)/python -m pip install --quiet --no-compile -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
 # Debian's dataset-fashion-mnist package where apt and root are available; elsewhere
