@@ -15,7 +15,6 @@ OUT/conversion_before_after.json.
 from __future__ import annotations
 
 import argparse
-import io
 import subprocess
 import sys
 import time
@@ -24,30 +23,16 @@ from pathlib import Path
 import cv2
 import numpy as np
 import torch
-from PIL import Image
 
 import fmnist
-from fmnist import loadtest, realphotos, robust
+from fmnist import loadtest, robust
+from fmnist.bench import scaled_jpegs
 from fmnist.preprocess import load_rgb, preprocess
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from check_conversion_identical import load_reference  # noqa: E402
 
 REAL = Path(__file__).resolve().parents[1] / "photos" / "real"
-
-
-def one_mp_jpegs(n: int = 12) -> list[bytes]:
-    """As bench.conversion_speed makes them: every len//n-th real photo, bicubic to 1 MP, q90."""
-    allp = realphotos.read_manifest(REAL, verify=False)
-    out = []
-    for p in allp[:: max(1, len(allp) // n)][:n]:
-        im = Image.open(p.path).convert("RGB")
-        s = (1e6 / (im.width * im.height)) ** 0.5
-        im = im.resize((round(im.width * s), round(im.height * s)), Image.Resampling.BICUBIC)
-        buf = io.BytesIO()
-        im.save(buf, "JPEG", quality=90)
-        out.append(buf.getvalue())
-    return out
 
 
 def with_robust(mod, fn, *a):
@@ -89,7 +74,7 @@ def main() -> None:
     cv2.setNumThreads(1)
     old = load_reference(args.ref)
     photo, about = loadtest.bench_photo(REAL)
-    inputs = {"1-MP JPEG q90 (12 real photos)": one_mp_jpegs(), f"load-test photo: {about}": [photo]}
+    inputs = {"1-MP JPEG q90 (12 real photos)": scaled_jpegs(REAL), f"load-test photo: {about}": [photo]}
     print(f"ref {args.ref} vs working tree; {args.reps} interleaved rounds; one core")
     rows = []
     for name, blobs in inputs.items():

@@ -680,27 +680,35 @@ def photos_real(root, checkpoint_path=None, out: Path | None = None, ablation: b
     return res
 
 
-def conversion_speed(root, n: int = 12, reps: int = 5, megapixels: float = 1.0) -> dict:
-    """ms to convert a 1-megapixel JPEG on one core (decode included): real photos scaled up to
-    1 MP and re-encoded (quality 90), each converted `reps` times; median and 90th percentile."""
+def scaled_jpegs(root, n: int = 12, megapixels: float = 1.0) -> list[bytes]:
+    """Every len//n-th real photo of the folder `root`, scaled (bicubic) to `megapixels` and
+    re-encoded at JPEG quality 90: the inputs conversion timings are quoted for."""
     import io
 
-    import cv2
     from PIL import Image
 
     from . import realphotos
-    from .preprocess import preprocess
 
     allp = realphotos.read_manifest(root, verify=False)
-    photos_ = allp[:: max(1, len(allp) // n)][:n]
     blobs = []
-    for p in photos_:
+    for p in allp[:: max(1, len(allp) // n)][:n]:
         im = Image.open(p.path).convert("RGB")
         s = (megapixels * 1e6 / (im.width * im.height)) ** 0.5
         im = im.resize((round(im.width * s), round(im.height * s)), Image.Resampling.BICUBIC)
         buf = io.BytesIO()
         im.save(buf, "JPEG", quality=90)
         blobs.append(buf.getvalue())
+    return blobs
+
+
+def conversion_speed(root, n: int = 12, reps: int = 5, megapixels: float = 1.0) -> dict:
+    """ms to convert a 1-megapixel JPEG on one core (decode included): real photos scaled up to
+    1 MP and re-encoded (quality 90), each converted `reps` times; median and 90th percentile."""
+    import cv2
+
+    from .preprocess import preprocess
+
+    blobs = scaled_jpegs(root, n, megapixels)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     cv2.setNumThreads(1)
