@@ -95,17 +95,13 @@ def main() -> None:
                          "old_median_ms": float(np.median(t_old)), "old_p90_ms": float(np.percentile(t_old, 90)),
                          "new_median_ms": float(np.median(t_new)), "new_p90_ms": float(np.percentile(t_new, 90))})
     if args.out:
-        import json
-
-        from fmnist.atomic import write_json
+        from fmnist.atomic import append_sitting
         from fmnist.runinfo import environment
 
         path = Path(args.out) / "conversion_before_after.json"
-        record = json.loads(path.read_text()) if path.exists() else {"sittings": []}
         ref = subprocess.run(["git", "rev-parse", args.ref], capture_output=True, text=True).stdout.strip()
-        record["sittings"].append({"environment": environment("cpu"), "ref": args.ref, "ref_commit": ref,
-                                   "reps": args.reps, "threads": 1, "rows": rows})
-        write_json(path, record)
+        append_sitting(path, {"environment": environment("cpu"), "ref": args.ref, "ref_commit": ref,
+                              "reps": args.reps, "threads": 1, "rows": rows})
         print(f"appended to {path}")
 
 

@@ -73,7 +73,7 @@ def main() -> int:
     ap.add_argument("--epochs", type=int, default=2, help="epochs per run (default: 2)")
     args = ap.parse_args()
     sys.path.insert(0, str(ROOT / "src"))
-    from fmnist.atomic import write_json
+    from fmnist.atomic import append_sitting
     from fmnist.runinfo import environment
 
     runs = []
@@ -90,13 +90,10 @@ def main() -> int:
                                       "sys_seconds", "test_acc")}
     summary["epoch_speedup"] = summary["before"]["epoch_seconds"] / summary["after"]["epoch_seconds"]
     summary["test_eval_speedup"] = summary["before"]["test_eval_seconds"] / summary["after"]["test_eval_seconds"]
-    path = Path(args.out) / "memory_ab.json"
-    record = json.loads(path.read_text()) if path.exists() else {"sittings": []}
     env = environment("cpu")
     env.pop("malloc_keeps_freed_memory", None)  # per variant here, not per process
-    record["sittings"].append({"environment": env, "reps": args.reps, "subset": args.subset, "epochs": args.epochs,
-                               "runs": runs, "summary": summary})
-    write_json(path, record)
+    append_sitting(Path(args.out) / "memory_ab.json", {"environment": env, "reps": args.reps, "subset": args.subset,
+                                                      "epochs": args.epochs, "runs": runs, "summary": summary})
     print(json.dumps(summary, indent=1))
     return 0
 

@@ -26,6 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 
 from fmnist import loadtest  # noqa: E402
+from fmnist.atomic import append_sitting  # noqa: E402
 from fmnist.export import export  # noqa: E402
 from fmnist.predict import default_checkpoint  # noqa: E402
 from fmnist.runinfo import environment  # noqa: E402
@@ -83,7 +84,7 @@ def main() -> int:
                "versions": loadtest.versions(), "seconds_per_level": args.seconds, "runs": 1,
                "payloads": {p.name: {"about": p.about, "bytes": len(p.body), "image_sha256": p.sha256} for p in loads},
                "settings": settings}
-    n = loadtest.append_sitting(Path(args.out) / "before_after.json", sitting)
+    n = append_sitting(Path(args.out) / "before_after.json", sitting)
     print(table(settings))
     print(f"added sitting {n} to {Path(args.out) / 'before_after.json'}")
     return 0

@@ -8,6 +8,7 @@ import shutil
 import pytest
 
 from fmnist import loadtest
+from fmnist.atomic import append_sitting
 
 # wrk 4.1's output with the fmnist script (a real run, 2 connections for 1 s).
 WRK_OUTPUT = """Running 1s test @ http://127.0.0.1:37045/v1/predict
@@ -69,7 +70,7 @@ def test_photo_payload_is_about_12_8_kb():
 
 def test_sittings_are_appended_never_replaced(tmp_path):
     path = tmp_path / "serve.json"
-    assert loadtest.append_sitting(path, {"n": 1}) == 1
-    assert loadtest.append_sitting(path, {"n": 2}) == 2
+    assert append_sitting(path, {"n": 1}) == 1
+    assert append_sitting(path, {"n": 2}) == 2
     assert json.loads(path.read_text()) == {"sittings": [{"n": 1}, {"n": 2}]}
     assert not [f for f in os.listdir(tmp_path) if f != "serve.json"]  # no temp file left behind

@@ -467,7 +467,8 @@ def run(args) -> int:
         report["onnx"] = onnx_backends(checkpoint_path=args.checkpoint, **dry.get("onnx", {}))
     if "serve" in args.parts:
         # Its own file, one entry per sitting: an earlier sitting's figures are never replaced.
-        from .loadtest import append_sitting, run_all
+        from .atomic import append_sitting
+        from .loadtest import run_all
         n = append_sitting(out / "serve.json", {"environment": env, **run_all(checkpoint=args.checkpoint,
                                                                              **dry.get("serve", {}))})
         log.info(f"added sitting {n} to {out / 'serve.json'}")

@@ -350,14 +350,3 @@ def run_all(checkpoint=None, photo_root: Path | None = None, levels=(1, 32), sec
         for label, extra, sk in settings:
             out["settings"][label] = bench_setting(label, extra, loads, levels, seconds, warmup, tool, sk, log=log)
     return out
-
-
-def append_sitting(path: Path, sitting: dict) -> int:
-    """Add one sitting to `path` ({"sittings": [...]}); earlier sittings stay. -> how many now."""
-    from .atomic import write_json
-
-    path = Path(path)
-    doc = json.loads(path.read_text()) if path.exists() else {"sittings": []}
-    doc["sittings"].append(sitting)
-    write_json(path, doc)
-    return len(doc["sittings"])
