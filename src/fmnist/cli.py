@@ -243,8 +243,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dynamic batching: max wait for a batch to fill, >= 0 (default: 2.0)")
     p.add_argument("--max-upload-mb", type=_at_least(1, int), default=10,
                    help="max request body in MiB, counted as it arrives (default: 10)")
+    p.add_argument("--workers", type=_at_least(1, int), default=1,
+                   help="server processes, each with its own model and event loop, sharing the port "
+                        "(SO_REUSEPORT, Linux); more than one keeps more cores busy, at one model's memory "
+                        "each (default: 1)")
     p.add_argument("--max-conversions", type=_at_least(1, int), default=None,
-                   help="images converted at once across all requests (default: one per CPU core)")
+                   help="images converted at once across all requests, per worker process (default: the CPU "
+                        "cores divided among the workers, at least 1)")
     p.add_argument("--conversion-wait", type=_at_least(0), default=2.0, metavar="SECONDS",
                    help="how long a request waits for a conversion slot before 503 + Retry-After (default: 2.0)")
     p.add_argument("--limit-concurrency", type=_at_least(1, int), default=256,
@@ -293,7 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("parts", nargs="*", metavar="PART",
                    help="any of: throughput, accuracy, profile (where fast's training step spends its time), "
                         "photos (product-photo round trip), onnx (PyTorch vs ONNX "
-                        "Runtime fp32/int8), serve (HTTP load test on loopback with wrk where installed, ~8 min: "
+                        "Runtime fp32/int8), serve (HTTP load test on loopback with wrk where installed, ~10 min: "
                         "appends a sitting to OUT/serve.json) (default: throughput accuracy)")
     p.add_argument("--checkpoint", default=None,
                    help="model for the photos/onnx/serve parts (default: the shipped model)")

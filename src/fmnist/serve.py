@@ -4,14 +4,16 @@
                      body (Content-Type image/*) -> top-k per image
   GET  /v1/model     name, classes, parameters, accuracy
   GET  /v1/samples   random test images for the page's strip
-  GET  /healthz      liveness: 503 when inference cannot run; batcher and conversion counters
+  GET  /healthz      liveness: 503 when inference cannot run; batcher and conversion counters of
+                     the process that answered (its pid: with --workers, each has its own)
   GET  /docs         OpenAPI (Swagger UI, served locally)
   GET  /             the web page (every asset served by this app: no CDN, no font service)
 
 Preprocessing runs in a thread pool (at most `max_conversions` at once) and inference in the
 dynamic batcher's thread, so the event loop only moves bytes. Every bad request gets a 4xx
 JSON error {"error": {code, message}}; overload gets 503 with Retry-After. Limits on bodies
-and slow clients live in guards.py and httpserver.py.
+and slow clients live in guards.py and httpserver.py. `--workers N` runs N such processes on
+one port (_supervise).
 """
 
 from __future__ import annotations
@@ -22,6 +24,9 @@ import io
 import json
 import logging
 import os
+import signal
+import socket
+import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -233,9 +238,10 @@ def create_app(predictor: Predictor | None = None, cfg: ServeConfig | None = Non
     async def healthz():
         state = batcher.state()
         if not state["alive"]:
-            return JSONResponse({"status": "unavailable", "batcher": state, "conversions": slots.state()},
+            return JSONResponse({"status": "unavailable", "batcher": state, "conversions": slots.state(),
+                                 "pid": os.getpid()},
                                 status_code=503)
-        return {"status": "ok", "batcher": state, "conversions": slots.state()}
+        return {"status": "ok", "batcher": state, "conversions": slots.state(), "pid": os.getpid()}
 
     @app.get("/v1/model", summary="The model being served")
     async def model_info():
@@ -298,27 +304,115 @@ def create_app(predictor: Predictor | None = None, cfg: ServeConfig | None = Non
     return app
 
 
-def main(args) -> int:
+def _config(args) -> ServeConfig:
+    # The conversion slots are per process: with several workers, the cores are shared out.
+    per_worker = max(1, (os.cpu_count() or 1) // args.workers)
+    return ServeConfig(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
+                       max_upload_bytes=args.max_upload_mb << 20,
+                       max_conversions=args.max_conversions or per_worker,
+                       conversion_wait_s=args.conversion_wait, limit_concurrency=args.limit_concurrency,
+                       keep_alive_s=args.keep_alive_timeout, header_timeout_s=args.header_timeout,
+                       body_timeout_s=args.body_timeout, threads=args.threads, http=args.http, loop=args.loop)
+
+
+def _listen_socket(host: str, port: int, reuse_port: bool) -> socket.socket:
+    """A bound TCP socket; with reuse_port, one of a group of worker processes' sockets on the
+    same port, among which the kernel spreads new connections evenly."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_port:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise OSError(e.errno, f"cannot listen on {host}:{port}: {e.strerror or e}; "
+                               f"choose another --port or --host") from None
+    return sock
+
+
+def _serve(args, sock: socket.socket | None = None) -> None:
+    """One server process: the model, the app and uvicorn (on `sock` when given)."""
     import torch
     import uvicorn
 
     from .httpserver import protocol_with_head_deadline
 
-    cfg = ServeConfig(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
-                      max_upload_bytes=args.max_upload_mb << 20,
-                      max_conversions=args.max_conversions or ServeConfig.max_conversions,
-                      conversion_wait_s=args.conversion_wait, limit_concurrency=args.limit_concurrency,
-                      keep_alive_s=args.keep_alive_timeout, header_timeout_s=args.header_timeout,
-                      body_timeout_s=args.body_timeout, threads=args.threads, http=args.http, loop=args.loop)
+    cfg = _config(args)
     torch.set_num_threads(cfg.threads)
     predictor = Predictor(args.checkpoint, backend=args.backend, pipeline=getattr(args, "pipeline", "robust"),
                           threads=cfg.threads)
     app = create_app(predictor, cfg)
     protocol = protocol_with_head_deadline(cfg.header_timeout_s, cfg.http)
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                            access_log=args.access_log, http=protocol, loop=cfg.loop,
+                            limit_concurrency=cfg.limit_concurrency, timeout_keep_alive=cfg.keep_alive_s)
+    worker = f" (worker {os.getpid()})" if sock is not None else ""
     log.info(f"serving {predictor.meta.get('model')} ({predictor.backend}, {cfg.threads} inference thread(s)) on "
-             f"http://{args.host}:{args.port}/  API docs: /docs  batching: max {cfg.max_batch}, wait {cfg.max_wait_ms} ms  "
-             f"http: {protocol.implementation}")
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=args.access_log,
-                http=protocol, loop=cfg.loop, limit_concurrency=cfg.limit_concurrency,
-                timeout_keep_alive=cfg.keep_alive_s)
+             f"http://{args.host}:{args.port}/{worker}  API docs: /docs  batching: max {cfg.max_batch}, wait "
+             f"{cfg.max_wait_ms} ms  conversions: {cfg.max_conversions} at once  http: {protocol.implementation}")
+    uvicorn.Server(config).run(sockets=[sock] if sock is not None else None)
+
+
+def _worker(args, port: int, log_level: int) -> None:
+    """Entry point of a worker process (spawned: a fresh interpreter, no inherited threads)."""
+    from .cli import setup_logging
+
+    setup_logging(log_level)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the parent decides
+    sock = _listen_socket(args.host, port, reuse_port=True)
+    sock.listen(2048)
+    _serve(args, sock)
+
+
+def _supervise(args) -> int:
+    """--workers N: N processes, each with its own model, batcher and event loop (one Python
+    process keeps at most ~1.6 cores busy: the interpreter lock). Each listens on the port with
+    SO_REUSEPORT. If one dies, the rest are stopped and the command fails, rather than serving
+    on at part of its capacity unnoticed."""
+    import multiprocessing as mp
+
+    # Held, bound and never listening, so the port is ours and known (--port 0) before any
+    # worker starts; a socket that does not listen is given no connections.
+    holder = _listen_socket(args.host, args.port, reuse_port=True)
+    port = holder.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_worker, args=(args, port, logging.getLogger("fmnist").getEffectiveLevel()),
+                         name=f"fmnist-serve-{i}") for i in range(args.workers)]
+    stop = {"signal": None}
+
+    def on_signal(signum, frame):
+        stop["signal"] = signum
+
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        for p in procs:
+            p.start()
+        log.info(f"{args.workers} worker processes on http://{args.host}:{port}/")
+        while stop["signal"] is None and all(p.is_alive() for p in procs):
+            time.sleep(0.2)
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.terminate()  # SIGTERM: uvicorn finishes the requests in flight, then exits
+        for p in procs:
+            p.join(15)
+            if p.is_alive():
+                p.kill()
+                p.join()
+        holder.close()
+        for s, h in old.items():
+            signal.signal(s, h)
+    if stop["signal"] is not None:
+        return 0
+    dead = [f"{p.name} (exit code {p.exitcode})" for p in procs if p.exitcode not in (0, None)]
+    log.error(f"a worker process stopped: {', '.join(dead) or 'unknown'}; stopped the others")
+    return 1
+
+
+def main(args) -> int:
+    if getattr(args, "workers", 1) > 1:
+        return _supervise(args)
+    _serve(args)
     return 0

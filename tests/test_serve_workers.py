@@ -1,0 +1,82 @@
+"""`fmnist serve --workers 2`: two server processes share the port, connections reach both,
+SIGTERM stops them all, and a worker that dies takes the server down with an error rather than
+leaving it at half capacity."""
+
+import os
+import signal
+import socket
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from fmnist import loadtest
+
+PHOTO = Path(__file__).resolve().parent.parent / "photos" / "real" / "pullover-clean-002.jpg"
+
+
+def workers(pid: int) -> list[int]:
+    return [p for p in loadtest.process_tree(pid)[1:]
+            if b"spawn_main" in Path(f"/proc/{p}/cmdline").read_bytes()]
+
+
+@pytest.fixture
+def server():
+    port = loadtest.free_port()
+    proc = loadtest.start_server(port, ["--workers", "2"])
+    yield port, proc
+    loadtest.stop_server(proc)
+
+
+def fresh(port: int, method: str, path: str, **kw) -> httpx.Response:
+    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as c:  # a new connection each time
+        return c.request(method, path, **kw)
+
+
+def test_two_workers_share_the_connections_and_stop_together(server):
+    port, proc = server
+    pids = workers(proc.pid)
+    assert len(pids) == 2, pids
+    for _ in range(20):
+        r = fresh(port, "POST", "/v1/predict", content=PHOTO.read_bytes(), headers={"content-type": "image/jpeg"})
+        assert r.status_code == 200 and r.json()["predictions"][0]["label"], r.text
+    seen = {}
+    for _ in range(60):
+        h = fresh(port, "GET", "/healthz").json()
+        seen[h["pid"]] = h["batcher"]["items"]
+        if len(seen) == 2:
+            break
+    # The kernel spreads connections over the two (SO_REUSEPORT): each converted and classified some.
+    assert set(seen) == set(pids) and all(n > 0 for n in seen.values()) and sum(seen.values()) == 20, seen
+
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(20) == 0
+    assert not any(Path(f"/proc/{p}").exists() and b"State:\tZ" not in Path(f"/proc/{p}/status").read_bytes()
+                   for p in pids)
+
+
+def test_a_worker_that_dies_stops_the_server_with_an_error(server):
+    port, proc = server
+    pids = workers(proc.pid)
+    os.kill(pids[0], signal.SIGKILL)
+    assert proc.wait(30) == 1
+    err = proc.stderr.read().decode()
+    assert "a worker process stopped" in err and "exit code -9" in err, err[-2000:]
+    deadline = time.time() + 10
+    while Path(f"/proc/{pids[1]}").exists() and b"State:\tZ" not in Path(f"/proc/{pids[1]}/status").read_bytes():
+        assert time.time() < deadline, "the other worker is still running"
+        time.sleep(0.1)
+
+
+def test_workers_must_be_at_least_one(cli):
+    r = cli("serve", "--workers", "0")
+    assert r.returncode == 2 and "--workers" in r.stderr
+
+
+def test_a_port_in_use_is_a_clear_error(cli):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        r = cli("serve", "--workers", "2", "--port", taken.getsockname()[1])
+    assert r.returncode == 1 and "cannot listen on 127.0.0.1:" in r.stderr and "--port" in r.stderr, r.stderr
