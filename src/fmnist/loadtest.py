@@ -339,10 +339,11 @@ def versions() -> dict:
 
 def run_all(checkpoint=None, photo_root: Path | None = None, levels=(1, 32), seconds: float = 15.0,
             warmup: float = 5.0, soak: tuple[int, float] = (64, 60.0), onnx: bool = True, tool: str = "auto",
-            log=_log) -> dict:
+            workers: int = 2, log=_log) -> dict:
     """One sitting: the shipped defaults with PyTorch (and the soak), then ONNX Runtime fp32 and
-    int8 (where onnxruntime is installed), then ONNX fp32 (else PyTorch) with two worker
-    processes, each setting in its own server."""
+    int8 (where onnxruntime is installed), then ONNX fp32 (else PyTorch) with `workers` worker
+    processes (1: not measured; tests/test_serve_workers.py covers that path), each setting in
+    its own server."""
     tool = ("wrk" if shutil.which("wrk") else "python") if tool == "auto" else tool
     if tool == "python":
         log("wrk not found: measuring with the Python client (install wrk for comparable figures: make)")
@@ -365,11 +366,11 @@ def run_all(checkpoint=None, photo_root: Path | None = None, levels=(1, 32), sec
                              ("onnx-int8", ["--backend", "onnx", "--checkpoint", str(int8)], None)]
             except ImportError as e:  # the optional extra is missing: measure the rest
                 log(f"skipping the ONNX Runtime settings: {e}")
-        if (os.cpu_count() or 1) > 1:
-            # One process keeps ~1.6 cores busy (the interpreter lock): the fastest backend again,
-            # as two worker processes.
+        if workers > 1 and (os.cpu_count() or 1) > 1:
+            # One process keeps ~1.5 cores busy (the interpreter lock): the fastest backend again,
+            # as several worker processes.
             label, extra, _ = settings[1] if len(settings) > 1 else settings[0]
-            settings.append((f"{label}-2-workers", [*extra, "--workers", "2"], None))
+            settings.append((f"{label}-{workers}-workers", [*extra, "--workers", str(workers)], None))
         for label, extra, sk in settings:
             out["settings"][label] = bench_setting(label, extra, loads, levels, seconds, warmup, tool, sk, log=log)
     return out
