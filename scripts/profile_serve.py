@@ -11,7 +11,8 @@ by the first frame, from the innermost out, that a rule in PARTS matches. Also r
 server's and wrk's CPU seconds per request (/proc and rusage), which is what bounds requests/s
 on a machine whose cores the two share. Each thread's exact CPU time (/proc/PID/task) is split
 over the parts in proportion to that thread's samples: py-spy also counts a thread that is
-runnable but waiting for a core, which on 2 busy cores would overstate the waits. Writes profile.json and profile.md into --out.
+runnable but waiting for a core, which on 2 busy cores would overstate the waits. Appends a
+sitting to OUT/profile.json (earlier sittings stay) and writes every sitting into OUT/profile.md.
 Needs wrk (make wrk) and py-spy (pip install py-spy; in the dev extra).
 """
 
@@ -32,6 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 
 from fmnist import loadtest  # noqa: E402
+from fmnist.atomic import append_sitting, write_json, write_text  # noqa: E402
 from fmnist.runinfo import environment  # noqa: E402
 
 # (part, substrings of a frame's "function (file:line)"): the first rule that matches the
@@ -153,8 +155,8 @@ def profile_one(label: str, payload: loadtest.Payload, seconds: float, rate: int
             "top_functions": [{"frame": f, "percent_of_samples": 100 * n / n_leaves} for f, n in leaves.most_common(12)]}
 
 
-def render(profiles: list[dict], env: dict) -> str:
-    lines = ["# Where a served request's CPU time goes", "",
+def render(profiles: list[dict], env: dict, sitting: int = 1) -> str:
+    lines = [f"# Where a served request's CPU time goes: sitting {sitting}", "",
              f"`python scripts/profile_serve.py` ({env['cpu']}, {env['cpu_count']} cores; torch {env['torch']}, "
              f"Python {env['python']}; fmnist commit `{(env['git_commit'] or '?')[:12]}`; {env['time']}). "
              "While wrk keeps 32 connections busy, each server thread's CPU time is read from /proc and "
@@ -222,13 +224,17 @@ def main() -> int:
             profiles.append(p)
             print(f"{label} {name}: {p['wrk']['rps']:.0f} req/s, server {p['server_cpu_ms_per_request']:.2f} CPU ms "
                   f"per request; " + "; ".join(f"{x['part'].split(' (')[0]} {x['percent']:.0f}%" for x in p["parts"][:4]))
-    env = environment("cpu")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "profile.json").write_text(json.dumps({"environment": env, "command": " ".join(sys.argv),
-                                                  "profiles": profiles}, indent=2) + "\n")
-    (out / "profile.md").write_text(render(profiles, env))
-    print(f"wrote {out / 'profile.json'} and {out / 'profile.md'}")
+    record = out / "profile.json"
+    if record.exists() and "sittings" not in (old := json.loads(record.read_text())):
+        write_json(record, {"sittings": [old]})   # the first sitting's file held one sitting, bare
+    n = append_sitting(record, {"environment": environment("cpu"), "command": " ".join(sys.argv),
+                                "profiles": profiles})
+    sittings = json.loads(record.read_text())["sittings"]
+    write_text(out / "profile.md", "\n".join(render(s["profiles"], s["environment"], i + 1)
+                                             for i, s in enumerate(sittings)))
+    print(f"added sitting {n} to {record}; wrote {out / 'profile.md'}")
     return 0
 
 
