@@ -80,3 +80,9 @@ def test_a_port_in_use_is_a_clear_error(cli):
         taken.listen()
         r = cli("serve", "--workers", "2", "--port", taken.getsockname()[1])
     assert r.returncode == 1 and "cannot listen on 127.0.0.1:" in r.stderr and "--port" in r.stderr, r.stderr
+
+
+def test_workers_elsewhere_than_linux_say_why(cli, monkeypatch):
+    monkeypatch.setattr("sys.platform", "darwin")
+    r = cli("serve", "--workers", "2")
+    assert r.returncode == 1 and "needs Linux" in r.stderr and "--workers 1" in r.stderr, r.stderr

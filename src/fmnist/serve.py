@@ -26,6 +26,7 @@ import logging
 import os
 import signal
 import socket
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -373,6 +374,11 @@ def _supervise(args) -> int:
     on at part of its capacity unnoticed."""
     import multiprocessing as mp
 
+    if not sys.platform.startswith("linux"):
+        # Elsewhere SO_REUSEPORT is missing (Windows) or hands every connection to one socket (macOS).
+        raise ValueError(f"--workers {args.workers} needs Linux, where the kernel spreads connections "
+                         f"over the workers (SO_REUSEPORT); this is {sys.platform}: use --workers 1, or run "
+                         f"several servers behind a reverse proxy")
     # Held, bound and never listening, so the port is ours and known (--port 0) before any
     # worker starts; a socket that does not listen is given no connections.
     holder = _listen_socket(args.host, args.port, reuse_port=True)
