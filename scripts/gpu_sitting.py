@@ -43,7 +43,7 @@ import torch
 
 from fmnist import bench, config, data
 from fmnist.atomic import write_json
-from fmnist.cli import setup_logging
+from fmnist.logsetup import setup_logging
 from fmnist.distributed import DistInfo
 from fmnist.models import create_model, model_config
 from fmnist.runinfo import environment, pick_device

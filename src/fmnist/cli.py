@@ -15,6 +15,7 @@ from dataclasses import fields
 from pathlib import Path
 
 from .config import AUGMENT_KEYS, PRESETS, AugmentConfig, TrainConfig
+from .logsetup import setup_logging
 from .malloc import keep_freed_memory
 
 log = logging.getLogger("fmnist.cli")
@@ -120,30 +121,6 @@ def _add_data_dir(p):
                    help="directory holding the four Fashion-MNIST IDX files (.gz or raw); used or refused, "
                         "never replaced by another copy. Default: $FMNIST_DATA if set (same rule), else "
                         "/usr/share/datasets/fashion-mnist, ~/.cache/fmnist, else download")
-
-
-class _Formatter(logging.Formatter):
-    """INFO as the plain line the library wrote; warnings and errors say what they are."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        msg = super().format(record)
-        return msg if record.levelno < logging.WARNING else f"{record.levelname.lower()}: {msg}"
-
-
-def setup_logging(level: int) -> None:
-    """One handler on the `fmnist` logger, writing to the current stderr (replaced on each call,
-    so main() can run several times in one process, as the tests do)."""
-    logger = logging.getLogger("fmnist")
-    for h in [h for h in logger.handlers if getattr(h, "fmnist_cli", False)]:
-        logger.removeHandler(h)
-    handler = logging.StreamHandler(sys.stderr)
-    handler.fmnist_cli = True
-    handler.setFormatter(_Formatter("%(message)s"))
-    logger.addHandler(handler)
-    logger.setLevel(level)
-    # Ours alone: some of onnxruntime's modules call logging.basicConfig() when imported (as
-    # `fmnist export --int8` does), and every line would then print twice, once through root.
-    logger.propagate = False
 
 
 def _log_level(args) -> int:

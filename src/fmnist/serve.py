@@ -358,7 +358,7 @@ def _serve(args, sock: socket.socket | None = None) -> None:
 
 def _worker(args, port: int, log_level: int) -> None:
     """Entry point of a worker process (spawned: a fresh interpreter, no inherited threads)."""
-    from .cli import setup_logging
+    from .logsetup import setup_logging
 
     setup_logging(log_level)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the parent decides
