@@ -86,3 +86,14 @@ def test_workers_elsewhere_than_linux_say_why(cli, monkeypatch):
     monkeypatch.setattr("sys.platform", "darwin")
     r = cli("serve", "--workers", "2")
     assert r.returncode == 1 and "needs Linux" in r.stderr and "--workers 1" in r.stderr, r.stderr
+
+
+def test_a_worker_that_cannot_load_the_model_says_why(tmp_path):
+    bad = tmp_path / "model.pt"
+    bad.write_bytes(b"not a checkpoint")
+    port = loadtest.free_port()
+    with pytest.raises(RuntimeError) as e:
+        loadtest.start_server(port, ["--workers", "2", "--checkpoint", str(bad)])
+    msg = str(e.value)
+    assert "error:" in msg and "model.pt" in msg and "Traceback" not in msg, msg
+    assert "a worker process stopped" in msg

@@ -349,9 +349,9 @@ def _serve(args, sock: socket.socket | None = None) -> None:
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                             access_log=args.access_log, http=protocol, loop=cfg.loop,
                             limit_concurrency=cfg.limit_concurrency, timeout_keep_alive=cfg.keep_alive_s)
-    worker = f" (worker {os.getpid()})" if sock is not None else ""
+    port, worker = (sock.getsockname()[1], f" (worker {os.getpid()})") if sock is not None else (args.port, "")
     log.info(f"serving {predictor.meta.get('model')} ({predictor.backend}, {cfg.threads} inference thread(s)) on "
-             f"http://{args.host}:{args.port}/{worker}  API docs: /docs  batching: max {cfg.max_batch}, wait "
+             f"http://{args.host}:{port}/{worker}  API docs: /docs  batching: max {cfg.max_batch}, wait "
              f"{cfg.max_wait_ms} ms  conversions: {cfg.max_conversions} at once  http: {protocol.implementation}")
     uvicorn.Server(config).run(sockets=[sock] if sock is not None else None)
 
@@ -362,9 +362,15 @@ def _worker(args, port: int, log_level: int) -> None:
 
     setup_logging(log_level)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the parent decides
-    sock = _listen_socket(args.host, port, reuse_port=True)
-    sock.listen(2048)
-    _serve(args, sock)
+    from .checkpoint import CheckpointError
+
+    try:
+        sock = _listen_socket(args.host, port, reuse_port=True)
+        sock.listen(2048)
+        _serve(args, sock)
+    except (CheckpointError, ValueError, ImportError, OSError) as e:  # as the CLI reports them: one line
+        log.error(str(e))
+        sys.exit(1)
 
 
 def _supervise(args) -> int:
