@@ -2,6 +2,7 @@
 SIGTERM stops them all, and a worker that dies takes the server down with an error rather than
 leaving it at half capacity."""
 
+import logging
 import os
 import signal
 import socket
@@ -88,12 +89,20 @@ def test_workers_elsewhere_than_linux_say_why(cli, monkeypatch):
     assert r.returncode == 1 and "needs Linux" in r.stderr and "--workers 1" in r.stderr, r.stderr
 
 
-def test_a_worker_that_cannot_load_the_model_says_why(tmp_path):
+def test_a_worker_that_cannot_load_the_model_says_why(tmp_path, capsys):
+    """What a worker process runs (serve._worker), here in the test's process: one error line,
+    exit code 1, which the parent then reports (test above)."""
+    from fmnist import serve
+    from fmnist.cli import build_parser
+
     bad = tmp_path / "model.pt"
     bad.write_bytes(b"not a checkpoint")
-    port = loadtest.free_port()
-    with pytest.raises(RuntimeError) as e:
-        loadtest.start_server(port, ["--workers", "2", "--checkpoint", str(bad)])
-    msg = str(e.value)
-    assert "error:" in msg and "model.pt" in msg and "Traceback" not in msg, msg
-    assert "a worker process stopped" in msg
+    args = build_parser().parse_args(["serve", "--workers", "2", "--checkpoint", str(bad)])
+    sigint = signal.getsignal(signal.SIGINT)   # _worker ignores Ctrl-C, as a worker should; this process not
+    try:
+        with pytest.raises(SystemExit) as e:
+            serve._worker(args, loadtest.free_port(), logging.INFO)
+    finally:
+        signal.signal(signal.SIGINT, sigint)
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and "error:" in err and "model.pt" in err and "Traceback" not in err, err
