@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 
 from fmnist import loadtest  # noqa: E402
-from fmnist.atomic import append_sitting, write_json, write_text  # noqa: E402
+from fmnist.atomic import append_sitting, write_text  # noqa: E402
 from fmnist.runinfo import environment  # noqa: E402
 
 # (part, substrings of a frame's "function (file:line)"): the first rule that matches the
@@ -227,8 +227,6 @@ def main() -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     record = out / "profile.json"
-    if record.exists() and "sittings" not in (old := json.loads(record.read_text())):
-        write_json(record, {"sittings": [old]})   # the first sitting's file held one sitting, bare
     n = append_sitting(record, {"environment": environment("cpu"), "command": " ".join(sys.argv),
                                 "profiles": profiles})
     sittings = json.loads(record.read_text())["sittings"]

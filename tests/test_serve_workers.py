@@ -22,6 +22,14 @@ def workers(pid: int) -> list[int]:
             if b"spawn_main" in Path(f"/proc/{p}/cmdline").read_bytes()]
 
 
+def running(pid: int) -> bool:
+    """Alive and not a zombie waiting to be reaped."""
+    try:
+        return b"State:\tZ" not in Path(f"/proc/{pid}/status").read_bytes()
+    except FileNotFoundError:
+        return False
+
+
 @pytest.fixture
 def server():
     port = loadtest.free_port()
@@ -53,8 +61,7 @@ def test_two_workers_share_the_connections_and_stop_together(server):
 
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(20) == 0
-    assert not any(Path(f"/proc/{p}").exists() and b"State:\tZ" not in Path(f"/proc/{p}/status").read_bytes()
-                   for p in pids)
+    assert not any(running(p) for p in pids)
 
 
 def test_a_worker_that_dies_stops_the_server_with_an_error(server):
@@ -65,7 +72,7 @@ def test_a_worker_that_dies_stops_the_server_with_an_error(server):
     err = proc.stderr.read().decode()
     assert "a worker process stopped" in err and "exit code -9" in err, err[-2000:]
     deadline = time.time() + 10
-    while Path(f"/proc/{pids[1]}").exists() and b"State:\tZ" not in Path(f"/proc/{pids[1]}/status").read_bytes():
+    while running(pids[1]):
         assert time.time() < deadline, "the other worker is still running"
         time.sleep(0.1)
 

@@ -316,14 +316,13 @@ def _config(args) -> ServeConfig:
                        body_timeout_s=args.body_timeout, threads=args.threads, http=args.http, loop=args.loop)
 
 
-def _listen_socket(host: str, port: int, reuse_port: bool) -> socket.socket:
-    """A bound TCP socket; with reuse_port, one of a group of worker processes' sockets on the
-    same port, among which the kernel spreads new connections evenly."""
+def _listen_socket(host: str, port: int) -> socket.socket:
+    """A bound TCP socket, one of the group of worker processes' sockets on the same port
+    (SO_REUSEPORT), among which the kernel spreads new connections evenly."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    if reuse_port:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     try:
         sock.bind((host, port))
     except OSError as e:
@@ -365,7 +364,7 @@ def _worker(args, port: int, log_level: int) -> None:
     from .checkpoint import CheckpointError
 
     try:
-        sock = _listen_socket(args.host, port, reuse_port=True)
+        sock = _listen_socket(args.host, port)
         sock.listen(2048)
         _serve(args, sock)
     except (CheckpointError, ValueError, ImportError, OSError) as e:  # as the CLI reports them: one line
@@ -387,7 +386,7 @@ def _supervise(args) -> int:
                          f"several servers behind a reverse proxy")
     # Held, bound and never listening, so the port is ours and known (--port 0) before any
     # worker starts; a socket that does not listen is given no connections.
-    holder = _listen_socket(args.host, args.port, reuse_port=True)
+    holder = _listen_socket(args.host, args.port)
     port = holder.getsockname()[1]
     ctx = mp.get_context("spawn")
     procs = [ctx.Process(target=_worker, args=(args, port, logging.getLogger("fmnist").getEffectiveLevel()),
