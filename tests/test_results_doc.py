@@ -22,13 +22,23 @@ def test_real_photo_tables_match_the_committed_json():
     assert len(rendered) > 40 and not missing, missing[:3]
 
 
-@pytest.mark.parametrize("folder, rows", [("cpu", 10), ("cpu-accuracy-2", 4)])
+@pytest.mark.parametrize("folder, rows", [("cpu", 10), ("cpu-accuracy-2", 4), ("cpu-accuracy-3", 4)])
 def test_time_to_accuracy_tables_match_the_committed_json(folder, rows):
     """bench/cpu/bench.json predates the 95 % threshold and the seed-epoch reference, and
-    bench/cpu-accuracy-2 is a later sitting with both: each renders to the tables docs/RESULTS.md shows."""
+    bench/cpu-accuracy-2 is a later sitting with both, bench/cpu-accuracy-3 a rejected candidate: each renders to the tables docs/RESULTS.md shows."""
     out = subprocess.run([sys.executable, str(ROOT / "scripts" / "results_tables.py"), str(ROOT / "bench" / folder / "bench.json")],
                          capture_output=True, text=True, check=True).stdout
     doc = (ROOT / "docs" / "RESULTS.md").read_text()
     rendered = [line for line in out.splitlines() if line.startswith("| `")]
     missing = [line for line in rendered if line not in doc]
     assert len(rendered) >= rows and not missing, missing[:3]
+
+
+def test_recipe_sweep_table_matches_the_committed_json():
+    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "recipe_sweep.py"), "--table", "--out",
+                          str(ROOT / "bench" / "cpu" / "recipe_sweep.json")], capture_output=True, text=True,
+                         check=True).stdout
+    doc = (ROOT / "docs" / "RESULTS.md").read_text()
+    rows = [line for line in out.splitlines() if line.startswith("| ")]
+    missing = [line for line in rows if line not in doc]
+    assert len(rows) >= 10 and not missing, missing[:3]
