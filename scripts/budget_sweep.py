@@ -16,7 +16,7 @@ from pathlib import Path
 
 from fmnist import config
 from fmnist.atomic import write_json
-from fmnist.bench import read_history
+from fmnist.bench import wall_curve
 from fmnist.runinfo import environment
 from fmnist.train import train
 
@@ -52,10 +52,9 @@ def main():
                                       "out_dir": "/tmp/fmnist-budget-sweep", **flat})
         t = time.perf_counter()
         run_dir = train(cfg)
-        hist = read_history(run_dir / "history.csv")
-        wall = sum(h["seconds"] + h["eval_seconds"] for h in hist)  # as the benchmark counts it
+        wall, val_acc = wall_curve(run_dir, "val_acc")[-1]   # as the benchmark counts wall time
         row = {"name": name, "model_config": mcfg, "epochs": epochs, "overrides": extra, "seed": args.seed,
-               "val_acc": hist[-1]["val_acc"], "wall_seconds": wall,
+               "val_acc": val_acc, "wall_seconds": wall,
                "elapsed_seconds": time.perf_counter() - t}
         rows.append(row)
         print(f"{name:>30}: val {row['val_acc']:.4f} in {wall:.0f} s", flush=True)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from fmnist import config
 from fmnist.atomic import write_json
-from fmnist.bench import read_history, seed_epoch
+from fmnist.bench import seed_epoch, time_to, wall_curve
 from fmnist.malloc import keep_freed_memory
 from fmnist.runinfo import environment
 from fmnist.train import train
@@ -47,20 +47,20 @@ CANDIDATES = [
 ]
 
 
-def first_reaching(curve, acc):
-    return next((w for w, a in curve if a >= acc), None)
-
-
 def table(doc: dict) -> str:
     """Markdown: one row per candidate and seed, over every sitting of the record."""
-    fmt = lambda v: "not reached" if v is None else f"{v:.1f}x"  # noqa: E731
     lines = ["| sitting | variant of `fast` | seed | final val acc | wall | val 93 % at | val 94 % at |",
              "|---:|---|---:|---:|---:|---:|---:|"]
     for n, s in enumerate(doc["sittings"], 1):
         for r in s["rows"]:
-            lines.append(f"| {n} | {r['name']} | {s['seed']} | {r['final_val_acc']:.2%} | "
-                         f"{r['wall_seed_epochs']:.1f}x | {fmt(r['val_0.93_at'])} | {fmt(r['val_0.94_at'])} |")
-    return "\n".join(lines).replace("%", " %").replace("  %", " %")
+            lines.append(f"| {n} | {r['name']} | {s['seed']} | {r['final_val_acc'] * 100:.2f} % | "
+                         f"{r['wall_seed_epochs']:.1f}x | {_times(r['val_0.93_at'], 'not reached')} | "
+                         f"{_times(r['val_0.94_at'], 'not reached')} |")
+    return "\n".join(lines)
+
+
+def _times(v, missing: str) -> str:
+    return missing if v is None else f"{v:.1f}x"
 
 
 def main() -> None:
@@ -88,19 +88,16 @@ def main() -> None:
         cfg = config.resolve("fast", {**given, "seed": args.seed, "out_dir": "/tmp/fmnist-recipe-sweep"})
         t = time.perf_counter()
         run_dir = train(cfg)
-        wall, curve = 0.0, []
-        for h in read_history(run_dir / "history.csv"):
-            wall += h["seconds"] + h["eval_seconds"]  # training + validation, as `bench accuracy` counts
-            curve.append((wall / ref["seconds"], h["val_acc"]))
+        curve = [(w / ref["seconds"], a) for w, a in wall_curve(run_dir, "val_acc")]  # in seed epochs
+        reach = time_to(curve, (0.93, 0.94))
         row = {"name": name, "overrides": given, "curve_seed_epochs_val_acc": curve,
                "final_val_acc": curve[-1][1], "wall_seed_epochs": curve[-1][0],
-               "val_0.93_at": first_reaching(curve, 0.93), "val_0.94_at": first_reaching(curve, 0.94),
+               "val_0.93_at": reach["0.93"], "val_0.94_at": reach["0.94"],
                "elapsed_seconds": time.perf_counter() - t}
         sitting["rows"].append(row)
         write_json(out, doc)
-        fmt = lambda v: "-" if v is None else f"{v:.1f}x"  # noqa: E731
         print(f"{name:>40}: val {row['final_val_acc']:.4f} at {row['wall_seed_epochs']:.1f}x; "
-              f"93% at {fmt(row['val_0.93_at'])}, 94% at {fmt(row['val_0.94_at'])}", flush=True)
+              f"93% at {_times(reach['0.93'], '-')}, 94% at {_times(reach['0.94'], '-')}", flush=True)
 
 
 if __name__ == "__main__":
