@@ -36,11 +36,12 @@ from .classes import IMAGE_SIZE
 WORK = 256     # longest side of the working image; the item ends up <= 73 px, so 256 leaves ~3.5x
 SEG = 64       # longest side for GrabCut: its max-flow cost grows faster than its pixels; at 64 px
                # (2.3x the 28 px output) the slowest real photos still convert within ~15 ms.
-               # GrabCut is ~2/3 of a conversion. For a `photo` model not trained on the dev
-               # photos (--real-photos photos/train,photos/outliers), SEG 48 lost 7 points of dev
-               # accuracy; one iteration instead of two was no worse (one photo of 162 better;
-               # scripts/grabcut_dev_check.py), but the shipped model trained on photos converted
-               # with two, so adopting it means retraining and re-benching that model.
+               # SEG 48 lost 2-7 points of dev accuracy for each of three `photo` models not
+               # trained on the dev photos (bench/cpu-photos/grabcut_dev_check.json).
+GRABCUT_ITERS = 1  # GrabCut's set-up and each iteration cost about the same (~0.6 ms here). One
+                   # iteration instead of two gained 0.6-1.8 points of dev accuracy for each of
+                   # those three models (paired: same model, same photos; they trained on photos
+                   # converted with two), so the second bought nothing for ~17% of a conversion.
 THUMB = 73     # Zalando's thumbnails were 51x73; the paper subsampled those to 28
 BORDER = 0.04  # border strip (fraction of the short side) that models the background
 MIN_ITEM = 0.01   # main component under 1% of the photo: no clear item
@@ -129,7 +130,7 @@ def seed_mask(lab: np.ndarray, seed_k: float = 2.0) -> tuple[np.ndarray, np.ndar
     return centres, d > thr, thr
 
 
-def grabcut(rgb: np.ndarray, seed: np.ndarray, iters: int = 2, rect_prior: bool = False) -> np.ndarray:
+def grabcut(rgb: np.ndarray, seed: np.ndarray, iters: int = GRABCUT_ITERS, rect_prior: bool = False) -> np.ndarray:
     """Refine `seed` with GrabCut; border = sure background. Falls back to the seed on failure."""
     h, w = seed.shape
     gc = np.where(seed, cv2.GC_PR_FGD, cv2.GC_PR_BGD).astype(np.uint8)
