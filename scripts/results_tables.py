@@ -235,7 +235,70 @@ def seed_check(sc):
     return "\n".join(out)
 
 
+def grabcut_check(record):
+    """scripts/grabcut_dev_check.py's record: dev accuracy of each model under each setting."""
+    out = []
+    for sitting in record["sittings"]:
+        settings = [(r["iterations"], r["seg_px"]) for r in sitting["models"][0]["settings"]]
+        out += [f"Split `{sitting['split']}` ({sitting['photos']} photos); {environment(sitting['environment'])}.", "",
+                "| model (not trained on these photos) | " + " | ".join(
+                    f"{i} iteration{'s' * (i > 1)} at {px} px" for i, px in settings) + " |",
+                "|---|" + "---:|" * len(settings)]
+        for m in sitting["models"]:
+            name = f"`{m.get('preset')}` seed {m.get('seed')}, commit `{(m.get('git_commit') or '?')[:7]}`"
+            out.append(f"| {name} | " + " | ".join(
+                f"{r['accuracy'] * 100:.1f} % ({r['right']}/{r['n']})" for r in m["settings"]) + " |")
+        out.append("")
+    return "\n".join(out)
+
+
+def shipped_two_conversions(before, after):
+    """The shipped model's bench.json under two versions of the robust conversion."""
+    b, a = before["photos_real"], after["photos_real"]
+    out = ["| shipped model, held-out | GrabCut 2 iterations (before) | 1 iteration (after) |", "|---|---:|---:|"]
+    rb, ra = b["variants"]["robust"]["heldout"], a["variants"]["robust"]["heldout"]
+    out.append(f"| all | {_cell(rb)} | {_cell(ra)} |")
+    for kind in ("clean", "casual"):
+        out.append(f"| {kind} | {_cell(rb['per_kind'].get(kind))} | {_cell(ra['per_kind'].get(kind))} |")
+    for cls in rb["per_class"]:
+        out.append(f"| {cls} | {_cell(rb['per_class'].get(cls))} | {_cell(ra['per_class'].get(cls))} |")
+    ub, ua = rb["unsure"], ra["unsure"]
+    out.append(f"| unsure | {ub['fraction']:.0%} | {ua['fraction']:.0%} |")
+    out.append(f"| accuracy when sure / unsure | {pct(ub['acc_when_sure'])} / {pct(ub['acc_when_unsure'])} "
+               f"| {pct(ua['acc_when_sure'])} / {pct(ua['acc_when_unsure'])} |")
+    nb, na = b["nonclothing"]["heldout"], a["nonclothing"]["heldout"]
+    out.append(f"| photos of no clothing or hats, unsure | {nb['unsure']}/{nb['n']} | {na['unsure']}/{na['n']} |")
+    pb, pa = before["photos"], after["photos"]
+    out.append(f"| test images rendered as photos: gap to 28x28 | {pb['gap_points']:.2f} points | {pa['gap_points']:.2f} points |")
+    out.append(f"| shop listings | {pct(pb['acc_listings'])} | {pct(pa['acc_listings'])} |")
+    out += ["", f"Before: {environment(before['environment'])}. After: {environment(after['environment'])}."]
+    return "\n".join(out)
+
+
+def conversion_before_after(record):
+    """scripts/conversion_before_after.py's record: one table per sitting, old and new interleaved."""
+    out = []
+    for s in record["sittings"]:
+        out += [f"Against `{s['ref']}` (`{s['ref_commit'][:12]}`), {s['reps']} interleaved rounds, one core; "
+                f"{environment(s['environment'])}.", "",
+                "| input | path | before: median (p90) | after: median (p90) | speed-up |", "|---|---|---:|---:|---:|"]
+        for r in s["rows"]:
+            out.append(f"| {r['input']} | {r['path']} | {r['old_median_ms']:.2f} ms ({r['old_p90_ms']:.2f}) "
+                       f"| {r['new_median_ms']:.2f} ms ({r['new_p90_ms']:.2f}) "
+                       f"| {r['old_median_ms'] / r['new_median_ms']:.2f}x |")
+        out.append("")
+    return "\n".join(out)
+
+
 def main(paths):
+    if paths and paths[0] == "--conversion":   # --conversion CONVERSION_BEFORE_AFTER
+        print(conversion_before_after(json.load(open(paths[1]))))
+        return
+    if paths and paths[0] == "--grabcut":   # --grabcut GRABCUT_DEV_CHECK SHIPPED_BEFORE SHIPPED_AFTER
+        record, before, after = [json.load(open(p)) for p in paths[1:4]]
+        print(f"### GrabCut iterations, dev check\n\n{grabcut_check(record)}")
+        print(f"### The shipped model under both\n\n{shipped_two_conversions(before, after)}\n")
+        return
     if paths and paths[0] == "--photos":   # --photos PREVIOUS PHOTO-TRAINED DEV-PHOTOS TRAIN-497 SHIPPED [SEED-CHECK]
         old, mid, dev, t497, new = [json.load(open(p)) for p in paths[1:6]]
         print(f"### Environment\n\n{environment(new['environment'])}\n")

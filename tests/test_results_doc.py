@@ -42,3 +42,18 @@ def test_recipe_sweep_table_matches_the_committed_json():
     rows = [line for line in out.splitlines() if line.startswith("| ")]
     missing = [line for line in rows if line not in doc]
     assert len(rows) >= 10 and not missing, missing[:3]
+
+
+@pytest.mark.parametrize("args, rows", [
+    (["--conversion", "conversion_before_after.json"], 8),
+    (["--grabcut", "grabcut_dev_check.json", "bench.json", "shipped-gc1/bench.json"], 20),
+])
+def test_conversion_and_grabcut_tables_match_the_committed_json(args, rows):
+    """The conversion timings and the one-GrabCut-iteration tables are rendered from their JSON."""
+    paths = [args[0]] + [str(PHOTOS / a) for a in args[1:]]
+    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "results_tables.py"), *paths],
+                         capture_output=True, text=True, check=True).stdout
+    doc = (ROOT / "docs" / "RESULTS.md").read_text()
+    rendered = [line for line in out.splitlines() if line.startswith("| ")]
+    missing = [line for line in rendered if line not in doc]
+    assert len(rendered) >= rows and not missing, missing[:3]
