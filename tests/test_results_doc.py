@@ -1,6 +1,7 @@
 """docs/RESULTS.md's real-photo tables are exactly what scripts/results_tables.py renders from
 the committed bench JSON: no figure in them is typed by hand or left stale."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -57,3 +58,15 @@ def test_conversion_and_grabcut_tables_match_the_committed_json(args, rows):
     rendered = [line for line in out.splitlines() if line.startswith("| ")]
     missing = [line for line in rendered if line not in doc]
     assert len(rendered) >= rows and not missing, missing[:3]
+
+
+def test_serve_tables_match_the_committed_json():
+    """Every sitting of `fmnist bench serve` (serve.json) is in docs/RESULTS.md as rendered."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from serve_before_after import table
+
+    doc = (ROOT / "docs" / "RESULTS.md").read_text()
+    sittings = json.loads((ROOT / "bench" / "cpu-serve" / "serve.json").read_text())["sittings"]
+    rendered = [line for s in sittings for line in table(s["settings"]).splitlines() if line.strip()]
+    missing = [line for line in rendered if line not in doc]
+    assert len(sittings) >= 4 and not missing, missing[:3]
