@@ -47,11 +47,12 @@ def test_time_to_accuracy_tables_match_the_committed_json(folder, rows):
 @pytest.mark.parametrize("script, args, rows", [
     ("recipe_sweep.py", ["--table", "--out", ROOT / "bench" / "cpu" / "recipe_sweep.json"], 10),
     ("results_tables.py", ["--conversion", PHOTOS / "conversion_before_after.json"], 8),
+    ("photo_cv.py", ["--table", "--out", PHOTOS / "photo_cv.json"], 4),
     ("results_tables.py", ["--grabcut", PHOTOS / "grabcut_dev_check.json", PHOTOS / "bench.json",
                            PHOTOS / "shipped-gc1" / "bench.json"], 20),
 ])
 def test_tables_match_the_committed_json(script, args, rows):
-    """The recipe sweep, the conversion timings and the one-GrabCut-iteration tables."""
+    """The recipe sweep, the conversion timings, the one-GrabCut-iteration and the photo_cv tables."""
     rendered = [line for line in render(script, *args) if line.startswith("| ")]
     missing = missing_from_doc(rendered)
     assert len(rendered) >= rows and not missing, missing[:3]
