@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from fmnist import config, data, realphotos
-from fmnist.atomic import write_json
+from fmnist.atomic import read_record, write_json
 from fmnist.classes import CLASS_NAMES
 from fmnist.malloc import keep_freed_memory
 from fmnist.predict import Predictor
@@ -76,10 +76,11 @@ def score(checkpoint: Path, photos: list, images: np.ndarray, test) -> dict:
     right = predictor.probabilities(images).argmax(1) == np.array([CLASS_NAMES.index(p.label) for p in photos])
     source = np.array(["dev" if p.path.parent == REAL else "fold" for p in photos])
     kind = np.array([p.kind for p in photos])
-    part = {k: (int(right[m].sum()), int(m.sum())) for k, m in
-            (("dev", source == "dev"), ("fold", source == "fold"), ("clean", kind == "clean"), ("casual", kind == "casual"))}
-    return {"test_acc": test_acc, "pool_right": int(right.sum()), "pool_n": len(photos), "pool_acc": float(right.mean()),
-            **{f"{k}_right": r for k, (r, _) in part.items()}, **{f"{k}_n": n for k, (_, n) in part.items()}}
+    out = {"test_acc": test_acc, "pool_right": int(right.sum()), "pool_n": len(photos), "pool_acc": float(right.mean())}
+    for name, m in (("dev", source == "dev"), ("fold", source == "fold"), ("clean", kind == "clean"),
+                    ("casual", kind == "casual")):
+        out[f"{name}_right"], out[f"{name}_n"] = int(right[m].sum()), int(m.sum())
+    return out
 
 
 def table(doc: dict) -> str:
@@ -118,7 +119,7 @@ def main() -> None:
     ap.add_argument("--table", action="store_true", help="print the record as a markdown table and exit")
     args = ap.parse_args()
     out = Path(args.out)
-    doc = json.loads(out.read_text()) if out.exists() else {"sittings": []}
+    doc = read_record(out)
     if args.table:
         print(table(doc))
         return

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from fmnist import config
-from fmnist.atomic import write_json
+from fmnist.atomic import read_record, write_json
 from fmnist.bench import seed_epoch, time_to, wall_curve
 from fmnist.malloc import keep_freed_memory
 from fmnist.runinfo import environment
@@ -72,7 +72,7 @@ def main() -> None:
     ap.add_argument("--table", action="store_true", help="print the record as a markdown table and exit")
     args = ap.parse_args()
     out = Path(args.out)
-    doc = json.loads(out.read_text()) if out.exists() else {"sittings": []}
+    doc = read_record(out)
     if args.table:
         print(table(doc))
         return

@@ -74,11 +74,16 @@ def write_json(target: str | Path, obj) -> None:
     write_text(target, json.dumps(_finite(obj), indent=2, sort_keys=False, allow_nan=False) + "\n")
 
 
+def read_record(path: str | Path) -> dict:
+    """A benchmark record ({"sittings": [...]}), empty where the file does not exist yet."""
+    path = Path(path)
+    return json.loads(path.read_text()) if path.exists() else {"sittings": []}
+
+
 def append_sitting(path: str | Path, sitting: dict) -> int:
     """Add one sitting to a benchmark record `path` ({"sittings": [...]}); earlier sittings stay,
     so a new measurement adds to the record instead of erasing it. -> how many now."""
-    path = Path(path)
-    doc = json.loads(path.read_text()) if path.exists() else {"sittings": []}
+    doc = read_record(path)
     doc["sittings"].append(sitting)
     write_json(path, doc)
     return len(doc["sittings"])
