@@ -252,10 +252,11 @@ def grabcut_check(record):
     return "\n".join(out)
 
 
-def shipped_two_conversions(before, after):
-    """The shipped model's bench.json under two versions of the robust conversion."""
+def shipped_two_conversions(before, after, columns=("GrabCut 2 iterations (before)", "1 iteration (after)")):
+    """Two sittings of `fmnist bench photos` for the shipped model, side by side: the same
+    weights under two versions of the robust conversion, or two models under one."""
     b, a = before["photos_real"], after["photos_real"]
-    out = ["| shipped model, held-out | GrabCut 2 iterations (before) | 1 iteration (after) |", "|---|---:|---:|"]
+    out = [f"| shipped model, held-out | {columns[0]} | {columns[1]} |", "|---|---:|---:|"]
     rb, ra = b["variants"]["robust"]["heldout"], a["variants"]["robust"]["heldout"]
     out.append(f"| all | {_cell(rb)} | {_cell(ra)} |")
     for kind in ("clean", "casual"):
@@ -298,6 +299,12 @@ def main(paths):
         record, before, after = [json.load(open(p)) for p in paths[1:4]]
         print(f"### GrabCut iterations, dev check\n\n{grabcut_check(record)}")
         print(f"### The shipped model under both\n\n{shipped_two_conversions(before, after)}\n")
+        return
+    if paths and paths[0] == "--retrained":   # --retrained SHIPPED_BEFORE SHIPPED_AFTER SEED_CHECK
+        before, after, sc = [json.load(open(p)) for p in paths[1:4]]
+        cols = ("trained on 2-iteration conversions (shipped before)", "retrained on 1-iteration conversions")
+        print(f"### Both models, one GrabCut iteration\n\n{shipped_two_conversions(before, after, cols)}\n")
+        print(f"### Two seeds of each\n\n{seed_check(sc)}\n")
         return
     if paths and paths[0] == "--photos":   # --photos PREVIOUS PHOTO-TRAINED DEV-PHOTOS TRAIN-497 SHIPPED [SEED-CHECK]
         old, mid, dev, t497, new = [json.load(open(p)) for p in paths[1:6]]
