@@ -300,6 +300,10 @@ def main(paths):
         print(f"### GrabCut iterations, dev check\n\n{grabcut_check(record)}")
         print(f"### The shipped model under both\n\n{shipped_two_conversions(before, after)}\n")
         return
+    if paths and paths[0] == "--shipped":   # --shipped BEFORE AFTER LABEL_BEFORE LABEL_AFTER
+        before, after = [json.load(open(p)) for p in paths[1:3]]
+        print(shipped_two_conversions(before, after, tuple(paths[3:5])))
+        return
     if paths and paths[0] == "--retrained":   # --retrained SHIPPED_BEFORE SHIPPED_AFTER SEED_CHECK
         before, after, sc = [json.load(open(p)) for p in paths[1:4]]
         cols = ("trained on 2-iteration conversions (shipped before)", "retrained on 1-iteration conversions")

@@ -52,6 +52,8 @@ def test_time_to_accuracy_tables_match_the_committed_json(folder, rows):
                            PHOTOS / "shipped-gc1" / "bench.json"], 20),
     ("results_tables.py", ["--retrained", PHOTOS / "shipped-gc1" / "bench.json",
                            PHOTOS / "shipped-gc1-trained" / "bench.json", PHOTOS / "seed-check-gc1.json"], 24),
+    ("results_tables.py", ["--shipped", PHOTOS / "shipped-gc1-trained" / "bench.json",
+                           PHOTOS / "shipped-18ep" / "bench.json", "12 epochs (shipped before)", "18 epochs (shipped)"], 18),
 ])
 def test_tables_match_the_committed_json(script, args, rows):
     """The recipe sweep, the conversion timings, the one-GrabCut-iteration, the photo_cv and the
