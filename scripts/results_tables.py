@@ -300,6 +300,9 @@ def main(paths):
         print(f"### GrabCut iterations, dev check\n\n{grabcut_check(record)}")
         print(f"### The shipped model under both\n\n{shipped_two_conversions(before, after)}\n")
         return
+    if paths and paths[0] == "--seed-check":   # --seed-check SEED_CHECK (scripts/photo_seed_check.py)
+        print(seed_check(json.load(open(paths[1]))))
+        return
     if paths and paths[0] == "--shipped":   # --shipped BEFORE AFTER LABEL_BEFORE LABEL_AFTER
         before, after = [json.load(open(p)) for p in paths[1:3]]
         print(shipped_two_conversions(before, after, tuple(paths[3:5])))

@@ -52,6 +52,7 @@ def test_time_to_accuracy_tables_match_the_committed_json(folder, rows):
                            PHOTOS / "shipped-gc1" / "bench.json"], 20),
     ("results_tables.py", ["--retrained", PHOTOS / "shipped-gc1" / "bench.json",
                            PHOTOS / "shipped-gc1-trained" / "bench.json", PHOTOS / "seed-check-gc1.json"], 24),
+    ("results_tables.py", ["--seed-check", PHOTOS / "seed-check-18ep.json"], 3),
     ("results_tables.py", ["--shipped", PHOTOS / "shipped-gc1-trained" / "bench.json",
                            PHOTOS / "shipped-18ep" / "bench.json", "12 epochs (shipped before)", "18 epochs (shipped)"], 18),
 ])
