@@ -252,7 +252,7 @@ def grabcut_check(record):
     return "\n".join(out)
 
 
-def shipped_two_conversions(before, after, columns=("GrabCut 2 iterations (before)", "1 iteration (after)")):
+def shipped_side_by_side(before, after, columns=("GrabCut 2 iterations (before)", "1 iteration (after)")):
     """Two sittings of `fmnist bench photos` for the shipped model, side by side: the same
     weights under two versions of the robust conversion, or two models under one."""
     b, a = before["photos_real"], after["photos_real"]
@@ -298,20 +298,14 @@ def main(paths):
     if paths and paths[0] == "--grabcut":   # --grabcut GRABCUT_DEV_CHECK SHIPPED_BEFORE SHIPPED_AFTER
         record, before, after = [json.load(open(p)) for p in paths[1:4]]
         print(f"### GrabCut iterations, dev check\n\n{grabcut_check(record)}")
-        print(f"### The shipped model under both\n\n{shipped_two_conversions(before, after)}\n")
+        print(f"### The shipped model under both\n\n{shipped_side_by_side(before, after)}\n")
         return
     if paths and paths[0] == "--seed-check":   # --seed-check SEED_CHECK (scripts/photo_seed_check.py)
         print(seed_check(json.load(open(paths[1]))))
         return
     if paths and paths[0] == "--shipped":   # --shipped BEFORE AFTER LABEL_BEFORE LABEL_AFTER
         before, after = [json.load(open(p)) for p in paths[1:3]]
-        print(shipped_two_conversions(before, after, tuple(paths[3:5])))
-        return
-    if paths and paths[0] == "--retrained":   # --retrained SHIPPED_BEFORE SHIPPED_AFTER SEED_CHECK
-        before, after, sc = [json.load(open(p)) for p in paths[1:4]]
-        cols = ("trained on 2-iteration conversions (shipped before)", "retrained on 1-iteration conversions")
-        print(f"### Both models, one GrabCut iteration\n\n{shipped_two_conversions(before, after, cols)}\n")
-        print(f"### Two seeds of each\n\n{seed_check(sc)}\n")
+        print(shipped_side_by_side(before, after, tuple(paths[3:5])))
         return
     if paths and paths[0] == "--photos":   # --photos PREVIOUS PHOTO-TRAINED DEV-PHOTOS TRAIN-497 SHIPPED [SEED-CHECK]
         old, mid, dev, t497, new = [json.load(open(p)) for p in paths[1:6]]
