@@ -90,6 +90,40 @@ def test_cli_table_json_errors_and_saved_images(dataset, tmp_path, cli):
     assert len(out) == 1 and len(out[0]["top"]) == 2 and 0 < out[0]["probability"] <= 1
 
 
+def test_a_28x28_dataset_file_is_used_as_is(predictor, dataset, tmp_path):
+    """A Fashion-MNIST image saved as a PNG, given by path or as bytes, is what the model was
+    trained on: it must not be converted as a photo of one (that once cost 30 points)."""
+    x, y = dataset.test_images[:60].numpy(), dataset.test_labels[:60].numpy()
+    paths = []
+    for i, a in enumerate(x):
+        paths.append(tmp_path / f"{i}.png")
+        Image.fromarray(a).save(paths[-1])
+    by_path, by_array = predictor.predict(paths), predictor.predict(list(x))
+    assert all(np.array_equal(p.image, a) for p, a in zip(by_path, x))
+    assert [p.top for p in by_path] == [p.top for p in by_array]
+    assert np.array_equal(predictor.predict([paths[0].read_bytes()])[0].image, x[0])
+    assert np.mean([predictor.class_names.index(p.top[0][0]) == t for p, t in zip(by_path, y)]) > 0.85
+
+
+def test_cli_odd_arguments_fail_before_any_work(tmp_path, cli):
+    ok = tmp_path / "ok.png"
+    Image.new("L", (40, 40), 255).save(ok)
+    r = cli("predict", "")
+    assert r.returncode == 1 and "an empty path was given" in r.stderr
+    (tmp_path / "afile").write_text("")
+    r = cli("predict", ok, "--save-preprocessed", tmp_path / "afile")
+    assert r.returncode == 1 and "--save-preprocessed" in r.stderr and "cannot create" in r.stderr
+    assert r.stdout == ""   # refused before classifying, not after
+    # A broken link in a folder is reported, not skipped unseen.
+    (tmp_path / "gone.jpg").symlink_to(tmp_path / "nowhere.jpg")
+    r = cli("predict", tmp_path)
+    assert r.returncode == 1 and "gone.jpg" in r.stdout and "cannot read" in r.stdout
+    # A fully transparent file's error names it, as every other error does.
+    Image.new("RGBA", (30, 30), (0, 0, 0, 0)).save(tmp_path / "clear.png")
+    r = cli("predict", tmp_path / "clear.png")
+    assert r.returncode == 1 and f"{tmp_path / 'clear.png'}: image is fully transparent" in r.stdout
+
+
 def test_cli_no_images_and_bad_checkpoint(tmp_path, cli):
     r = cli("predict", tmp_path)
     assert r.returncode == 1 and "no image files found" in r.stderr

@@ -143,6 +143,49 @@ def test_bad_files(tmp_path, case, match):
     assert str(p) in str(e.value) and "\n" not in str(e.value)
 
 
+def test_not_a_regular_file_oversized_or_corrupt_png(tmp_path, monkeypatch):
+    """A named pipe would block the read forever and /dev/zero never ends: refused from a stat,
+    as is a file over the size cap (a sparse one here, so nothing is written or read)."""
+    import os
+
+    os.mkfifo(tmp_path / "pipe.jpg")
+    with pytest.raises(PreprocessError, match="not a regular file"):
+        preprocess(tmp_path / "pipe.jpg")
+    big = tmp_path / "big.png"
+    with open(big, "wb") as f:
+        f.truncate(pp.MAX_FILE_BYTES + 1)
+    with pytest.raises(PreprocessError, match="over the limit of 256 MiB"):
+        preprocess(big)
+    # The PNG signature, then a header whose CRC is wrong: corrupt, not "not an image".
+    data = bytearray(encode(photo()))
+    data[29] ^= 0xFF   # a byte of the IHDR chunk's CRC
+    (tmp_path / "crc.png").write_bytes(bytes(data))
+    with pytest.raises(PreprocessError, match="corrupt PNG data"):
+        preprocess(tmp_path / "crc.png")
+
+
+def test_16_bit_images_are_scaled_a_block_of_rows_at_a_time():
+    """More rows than one block (256), values that differ by row: each block scaled alike."""
+    a = (np.arange(700, dtype=np.uint32)[:, None] * 93 % 65536 * np.ones((1, 5), np.uint32)).astype("<u2")
+    got = np.asarray(pp._wide_to_l(Image.fromarray(a)))
+    assert got.dtype == np.uint8 and np.array_equal(got, np.floor(a / 65535 * 255 + 0.5).astype(np.uint8))
+    f = np.linspace(-2, 3, 600 * 4, dtype=np.float32).reshape(600, 4)
+    got = np.asarray(pp._wide_to_l(Image.fromarray(f, "F")))
+    assert got[0, 0] == 0 and got[-1, -1] == 255 and np.all(np.diff(got.ravel().astype(int)) >= 0)
+
+
+@pytest.mark.parametrize("pipeline", ["robust", "paper"])
+@pytest.mark.parametrize("size", [(1, 1), (2, 2), (1, 100), (100, 1), (3, 50)])
+def test_tiny_and_blank_images_come_back_without_an_item(size, pipeline):
+    """A 1x1 image once crashed the robust pipeline's k-means (4 colours from 2 border pixels);
+    a blank image has nothing in it for the paper's recipe either."""
+    out = preprocess(encode(Image.new("RGB", size, (200, 190, 180))), pipeline=pipeline)
+    assert out.image.shape == (28, 28) and not out.item_found and out.note.startswith("no clear item")
+    if pipeline == "robust":   # and noise, which the paper's recipe cannot judge
+        noise = np.random.default_rng(0).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+        assert preprocess(encode(Image.fromarray(noise)), pipeline=pipeline).image.shape == (28, 28)
+
+
 def test_28x28_dataset_style_only_when_background_is_dark():
     from fmnist.preprocess import is_dataset_style
 

@@ -372,11 +372,15 @@ def cmd_predict(args) -> int:
     if not files:
         raise ValueError(f"no image files found in {' '.join(args.paths)} "
                          f"(folders are searched for .png .jpg .jpeg .gif .bmp .webp .tif)")
+    if args.save_preprocessed:   # before the work, so a bad folder does not waste it
+        out = Path(args.save_preprocessed)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ValueError(f"--save-preprocessed {out}: cannot create the folder ({e.strerror or e})") from None
     predictor = Predictor(args.checkpoint, backend=args.backend, pipeline=args.pipeline)
     preds = predictor.predict(files, top_k=args.top_k)
     if args.save_preprocessed:
-        out = Path(args.save_preprocessed)
-        out.mkdir(parents=True, exist_ok=True)
         for i, (f, p) in enumerate(zip(files, preds)):
             if p.ok:
                 with atomic_path(out / f"{i:04d}-{f.stem}.png") as tmp:

@@ -16,7 +16,7 @@ import torch
 
 from . import checkpoint
 from .classes import CLASS_NAMES
-from .preprocess import PreprocessError, Preprocessed, is_dataset_style, preprocess, to_uint8
+from .preprocess import PreprocessError, Preprocessed, is_dataset_style, open_image, preprocess, to_uint8
 from .inference import predict_logits
 
 
@@ -104,10 +104,25 @@ class Predictor:
 
     def prepare(self, item, name: str | None = None) -> Preprocessed:
         """Anything accepted by predict() -> the 28x28 image the model will see."""
+        name = str(item) if isinstance(item, (str, Path)) else "image"
+        if isinstance(item, (str, Path, bytes, bytearray, memoryview)):
+            # Opened here, as the server opens uploads, so that a 28x28 Fashion-MNIST-style file
+            # is recognised below as what it is, not converted as a photo of one.
+            item = open_image(item, draft=self._draft())
         if is_dataset_style(item):
             a = to_uint8(np.asarray(item)).reshape(28, 28)
             return Preprocessed(a, "dark", (0, 0, 28, 28), "dataset")
-        return preprocess(item, pipeline=self.pipeline, options=self.robust_options)
+        try:
+            return preprocess(item, pipeline=self.pipeline, options=self.robust_options)
+        except PreprocessError as e:
+            raise PreprocessError(str(e) if str(e).startswith(name) else f"{name}: {e}") from None
+
+    def _draft(self) -> int | None:
+        """The robust conversion works at robust.WORK px: decode JPEGs reduced right away."""
+        if self.pipeline != "robust":
+            return None
+        from .robust import WORK
+        return WORK
 
     def judge(self, item_found: bool, note: str, p: np.ndarray) -> tuple[bool, str | None]:
         """(unsure, reason) for one image: no clear item, or a top probability under the

@@ -17,6 +17,7 @@ photos that are already light-on-dark are not negated into dark-on-light.
 from __future__ import annotations
 
 import io
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,11 +27,16 @@ from PIL import Image, ImageFile, ImageFilter, ImageOps, UnidentifiedImageError
 from .classes import IMAGE_SIZE
 
 MAX_PIXELS = 40_000_000   # ~ a 7,700 x 5,200 photo; larger files are refused, not resampled
+MAX_FILE_BYTES = 256 * 2**20   # a 40 MP PNG can reach ~120 MB; a larger file is refused before it is read
 TRIM_FUZZ = 0.05          # the paper's "within 5% of the maximum possible intensity in RGB space"
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".gif", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
 # Pillow plugins tried on open; the rest (EPS runs Ghostscript on the file) never see the bytes.
 # JPEG also opens MPO (phone JPEGs); PPM also reads PGM/PBM.
 OPEN_FORMATS = ("PNG", "JPEG", "GIF", "WEBP", "BMP", "TIFF", "PPM")
+# File signatures of those formats: a file that starts like one but does not open is corrupt,
+# not of the wrong kind, and the error should say so.
+MAGIC = ((b"\x89PNG\r\n\x1a\n", "PNG"), (b"\xff\xd8\xff", "JPEG"), (b"GIF87a", "GIF"), (b"GIF89a", "GIF"),
+         (b"BM", "BMP"), (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"))
 
 
 class PreprocessError(Exception):
@@ -60,17 +66,16 @@ def open_image(src, max_pixels: int = MAX_PIXELS, draft: int | None = None) -> I
     if isinstance(src, Image.Image):
         img = src
     else:
-        try:
-            data = Path(src).read_bytes() if isinstance(src, (str, Path)) else bytes(src)
-        except IsADirectoryError:
-            raise PreprocessError(f"{name}: is a directory") from None
-        except OSError as e:
-            raise PreprocessError(f"{name}: cannot read ({e.strerror})") from None
+        data = read_file(src) if isinstance(src, (str, Path)) else bytes(src)
         if not data:
             raise PreprocessError(f"{name}: empty file (0 bytes)")
         try:
             img = Image.open(io.BytesIO(data), formats=OPEN_FORMATS)
         except UnidentifiedImageError:
+            fmt = next((f for magic, f in MAGIC if data.startswith(magic)), None)
+            if fmt:   # the right signature, then a bad header (a CRC error, a cut-off file)
+                raise PreprocessError(f"{name}: corrupt {fmt} data (its header does not decode); "
+                                      "re-save or re-export the image") from None
             raise PreprocessError(f"{name}: not an image in an accepted format "
                                   "(PNG, JPEG, GIF, WebP, BMP, TIFF, PPM/PGM)") from None
         except Image.DecompressionBombError:
@@ -94,22 +99,60 @@ def open_image(src, max_pixels: int = MAX_PIXELS, draft: int | None = None) -> I
         fmt = img.format
         img = ImageOps.exif_transpose(img)
         img.format = fmt  # the transposed copy forgets it; the server checks it
-        img.info["orig_size"] = (w, h) if (img.width >= img.height) == (w >= h) else (h, w)
+        # An image opened before (the server, Predictor.prepare) already knows its file's size.
+        img.info["orig_size"] = img.info.get("orig_size") or ((w, h) if (img.width >= img.height) == (w >= h) else (h, w))
     except (OSError, SyntaxError, ValueError) as e:
         raise PreprocessError(f"{name}: truncated or corrupt image data ({e})") from None
     return img
 
 
+def read_file(path) -> bytes:
+    """A path's bytes, for an image: a regular file of at most MAX_FILE_BYTES (a device such as
+    /dev/zero or a named pipe would be read without end, or never answer)."""
+    name = str(path)
+    try:
+        st = Path(path).stat()
+        if stat.S_ISDIR(st.st_mode):
+            raise PreprocessError(f"{name}: is a directory")
+        if not stat.S_ISREG(st.st_mode):
+            raise PreprocessError(f"{name}: not a regular file (a device, pipe or socket); save the image to a file")
+        if st.st_size > MAX_FILE_BYTES:
+            raise PreprocessError(f"{name}: {st.st_size / 2**20:,.0f} MiB, over the limit of "
+                                  f"{MAX_FILE_BYTES / 2**20:,.0f} MiB for one image; resize or recompress it")
+        with open(path, "rb") as f:
+            return f.read(MAX_FILE_BYTES + 1)[:MAX_FILE_BYTES]
+    except OSError as e:
+        raise PreprocessError(f"{name}: cannot read ({e.strerror or e})") from None
+
+
+def _to_8bit(img: Image.Image, scale) -> Image.Image:
+    """A one-channel 16/32-bit or float image -> "L", `scale` mapping a float64 block to 0..255.
+    A block of rows at a time: the whole image in float64 is 8 bytes a pixel (a 25 MP 16-bit PNG
+    of a few KB would cost 200 MB for each temporary)."""
+    a = np.asarray(img)
+    out = np.empty(a.shape, np.uint8)
+    for i in range(0, a.shape[0], 256):
+        out[i:i + 256] = np.clip(scale(a[i:i + 256].astype(np.float64)) + 0.5, 0, 255)
+    return Image.fromarray(out, "L")
+
+
+WIDE_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")   # one channel, more than 8 bits
+
+
+def _wide_to_l(img: Image.Image) -> Image.Image:
+    """A WIDE_MODES image -> "L": 16-bit scaled from 0..65535, 32-bit integers from 0..255
+    unless they go higher, floats stretched from their minimum to their maximum."""
+    if img.mode == "F":
+        lo, top = img.getextrema()
+        return _to_8bit(img, lambda a: (a - lo) / max(top - lo, 1e-12) * 255)
+    hi = 65535.0 if img.mode.startswith("I;16") or img.getextrema()[1] > 255 else 255.0
+    return _to_8bit(img, lambda a: a / hi * 255)
+
+
 def _to_rgba_or_rgb(img: Image.Image) -> Image.Image:
     """Any Pillow mode -> RGB, or RGBA when it carries transparency."""
-    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
-        a = np.asarray(img, dtype=np.float64)
-        hi = 65535.0 if img.mode.startswith("I;16") or a.max() > 255 else 255.0
-        return Image.fromarray(np.clip(a / hi * 255 + 0.5, 0, 255).astype(np.uint8), "L").convert("RGB")
-    if img.mode == "F":
-        a = np.asarray(img, dtype=np.float64)
-        a = (a - a.min()) / max(a.max() - a.min(), 1e-12)
-        return Image.fromarray((a * 255 + 0.5).astype(np.uint8), "L").convert("RGB")
+    if img.mode in WIDE_MODES:
+        return _wide_to_l(img).convert("RGB")
     if img.mode == "P" and "transparency" in img.info:
         return img.convert("RGBA")
     if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
@@ -184,7 +227,9 @@ def load_rgb(src, max_pixels: int = MAX_PIXELS, work: int | None = None) -> Imag
     img = open_image(src, max_pixels, draft=work)
     orig = img.info.get("orig_size", img.size)
     if work and max(img.size) > work:
-        if img.mode in ("1", "P", "I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        if img.mode in WIDE_MODES:
+            img = _wide_to_l(img)        # 8 bits, one channel, before anything at full size
+        elif img.mode in ("1", "P"):
             img = _to_rgba_or_rgb(img)   # resampling palette / 1-bit images directly is nearest-only
         img = img.copy() if img is src else img
         img.thumbnail((work, work), Image.Resampling.BILINEAR, reducing_gap=2.0)
@@ -226,6 +271,11 @@ def convert_paper(img: Image.Image) -> Preprocessed:
     if bg_gray > 0:
         gray = (gray - bg_gray) * 255.0 / max(255.0 - bg_gray, 1.0)
     out = np.clip(gray + 0.5, 0, 255).astype(np.uint8)
+    if box == (0, 0, rgb.shape[1], rgb.shape[0]) and out.max() == out.min():
+        # Nothing differs from the corners: the recipe has no item to trim to, and the model's
+        # answer on a blank square means nothing.
+        return Preprocessed(out, "light" if light else "dark", box, "paper", False,
+                            "no clear item: the image is one colour")
     return Preprocessed(out, "light" if light else "dark", box, "paper")
 
 
@@ -265,11 +315,16 @@ def is_dataset_style(x) -> bool:
 
 
 def iter_image_files(paths) -> list[Path]:
-    """Expand folders (sorted, image extensions only, recursive); files are taken as given."""
+    """Expand folders (sorted, image extensions only, recursive); files are taken as given. A
+    broken link inside a folder is kept, so that it is reported rather than skipped unseen."""
     out = []
-    for p in map(Path, paths):
+    for raw in paths:
+        if not str(raw):   # Path("") is ".": an empty argument would classify the whole folder
+            raise ValueError("an empty path was given; name a file or a folder")
+        p = Path(raw)
         if p.is_dir():
-            out += sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS)
+            out += sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_EXTENSIONS
+                          and (f.is_file() or (f.is_symlink() and not f.exists())))
         else:
             out.append(p)
     return out

@@ -95,6 +95,7 @@ def border_model(lab: np.ndarray, k: int = 4) -> np.ndarray:
     """(k, 3) Lab colours of the border: a floor below and a wall above, a bed sheet and its
     shadow, are each background."""
     border = _border_pixels(lab).astype(np.float32)
+    k = min(k, len(border))   # a tiny image has fewer border pixels than colours asked for
     crit = (cv2.TERM_CRITERIA_MAX_ITER + cv2.TERM_CRITERIA_EPS, 10, 1.0)
     cv2.setRNGSeed(0)   # k-means++ seeding: the same photo always gives the same mask
     _, _, centres = cv2.kmeans(border, k, None, crit, 1, cv2.KMEANS_PP_CENTERS)
