@@ -496,6 +496,7 @@ def main(argv=None) -> int:
     setup_logging(_log_level(args))
     from .checkpoint import CheckpointError
     from .data import DataError
+    from .realphotos import PhotoSetError
 
     handlers = {"data": cmd_data, "calibrate": cmd_calibrate, "train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict,
                 "bench": cmd_bench, "serve": cmd_serve,
@@ -508,7 +509,7 @@ def main(argv=None) -> int:
         # `fmnist data | head -1`: the reader has what it wanted; stop quietly, as Unix tools do.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the flush at exit cannot fail
         return EXIT_SIGPIPE
-    except (DataError, CheckpointError, ValueError, ImportError) as e:
+    except (DataError, CheckpointError, PhotoSetError, ValueError, ImportError) as e:
         print(f"fmnist {args.command}: error: {e}", file=sys.stderr)
         return 1
     except OSError as e:  # a path we were given cannot be written or read: one line, not a traceback

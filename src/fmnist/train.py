@@ -247,6 +247,9 @@ def _resume_config(cfg: TrainConfig) -> tuple[TrainConfig, dict | None, Path | N
 def _splits(cfg: TrainConfig, ds, device: torch.device, dist: DistInfo) -> dict:
     """Training images (plus real photos), validation and (reporting only) test, on the device."""
     train_idx, val_idx = data.stratified_split(ds.train_labels, cfg.val_fraction, cfg.seed)
+    if not len(val_idx):  # a fraction that rounds to 0 images per class: NaN validation figures
+        raise ValueError(f"--val-fraction {cfg.val_fraction} holds out no validation images "
+                         f"(~{len(ds.train_labels) // 10} per class); give at least 0.001")
     if cfg.subset:
         # A seeded random subset of the split (near-stratified at these sizes), and a validation
         # set a fifth its size (at least 100 images).
