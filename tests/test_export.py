@@ -109,3 +109,14 @@ def test_server_session_uses_a_fixed_pool_that_does_not_spin(exported):
     assert opts.intra_op_num_threads == 1
     assert opts.get_session_config_entry("session.intra_op.allow_spinning") == "0"
     assert Predictor(exported[0], backend="onnx", threads=1).inference_threads() == 1
+
+
+@pytest.mark.parametrize("n", ["0", "-5"])
+def test_int8_needs_a_positive_calibration_count(tmp_path, cli, n):
+    out = tmp_path / "m.int8.onnx"
+    r = cli("export", default_checkpoint(), "--int8", "--calibration-images", n, "--out", out)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert "--calibration-images" in r.stderr and "must be >= 1" in r.stderr and not out.exists()
+    with pytest.raises(ValueError, match="calibration images must be >= 1"):
+        export(default_checkpoint(), out, int8=True, calib_n=int(n))
+    assert list(tmp_path.iterdir()) == []

@@ -257,7 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=["onnx"], default="onnx", help="export format (default: onnx)")
     p.add_argument("--int8", action="store_true",
                    help="static int8 quantization calibrated on training images (default: off, fp32)")
-    p.add_argument("--calibration-images", type=int, default=1024,
+    p.add_argument("--calibration-images", type=_at_least(1, int), default=1024,
                    help="training images used to calibrate int8 (default: 1024)")
     p.add_argument("--out", default=None, help="output file (default: beside the checkpoint, .onnx / .int8.onnx)")
     p.add_argument("--tta-flip", action=argparse.BooleanOptionalAction, default=None,
