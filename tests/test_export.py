@@ -120,3 +120,23 @@ def test_int8_needs_a_positive_calibration_count(tmp_path, cli, n):
     with pytest.raises(ValueError, match="calibration images must be >= 1"):
         export(default_checkpoint(), out, int8=True, calib_n=int(n))
     assert list(tmp_path.iterdir()) == []
+
+
+def test_an_onnx_file_without_backend_onnx_says_what_to_pass(exported, tmp_path, cli):
+    """torch.load on an ONNX file said 'Unsupported operand 8'; predict and serve (both build a
+    Predictor) now name the flag, and the converse names the file it needs."""
+    from PIL import Image
+
+    from fmnist.checkpoint import CheckpointError
+
+    img = tmp_path / "shirt.png"
+    Image.new("L", (40, 40), 255).save(img)
+    for argv in (["predict", img, "--checkpoint", exported[0]], ["evaluate", exported[0]]):
+        r = cli(*argv)
+        assert r.returncode == 1 and "Traceback" not in r.stderr and "operand" not in r.stderr, r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1 and "--backend onnx" in r.stderr and "ONNX" in r.stderr
+    with pytest.raises(CheckpointError, match="--backend onnx"):
+        Predictor(exported[0])  # what `fmnist serve --checkpoint m.onnx` builds
+    r = cli("predict", img, "--checkpoint", default_checkpoint(), "--backend", "onnx")
+    assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "needs an .onnx file" in r.stderr and "--backend torch" in r.stderr

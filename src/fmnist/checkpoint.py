@@ -101,6 +101,10 @@ def check(ckpt: dict, p: Path) -> None:
 
 def load(path: str | Path, map_location="cpu") -> dict:
     p = resolve_path(path)
+    if p.suffix.lower() == ".onnx":  # torch.load's own words for one are "Unsupported operand 8"
+        raise CheckpointError(f"{p}: an ONNX file from `fmnist export`, not a PyTorch checkpoint: fmnist predict "
+                              f"and fmnist serve run it with --backend onnx; other commands need the .pt it "
+                              f"was exported from")
     try:
         with warnings.catch_warnings():
             # torch warns about pickle protocols before refusing or reading a file; the outcome is what counts
