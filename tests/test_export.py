@@ -140,3 +140,18 @@ def test_an_onnx_file_without_backend_onnx_says_what_to_pass(exported, tmp_path,
     r = cli("predict", img, "--checkpoint", default_checkpoint(), "--backend", "onnx")
     assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert "needs an .onnx file" in r.stderr and "--backend torch" in r.stderr
+
+
+@pytest.mark.parametrize("key, value, expect", [
+    ("class_names", '["T-shirt/top"]', "1 class names for the model's 10 outputs"),
+    ("calibration", '{"temperature": 0.0, "threshold": 0.5}', "temperature 0.0"),
+])
+def test_damaged_onnx_metadata_is_refused(exported, tmp_path, key, value, expect):
+    import onnx
+
+    proto = onnx.load(str(exported[0]))
+    next(e for e in proto.metadata_props if e.key == key).value = value
+    bad = tmp_path / "bad.onnx"
+    onnx.save(proto, str(bad))
+    with pytest.raises(ValueError, match=rf"^{bad}: damaged metadata: .*{expect}.*fmnist export"):
+        Predictor(bad, backend="onnx")
