@@ -171,6 +171,17 @@ def test_fmnist_calibrate_repairs_a_damaged_calibration(tmp_path, cli, dataset):
     assert checkpoint.load(p)["calibration"]["temperature"] > 0
 
 
+def test_a_truncated_file_is_one_short_line(tmp_path):
+    good = _save(tmp_path, "good.pt").read_bytes()
+    p = tmp_path / "cut.pt"
+    p.write_bytes(good[:len(good) // 2])
+    with pytest.raises(CheckpointError) as e:
+        checkpoint.load(p)
+    msg = str(e.value)
+    assert msg.startswith(f"{p}: ") and "truncated or corrupt" in msg and "\n" not in msg
+    assert "miniz" not in msg and "high likelihood" not in msg and len(msg) < len(str(p)) + 250, msg
+
+
 @pytest.mark.parametrize("argv", [
     ["predict", "{tmp}/shirt.png", "--checkpoint", "{p}"],
     ["evaluate", "{p}"],

@@ -149,7 +149,8 @@ def load(path: str | Path, map_location="cpu", check_calibration: bool = True) -
     except pickle.UnpicklingError as e:
         raise _refusal(p, e) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        # The first sentence: torch follows it with a paragraph ("This is an internal miniz error...")
+        msg = str(e).splitlines()[0].split(". ", 1)[0].rstrip(".") if str(e).strip() else type(e).__name__
         raise CheckpointError(f"{p}: not a readable checkpoint (truncated or corrupt: {msg}); {REMEDY}") from None
     except Exception as e:  # unpickling errors of arbitrary files come in many types
         raise CheckpointError(f"{p}: not an fmnist checkpoint ({type(e).__name__}); {REMEDY}") from None
