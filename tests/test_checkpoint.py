@@ -128,3 +128,73 @@ def test_commands_give_one_line_errors(tmp_path, argv, cli):
     assert "Traceback" not in r.stderr and "model_config" in r.stderr and str(p) in r.stderr, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert not (tmp_path / "x.onnx").exists()
+
+
+@pytest.mark.parametrize("names, expect", [
+    (["T-shirt/top"] * 9, "9 class names for the model's 10 outputs"),
+    (["T-shirt/top"] * 11, "11 class names for the model's 10 outputs"),
+    ([1, 2, 3, 4, 5, 6, 7, 8, 9, 10], "'class_names' holds int, expected str"),
+])
+def test_class_names_must_name_every_output(tmp_path, names, expect):
+    """A short list gave an IndexError in predict, and evaluate and export took it silently."""
+    p = _save(tmp_path, class_names=names)
+    with pytest.raises(CheckpointError) as e:
+        checkpoint.load(p)
+    msg = str(e.value)
+    assert msg.startswith(f"{p}: ") and expect in msg and "\n" not in msg and "fmnist train" in msg
+
+
+@pytest.mark.parametrize("calibration, expect", [
+    ({"temperature": 0.0, "threshold": 0.5}, "temperature 0.0"),
+    ({"temperature": -1.5, "threshold": 0.5}, "temperature -1.5"),
+    ({"temperature": float("nan"), "threshold": 0.5}, "temperature nan"),
+    ({"temperature": float("inf"), "threshold": 0.5}, "temperature inf"),
+    ({"temperature": "1", "threshold": 0.5}, "temperature '1'"),
+    ({"temperature": 1.2, "threshold": float("nan")}, "threshold nan"),
+    ({"temperature": 1.2, "threshold": 2.0}, "threshold 2.0"),
+])
+def test_a_damaged_calibration_is_refused_with_its_repair(tmp_path, calibration, expect):
+    """Temperature 0 printed 'nan%' for every prediction, exit 0."""
+    p = _save(tmp_path, calibration=calibration)
+    with pytest.raises(CheckpointError) as e:
+        checkpoint.load(p)
+    msg = str(e.value)
+    assert msg.startswith(f"{p}: ") and expect in msg and "\n" not in msg
+    assert f"fmnist calibrate {p}" in msg  # what repairs it
+    assert checkpoint.load(p, check_calibration=False)["model"] == "seed"  # what calibrate.py reads it with
+
+
+def test_fmnist_calibrate_repairs_a_damaged_calibration(tmp_path, cli, dataset):
+    p = _save(tmp_path, calibration={"temperature": 0.0, "threshold": 0.5})
+    r = cli("calibrate", p)
+    assert r.returncode == 0, r.stderr
+    assert checkpoint.load(p)["calibration"]["temperature"] > 0
+
+
+def test_a_truncated_file_is_one_short_line(tmp_path):
+    good = _save(tmp_path, "good.pt").read_bytes()
+    p = tmp_path / "cut.pt"
+    p.write_bytes(good[:len(good) // 2])
+    with pytest.raises(CheckpointError) as e:
+        checkpoint.load(p)
+    msg = str(e.value)
+    assert msg.startswith(f"{p}: ") and "truncated or corrupt" in msg and "\n" not in msg
+    assert "miniz" not in msg and "high likelihood" not in msg and len(msg) < len(str(p)) + 250, msg
+
+
+@pytest.mark.parametrize("argv", [
+    ["predict", "{tmp}/shirt.png", "--checkpoint", "{p}"],
+    ["evaluate", "{p}"],
+    ["export", "{p}", "--out", "{tmp}/x.onnx"],
+])
+@pytest.mark.parametrize("changes, words", [
+    ({"class_names": ["T-shirt/top"] * 9}, ["class_names", "9 class names"]),
+    ({"calibration": {"temperature": 0.0, "threshold": 0.5}}, ["temperature 0.0", "fmnist calibrate"]),
+])
+def test_commands_refuse_damaged_class_names_and_calibration(tmp_path, argv, changes, words, cli):
+    p = _save(tmp_path, **changes)
+    Image.new("L", (40, 40), 255).save(tmp_path / "shirt.png")
+    r = cli(*[a.format(p=p, tmp=tmp_path) for a in argv])
+    assert r.returncode == 1 and "Traceback" not in r.stderr and "nan%" not in r.stdout, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and all(w in r.stderr for w in words), r.stderr
+    assert not (tmp_path / "x.onnx").exists()

@@ -151,6 +151,35 @@ def test_train_flags_are_the_config_fields():
             assert "default" in a.help.lower() or "fast" in a.help, a.option_strings
 
 
+# A bad value must be refused before anything is trained or written. The safe flags come first
+# (the bad one after them wins), so that a regression trains 500 images for one epoch, not a run.
+SAFE = ["--subset", "500", "--epochs", "1", "--threads", "1", "--quiet"]
+
+
+@pytest.mark.parametrize("argv, words, code", [
+    (["--threads", "-2"], ["--threads", ">= 0", "-2"], 1),
+    (["--device", "banana"], ["--device", "banana", "cuda:N"], 1),
+    (["--preset", "fast", "--device", "banana"], ["--device", "banana", "cuda:N"], 1),
+    (["--device", "cuda:abc"], ["--device", "cuda:abc", "cuda:N"], 1),
+    (["--real-photos", "/nonexistent"], ["/nonexistent", "manifest.csv"], 1),
+    (["--translate", "-2"], ["--translate", ">= 0", "-2"], 1),
+    (["--lr", "inf"], ["--lr", "finite", "inf"], 1),
+    (["--lr", "nan"], ["--lr", "nan"], 1),
+    (["--erase", "-1"], ["--erase", "[0, 1]", "-1"], 1),
+    (["--photo", "5"], ["--photo", "[0, 1]", "5"], 1),
+    (["--pairs", "-1"], ["--pairs", "[0, 1]", "-1"], 1),
+    (["--weight-decay", "-1"], ["--weight-decay", ">= 0", "-1"], 1),
+    (["--outlier-weight", "-1"], ["--outlier-weight", ">= 0", "-1"], 1),
+    (["--val-fraction", "0"], ["--val-fraction", "(0, 1)", "0"], 1),
+    (["--val-fraction", "0.00001"], ["--val-fraction", "no validation images"], 1),
+    (["--arch", "banana"], ["unknown model", "banana"], 1),
+])
+def test_bad_train_flags_are_refused_before_a_run_starts(tmp_path, cli, argv, words, code):
+    runs = tmp_path / "runs"
+    _one_line_error(cli("train", *SAFE, "--out-dir", runs, *argv), *words, code=code)
+    assert not runs.exists() or list(runs.iterdir()) == []  # no run directory left behind
+
+
 def test_preset_and_arch_flags(monkeypatch, cli):
     r, cfg = _train_cfg(monkeypatch, cli, "--preset", "seed", "--epochs", "3", "--arch", "fast", "--no-flip")
     assert r.returncode == 0 and (cfg.preset, cfg.model, cfg.epochs, cfg.batch_size, cfg.augment.flip) == ("seed", "fast", 3, 64, False)

@@ -109,3 +109,49 @@ def test_server_session_uses_a_fixed_pool_that_does_not_spin(exported):
     assert opts.intra_op_num_threads == 1
     assert opts.get_session_config_entry("session.intra_op.allow_spinning") == "0"
     assert Predictor(exported[0], backend="onnx", threads=1).inference_threads() == 1
+
+
+@pytest.mark.parametrize("n", ["0", "-5"])
+def test_int8_needs_a_positive_calibration_count(tmp_path, cli, n):
+    out = tmp_path / "m.int8.onnx"
+    r = cli("export", default_checkpoint(), "--int8", "--calibration-images", n, "--out", out)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert "--calibration-images" in r.stderr and "must be >= 1" in r.stderr and not out.exists()
+    with pytest.raises(ValueError, match="calibration images must be >= 1"):
+        export(default_checkpoint(), out, int8=True, calib_n=int(n))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_onnx_file_without_backend_onnx_says_what_to_pass(exported, tmp_path, cli):
+    """torch.load on an ONNX file said 'Unsupported operand 8'; predict and serve (both build a
+    Predictor) now name the flag, and the converse names the file it needs."""
+    from PIL import Image
+
+    from fmnist.checkpoint import CheckpointError
+
+    img = tmp_path / "shirt.png"
+    Image.new("L", (40, 40), 255).save(img)
+    for argv in (["predict", img, "--checkpoint", exported[0]], ["evaluate", exported[0]]):
+        r = cli(*argv)
+        assert r.returncode == 1 and "Traceback" not in r.stderr and "operand" not in r.stderr, r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1 and "--backend onnx" in r.stderr and "ONNX" in r.stderr
+    with pytest.raises(CheckpointError, match="--backend onnx"):
+        Predictor(exported[0])  # what `fmnist serve --checkpoint m.onnx` builds
+    r = cli("predict", img, "--checkpoint", default_checkpoint(), "--backend", "onnx")
+    assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "needs an .onnx file" in r.stderr and "--backend torch" in r.stderr
+
+
+@pytest.mark.parametrize("key, value, expect", [
+    ("class_names", '["T-shirt/top"]', "1 class names for the model's 10 outputs"),
+    ("calibration", '{"temperature": 0.0, "threshold": 0.5}', "temperature 0.0"),
+])
+def test_damaged_onnx_metadata_is_refused(exported, tmp_path, key, value, expect):
+    import onnx
+
+    proto = onnx.load(str(exported[0]))
+    next(e for e in proto.metadata_props if e.key == key).value = value
+    bad = tmp_path / "bad.onnx"
+    onnx.save(proto, str(bad))
+    with pytest.raises(ValueError, match=rf"^{bad}: damaged metadata: .*{expect}.*fmnist export"):
+        Predictor(bad, backend="onnx")

@@ -226,3 +226,50 @@ def test_training_commands_keep_freed_memory(tmp_path, tiny_run):
     """`fmnist train` tunes glibc's malloc (fmnist.malloc) and its run records that it did."""
     env = json.loads((tiny_run / "environment.json").read_text())
     assert env["malloc_keeps_freed_memory"] is True
+
+
+def _interrupt_epoch(monkeypatch, n: int):
+    """Ctrl-C during epoch n (earlier epochs train as usual)."""
+    import fmnist.train
+
+    real, calls = fmnist.train.train_one_epoch, []
+
+    def epoch(*a, **kw):
+        calls.append(1)
+        if len(calls) == n:
+            raise KeyboardInterrupt
+        return real(*a, **kw)
+    monkeypatch.setattr(fmnist.train, "train_one_epoch", epoch)
+
+
+TINY = ["--preset", "seed", "--subset", "500", "--threads", "1", "--quiet"]
+
+
+def test_stopped_before_the_first_epoch_saved_nothing_and_says_so(tmp_path, monkeypatch, cli, dataset):
+    """No last.pt: there is nothing to resume, so the message must not offer --resume, and the
+    run directory (only config.json and environment.json) is removed."""
+    _interrupt_epoch(monkeypatch, 1)
+    r = cli("train", *TINY, "--epochs", "2", "--out-dir", tmp_path / "runs")
+    assert r.returncode == 130
+    assert "nothing saved" in r.stderr and "--resume" not in r.stderr, r.stderr
+    assert list((tmp_path / "runs").iterdir()) == []
+
+
+def test_stopped_after_an_epoch_offers_resume(tmp_path, monkeypatch, cli, dataset):
+    _interrupt_epoch(monkeypatch, 2)
+    r = cli("train", *TINY, "--epochs", "2", "--out-dir", tmp_path / "runs")
+    (run,) = (tmp_path / "runs").iterdir()
+    assert r.returncode == 130 and (run / "last.pt").is_file()
+    assert f"1 complete epoch(s) saved in {run}; continue with `fmnist train --resume {run}`" in r.stderr, r.stderr
+
+
+def test_a_run_that_fails_before_saving_leaves_no_directory(tmp_path, monkeypatch, dataset):
+    import fmnist.train
+
+    def boom(*a, **kw):
+        raise RuntimeError("out of memory")
+    monkeypatch.setattr(fmnist.train, "train_one_epoch", boom)
+    cfg = config.resolve("seed", {"subset": 500, "epochs": 1, "threads": 1, "out_dir": str(tmp_path / "runs")})
+    with pytest.raises(RuntimeError, match="out of memory"):
+        fmnist.train.train(cfg)
+    assert list((tmp_path / "runs").iterdir()) == []

@@ -81,7 +81,7 @@ def calibrate(path, dataset=None, device: str = "cpu", val_idx: torch.Tensor | N
     indices val_idx); write them into the checkpoint and calibration.json beside it. The test
     set only reports ECE before and after (report_test)."""
     path = checkpoint.resolve_path(path)
-    ckpt = checkpoint.load(path)
+    ckpt = checkpoint.load(path, check_calibration=False)  # refitted here: a damaged one is repaired
     cfg = ckpt.get("train_config") or {}
     ds = dataset or data.load(cfg.get("data_dir"))
     if val_idx is None:

@@ -9,6 +9,7 @@ torch.load(weights_only=True) (no pickled code runs). Keys:
 
 from __future__ import annotations
 
+import math
 import pickle
 import re
 import warnings
@@ -18,7 +19,7 @@ from pathlib import Path
 import torch
 
 from .atomic import torch_save
-from .classes import CLASS_NAMES, MEAN, STD
+from .classes import CLASS_NAMES, MEAN, NUM_CLASSES, STD
 from .models import create_model
 
 FORMAT = "fmnist.checkpoint.v1"
@@ -83,7 +84,35 @@ def _refusal(p: Path, e: Exception) -> CheckpointError:
                            f"{REMEDY}")
 
 
-def check(ckpt: dict, p: Path) -> None:
+def class_names_problem(names: list) -> str:
+    """'' if `names` labels every output of a model (all of them return NUM_CLASSES logits,
+    models.py), else what is wrong: a short list would fail on the first prediction of a
+    missing class, and evaluate and export would carry it on unnoticed."""
+    bad = [n for n in names if not isinstance(n, str)]
+    if bad:
+        return f"'class_names' holds {type(bad[0]).__name__}, expected str"
+    if len(names) != NUM_CLASSES:
+        return f"'class_names' has {len(names)} class names for the model's {NUM_CLASSES} outputs"
+    return ""
+
+
+def calibration_problem(cal) -> str:
+    """'' if a checkpoint's (or ONNX file's) "calibration" is usable or absent, else what is
+    wrong: predictions divide the logits by the temperature (0 gives NaN probabilities) and
+    compare the top probability with the threshold (NaN would never call anything unsure)."""
+    if cal is None:
+        return ""
+    if not isinstance(cal, dict):
+        return f"'calibration' is {type(cal).__name__}, expected dict"
+    t, thr = cal.get("temperature", 1.0), cal.get("threshold", 0.0)
+    if isinstance(t, bool) or not isinstance(t, (int, float)) or not (math.isfinite(t) and t > 0):
+        return f"calibration temperature {t!r} is not a finite number > 0"
+    if isinstance(thr, bool) or not isinstance(thr, (int, float)) or not 0 <= thr <= 1:
+        return f"calibration threshold {thr!r} is not a probability in [0, 1]"
+    return ""
+
+
+def check(ckpt: dict, p: Path, check_calibration: bool = True) -> None:
     """The keys and types every loader relies on; a file with the right format key can still lack them."""
     problems = []
     for key, typ in REQUIRED.items():
@@ -95,12 +124,23 @@ def check(ckpt: dict, p: Path) -> None:
         bad = [k for k, v in ckpt["state_dict"].items() if not isinstance(v, torch.Tensor)]
         if bad:
             problems.append(f"state_dict entry {bad[0]!r} is not a tensor")
+        if names := class_names_problem(ckpt["class_names"]):
+            problems.append(names)
     if problems:
         raise CheckpointError(f"{p}: damaged fmnist checkpoint: {'; '.join(problems)}; {REMEDY}")
+    if check_calibration and (cal := calibration_problem(ckpt.get("calibration"))):
+        # The weights are fine: refitting the calibration on validation repairs the file.
+        raise CheckpointError(f"{p}: damaged fmnist checkpoint: {cal}; refit it with `fmnist calibrate {p}`")
 
 
-def load(path: str | Path, map_location="cpu") -> dict:
+def load(path: str | Path, map_location="cpu", check_calibration: bool = True) -> dict:
+    """The checkpoint at `path` (a run directory: its best.pt), checked; CheckpointError naming
+    the file and what to do otherwise. check_calibration=False: for calibrate.py, which refits it."""
     p = resolve_path(path)
+    if p.suffix.lower() == ".onnx":  # torch.load's own words for one are "Unsupported operand 8"
+        raise CheckpointError(f"{p}: an ONNX file from `fmnist export`, not a PyTorch checkpoint: fmnist predict "
+                              f"and fmnist serve run it with --backend onnx; other commands need the .pt it "
+                              f"was exported from")
     try:
         with warnings.catch_warnings():
             # torch warns about pickle protocols before refusing or reading a file; the outcome is what counts
@@ -109,13 +149,14 @@ def load(path: str | Path, map_location="cpu") -> dict:
     except pickle.UnpicklingError as e:
         raise _refusal(p, e) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        # The first sentence: torch follows it with a paragraph ("This is an internal miniz error...")
+        msg = str(e).splitlines()[0].split(". ", 1)[0].rstrip(".") if str(e).strip() else type(e).__name__
         raise CheckpointError(f"{p}: not a readable checkpoint (truncated or corrupt: {msg}); {REMEDY}") from None
     except Exception as e:  # unpickling errors of arbitrary files come in many types
         raise CheckpointError(f"{p}: not an fmnist checkpoint ({type(e).__name__}); {REMEDY}") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise CheckpointError(f"{p}: not an fmnist checkpoint (expected format {FORMAT!r})")
-    check(ckpt, p)
+    check(ckpt, p, check_calibration)
     return ckpt
 
 

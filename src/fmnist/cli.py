@@ -257,7 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=["onnx"], default="onnx", help="export format (default: onnx)")
     p.add_argument("--int8", action="store_true",
                    help="static int8 quantization calibrated on training images (default: off, fp32)")
-    p.add_argument("--calibration-images", type=int, default=1024,
+    p.add_argument("--calibration-images", type=_at_least(1, int), default=1024,
                    help="training images used to calibrate int8 (default: 1024)")
     p.add_argument("--out", default=None, help="output file (default: beside the checkpoint, .onnx / .int8.onnx)")
     p.add_argument("--tta-flip", action=argparse.BooleanOptionalAction, default=None,
@@ -500,6 +500,7 @@ def main(argv=None) -> int:
     setup_logging(_log_level(args))
     from .checkpoint import CheckpointError
     from .data import DataError
+    from .realphotos import PhotoSetError
 
     handlers = {"data": cmd_data, "calibrate": cmd_calibrate, "train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict,
                 "bench": cmd_bench, "serve": cmd_serve,
@@ -512,7 +513,7 @@ def main(argv=None) -> int:
         # `fmnist data | head -1`: the reader has what it wanted; stop quietly, as Unix tools do.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the flush at exit cannot fail
         return EXIT_SIGPIPE
-    except (DataError, CheckpointError, ValueError, ImportError) as e:
+    except (DataError, CheckpointError, PhotoSetError, ValueError, ImportError) as e:
         print(f"fmnist {args.command}: error: {e}", file=sys.stderr)
         return 1
     except OSError as e:  # a path we were given cannot be written or read: one line, not a traceback

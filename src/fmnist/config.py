@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import re
 from dataclasses import dataclass, field, fields
 
 
@@ -159,22 +161,46 @@ def resolve(preset: str, overrides: dict) -> TrainConfig:
     return cfg
 
 
+# The devices `fmnist train` accepts (runinfo.pick_device then checks that one is present).
+DEVICE_RE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+
+
 def validate(cfg: TrainConfig) -> None:
+    """Every setting at once, before a run directory exists or data is read, so a bad flag is a
+    one-line error rather than a traceback mid-run or a run that trains on NaNs. inf and nan
+    parse as floats, so each float check is also a finiteness check."""
+    from .models import model_config  # torch, for the registry: only when a config is checked
+
+    aug = cfg.augment
     checks = [
         (cfg.epochs >= 1, f"--epochs must be >= 1, got {cfg.epochs}"),
         (cfg.batch_size >= 1, f"--batch-size must be >= 1, got {cfg.batch_size}"),
-        (cfg.lr > 0, f"--lr must be > 0, got {cfg.lr}"),
-        (0 <= cfg.val_fraction < 1, f"--val-fraction must be in [0, 1), got {cfg.val_fraction}"),
+        (math.isfinite(cfg.lr) and cfg.lr > 0, f"--lr must be a finite number > 0, got {cfg.lr}"),
+        (math.isfinite(cfg.weight_decay) and cfg.weight_decay >= 0,
+         f"--weight-decay must be a finite number >= 0, got {cfg.weight_decay}"),
+        # 0 would leave best.pt and the calibration nothing to be chosen on (NaN validation figures).
+        (0 < cfg.val_fraction < 1, f"--val-fraction must be in (0, 1), got {cfg.val_fraction}"),
         (cfg.optimizer in ("adam", "adamw", "sgd"), f"--optimizer must be adam, adamw or sgd, got {cfg.optimizer}"),
         (cfg.schedule in ("constant", "onecycle", "cosine"), "--schedule must be constant, onecycle or cosine"),
+        (0 <= cfg.warmup < 1, f"warmup must be in [0, 1), got {cfg.warmup}"),
         (0 <= cfg.ema < 1, f"--ema must be in [0, 1), got {cfg.ema}"),
         (cfg.subset >= 0, f"--subset must be >= 0, got {cfg.subset}"),
-        (0 <= cfg.label_smoothing < 1, "--label-smoothing must be in [0, 1)"),
+        (0 <= cfg.label_smoothing < 1, f"--label-smoothing must be in [0, 1), got {cfg.label_smoothing}"),
         (cfg.amp in ("auto", "bf16", "off"), f"--amp must be auto, bf16 or off, got {cfg.amp}"),
         (cfg.compile_mode in ("default", "reduce-overhead", "max-autotune"),
          f"--compile-mode must be default, reduce-overhead or max-autotune, got {cfg.compile_mode}"),
+        (cfg.threads >= 0, f"--threads must be >= 0 (0 = all cores), got {cfg.threads}"),
+        (bool(DEVICE_RE.fullmatch(cfg.device)), f"--device must be auto, cpu, cuda, cuda:N or mps, got {cfg.device!r}"),
+        (cfg.eval_batch_size >= 0, f"eval_batch_size must be >= 0, got {cfg.eval_batch_size}"),
         (cfg.real_repeat >= 1, f"--real-repeat must be >= 1, got {cfg.real_repeat}"),
+        (math.isfinite(cfg.outlier_weight) and cfg.outlier_weight >= 0,
+         f"--outlier-weight must be a finite number >= 0, got {cfg.outlier_weight}"),
+        (aug.translate >= 0, f"--translate must be >= 0 pixels, got {aug.translate}"),
+        (0 <= aug.erase <= 1, f"--erase is a probability: it must be in [0, 1], got {aug.erase}"),
+        (0 <= aug.photo <= 1, f"--photo is a fraction: it must be in [0, 1], got {aug.photo}"),
+        (0 <= aug.pairs <= 1, f"--pairs is a probability: it must be in [0, 1], got {aug.pairs}"),
     ]
     for ok, msg in checks:
         if not ok:
             raise ValueError(msg)
+    model_config(cfg.model, cfg.model_config)  # ValueError naming an unknown model or model_config key

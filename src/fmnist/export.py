@@ -119,6 +119,8 @@ def export(ckpt_path, out: str | Path | None = None, int8: bool = False, calib_n
     """tta_flip: put the mirror average (models.FlipTTA) in the graph; None = as the model was
     trained and evaluated, so ONNX Runtime gives the same predictions as PyTorch and the accuracy
     in the metadata describes the file (at 2x the compute)."""
+    if int8 and calib_n < 1:  # onnxruntime's own words for 0 are "No data is collected."
+        raise ValueError(f"int8 calibration images must be >= 1, got {calib_n} (default: 1024)")
     onnx = require("onnx")
     ckpt = checkpoint.load(ckpt_path)
     model = checkpoint.build_model(ckpt, source=checkpoint.resolve_path(ckpt_path))

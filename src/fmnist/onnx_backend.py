@@ -16,8 +16,13 @@ class OnnxModel:
             import onnxruntime as ort
         except ImportError:
             raise ImportError(f"--backend onnx needs onnxruntime, which is not installed. {INSTALL_HINT}") from None
-        if path is None or not str(path).endswith(".onnx"):
-            raise ValueError(f"--backend onnx needs an .onnx file from `fmnist export`, got {path or 'no --checkpoint'}")
+        if path is None:
+            raise ValueError("--backend onnx needs an .onnx file from `fmnist export` (--checkpoint FILE.onnx); "
+                             "the shipped model runs with the default --backend torch")
+        if not str(path).endswith(".onnx"):
+            raise ValueError(f"--backend onnx needs an .onnx file from `fmnist export`, got {path}: run a PyTorch "
+                             f"checkpoint or run directory with the default --backend torch, or export it first "
+                             f"with `fmnist export {path}`")
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no such ONNX file; create one with `fmnist export CHECKPOINT`")

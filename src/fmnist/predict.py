@@ -78,6 +78,11 @@ class Predictor:
         # Temperature and unsure threshold fitted on validation (calibrate.py); a model that was
         # never calibrated keeps its raw softmax and is called unsure only for a missing item.
         cal = (ckpt.get("calibration") if backend == "torch" else self.meta.get("calibration")) or {}
+        if backend == "onnx":  # checkpoint.load checked a .pt's; an ONNX file's metadata is checked here
+            problem = checkpoint.class_names_problem(self.class_names) or checkpoint.calibration_problem(cal)
+            if problem:
+                raise ValueError(f"{checkpoint_path}: damaged metadata: {problem}; export the checkpoint again "
+                                 f"with `fmnist export`")
         self.temperature = float(cal.get("temperature", 1.0))
         self.threshold = float(cal.get("threshold", 0.0))
         self.meta["calibration"] = cal or None

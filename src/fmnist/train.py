@@ -12,6 +12,7 @@ import csv
 import io
 import logging
 import math
+import shutil
 import sys
 import time
 from dataclasses import asdict
@@ -247,6 +248,9 @@ def _resume_config(cfg: TrainConfig) -> tuple[TrainConfig, dict | None, Path | N
 def _splits(cfg: TrainConfig, ds, device: torch.device, dist: DistInfo) -> dict:
     """Training images (plus real photos), validation and (reporting only) test, on the device."""
     train_idx, val_idx = data.stratified_split(ds.train_labels, cfg.val_fraction, cfg.seed)
+    if not len(val_idx):  # a fraction that rounds to 0 images per class: NaN validation figures
+        raise ValueError(f"--val-fraction {cfg.val_fraction} holds out no validation images "
+                         f"(~{len(ds.train_labels) // 10} per class); give at least 0.001")
     if cfg.subset:
         # A seeded random subset of the split (near-stratified at these sizes), and a validation
         # set a fifth its size (at least 100 images).
@@ -314,6 +318,20 @@ def _save_epoch(run_dir: Path, cfg: TrainConfig, mcfg: dict, cfg_dict: dict, mod
     return is_best, best_acc
 
 
+def _stopped(run_dir: Path, saved: int, interrupted: bool, new_run: bool) -> None:
+    """A run that stops early says what --resume can continue. One stopped before its first
+    last.pt holds only config.json and environment.json (and perhaps a best.pt, no use without
+    a last.pt to resume): it can be neither resumed nor evaluated, and the command that made it
+    recreates it, so it is removed rather than left in runs/ looking like a run."""
+    if saved or not new_run:  # never remove a directory this call did not create
+        if interrupted:
+            log.warning(f"stopped: {saved} complete epoch(s) saved in {run_dir}; "
+                        f"continue with `fmnist train --resume {run_dir}`")
+        return
+    shutil.rmtree(run_dir, ignore_errors=True)
+    log.warning(f"stopped before epoch 1 completed: nothing saved; removed {run_dir}")
+
+
 def train(cfg: TrainConfig) -> Path | None:
     """Train per `cfg` (or continue cfg.resume) and calibrate best.pt on validation; returns the
     run directory (None on the other ranks of a distributed run). Progress goes to the
@@ -355,6 +373,7 @@ def train(cfg: TrainConfig) -> Path | None:
     # Ctrl-C (KeyboardInterrupt) abandons the epoch in flight; the last complete one is on disk
     # already, and atomic writes mean an interrupted save leaves the previous file intact.
     t_start = time.perf_counter() - state["elapsed"]
+    saved = state["start_epoch"] - 1  # the epoch last.pt holds: what --resume would continue from
     try:
         for epoch in range(state["start_epoch"], cfg.epochs + 1):
             gen = epoch_generators(cfg.seed, epoch, dist.rank, device)
@@ -376,15 +395,15 @@ def train(cfg: TrainConfig) -> Path | None:
             if dist.is_main:
                 is_best, best_acc = _save_epoch(run_dir, cfg, mcfg, cfg_dict, model, eval_model, opt, ema, va,
                                                 epoch, step, history, best_acc, dist)
+                saved = epoch
                 log.info(f"epoch {epoch:3d}/{cfg.epochs}  train loss {tr['loss']:.4f} acc {tr['acc']:.4f}  "
                          f"val loss {va['loss']:.4f} acc {va['acc']:.4f}  {train_seconds:5.1f}s"
                          f"{'  *' if is_best else ''}")
-    except KeyboardInterrupt:
+    except BaseException as e:
         if dist.is_main:
-            done = history[-1]["epoch"] if history else 0
-            log.warning(f"stopped: {done} complete epoch(s) saved in {run_dir}; "
-                        f"continue with `fmnist train --resume {run_dir}`")
-        dist.cleanup()
+            _stopped(run_dir, saved, interrupted=isinstance(e, KeyboardInterrupt), new_run=resume_ckpt is None)
+        if isinstance(e, KeyboardInterrupt):
+            dist.cleanup()
         raise
     # Leave together: a rank that tears down its gloo group while rank 0 is still validating and
     # writing checkpoints was seen to abort ("terminate called without an active exception").
