@@ -100,6 +100,13 @@ def test_serve_port_out_of_range(cli):
     _one_line_error(cli("serve", "--max-batch", "0"), "--max-batch", "must be >= 1", code=2)
 
 
+def test_serve_max_header_kb_reaches_the_server():
+    from fmnist import cli, serve
+
+    args = cli.build_parser().parse_args(["serve", "--max-header-kb", "16"])
+    assert serve._config(args).max_head_bytes == 16 << 10
+
+
 def test_serve_port_in_use():
     import socket
 

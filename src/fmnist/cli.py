@@ -235,6 +235,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="close an idle keep-alive connection after this (default: 5.0)")
     p.add_argument("--header-timeout", type=_at_least(0, strict=True), default=10.0, metavar="SECONDS",
                    help="time for a request head to arrive, from its first byte, else 408 (default: 10.0)")
+    p.add_argument("--max-header-kb", type=_at_least(1, int), default=64, metavar="KIB",
+                   help="max request head (request line + headers) in KiB, counted as it arrives, else 431 "
+                        "(default: 64)")
     p.add_argument("--body-timeout", type=_at_least(0, strict=True), default=60.0, metavar="SECONDS",
                    help="time for a whole request body to arrive, else 408 (default: 60.0)")
     p.add_argument("--threads", type=_at_least(1, int), default=1,

@@ -69,6 +69,7 @@ class ServeConfig:
     limit_concurrency: int = 256
     keep_alive_s: float = 5.0        # idle keep-alive connection closed after this (uvicorn's default)
     header_timeout_s: float = 10.0   # request head, from its first byte (httpserver.py)
+    max_head_bytes: int = 64 << 10   # request line + headers, counted as they arrive; past it 431
     # Inference threads (torch intra-op; ONNX Runtime's pool, which otherwise takes a thread per
     # core and spins between calls): the conversions and the event loop need the other cores.
     threads: int = 1
@@ -313,6 +314,7 @@ def _config(args) -> ServeConfig:
                        max_conversions=args.max_conversions or per_worker,
                        conversion_wait_s=args.conversion_wait, limit_concurrency=args.limit_concurrency,
                        keep_alive_s=args.keep_alive_timeout, header_timeout_s=args.header_timeout,
+                       max_head_bytes=args.max_header_kb << 10,
                        body_timeout_s=args.body_timeout, threads=args.threads, http=args.http, loop=args.loop)
 
 
@@ -344,7 +346,7 @@ def _serve(args, sock: socket.socket | None = None) -> None:
     predictor = Predictor(args.checkpoint, backend=args.backend, pipeline=getattr(args, "pipeline", "robust"),
                           threads=cfg.threads)
     app = create_app(predictor, cfg)
-    protocol = protocol_with_head_deadline(cfg.header_timeout_s, cfg.http)
+    protocol = protocol_with_head_deadline(cfg.header_timeout_s, cfg.http, cfg.max_head_bytes)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                             access_log=args.access_log, http=protocol, loop=cfg.loop,
                             limit_concurrency=cfg.limit_concurrency, timeout_keep_alive=cfg.keep_alive_s)
