@@ -100,6 +100,14 @@ def test_serve_port_out_of_range(cli):
     _one_line_error(cli("serve", "--max-batch", "0"), "--max-batch", "must be >= 1", code=2)
 
 
+def test_serve_log_level_is_a_choice(cli):
+    """Before: --log-level banana reached uvicorn's config as a KeyError traceback."""
+    _one_line_error(cli("serve", "--log-level", "banana"), "--log-level", "banana", "warning", code=2)
+    from fmnist import cli as cli_module
+
+    assert cli_module.build_parser().parse_args(["serve", "--log-level", "WARNING"]).log_level == "warning"
+
+
 def test_serve_max_header_kb_reaches_the_server():
     from fmnist import cli, serve
 

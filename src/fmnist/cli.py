@@ -123,12 +123,16 @@ def _add_data_dir(p):
                         "/usr/share/datasets/fashion-mnist, ~/.cache/fmnist, else download")
 
 
+# uvicorn's log levels (its config raises KeyError on any other) -> ours; trace is uvicorn's own, below debug.
+SERVE_LOG_LEVELS = {"critical": logging.CRITICAL, "error": logging.ERROR, "warning": logging.WARNING,
+                    "info": logging.INFO, "debug": logging.DEBUG, "trace": logging.DEBUG}
+
+
 def _log_level(args) -> int:
     if os.environ.get("RANK", "0") != "0":  # under torchrun only rank 0 talks
         return logging.WARNING
     if args.command == "serve":  # one knob for the server's lines and uvicorn's
-        return {"critical": logging.CRITICAL, "error": logging.ERROR, "warning": logging.WARNING,
-                "debug": logging.DEBUG, "trace": logging.DEBUG}.get(args.log_level.lower(), logging.INFO)
+        return SERVE_LOG_LEVELS[args.log_level]
     return logging.WARNING if getattr(args, "quiet", False) else logging.INFO
 
 
@@ -247,7 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="HTTP/1.1 parser: httptools (C) or h11 (pure Python) (default: auto = httptools if installed)")
     p.add_argument("--loop", choices=["auto", "uvloop", "asyncio"], default="auto",
                    help="event loop (default: auto = uvloop if installed)")
-    p.add_argument("--log-level", default="info", help="uvicorn log level (default: info)")
+    p.add_argument("--log-level", type=str.lower, choices=list(SERVE_LOG_LEVELS), default="info", metavar="LEVEL",
+                   help=f"log level of the server and uvicorn: {', '.join(SERVE_LOG_LEVELS)} (default: info)")
     p.add_argument("--access-log", action="store_true", help="log every request (default: off)")
     p.add_argument("--pipeline", choices=["robust", "paper"], default="robust",
                    help="photo conversion: robust (find the item) or paper (the dataset's recipe) (default: robust)")
