@@ -318,24 +318,26 @@ def _config(args) -> ServeConfig:
                        body_timeout_s=args.body_timeout, threads=args.threads, http=args.http, loop=args.loop)
 
 
-def _listen_socket(host: str, port: int) -> socket.socket:
-    """A bound TCP socket, one of the group of worker processes' sockets on the same port
-    (SO_REUSEPORT), among which the kernel spreads new connections evenly."""
+def _listen_socket(host: str, port: int, reuse_port: bool = True) -> socket.socket:
+    """A bound TCP socket. reuse_port: one of the group of worker processes' sockets on the
+    same port (SO_REUSEPORT), among which the kernel spreads new connections evenly. A single
+    server goes without, so that a second one on its port fails rather than shares it."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    if reuse_port:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     try:
         sock.bind((host, port))
-    except OSError as e:
+    except OSError as e:  # the port is taken, or the host is no address of ours (socket.gaierror)
         sock.close()
         raise OSError(e.errno, f"cannot listen on {host}:{port}: {e.strerror or e}; "
                                f"choose another --port or --host") from None
     return sock
 
 
-def _serve(args, sock: socket.socket | None = None) -> None:
-    """One server process: the model, the app and uvicorn (on `sock` when given)."""
+def _serve(args, sock: socket.socket, worker: bool = False) -> None:
+    """One server process: the model, the app and uvicorn on the bound socket `sock`."""
     import torch
     import uvicorn
 
@@ -350,11 +352,12 @@ def _serve(args, sock: socket.socket | None = None) -> None:
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                             access_log=args.access_log, http=protocol, loop=cfg.loop,
                             limit_concurrency=cfg.limit_concurrency, timeout_keep_alive=cfg.keep_alive_s)
-    port, worker = (sock.getsockname()[1], f" (worker {os.getpid()})") if sock is not None else (args.port, "")
+    host = f"[{args.host}]" if ":" in args.host else args.host
+    who = f" (worker {os.getpid()})" if worker else ""
     log.info(f"serving {predictor.meta.get('model')} ({predictor.backend}, {cfg.threads} inference thread(s)) on "
-             f"http://{args.host}:{port}/{worker}  API docs: /docs  batching: max {cfg.max_batch}, wait "
+             f"http://{host}:{sock.getsockname()[1]}/{who}  API docs: /docs  batching: max {cfg.max_batch}, wait "
              f"{cfg.max_wait_ms} ms  conversions: {cfg.max_conversions} at once  http: {protocol.implementation}")
-    uvicorn.Server(config).run(sockets=[sock] if sock is not None else None)
+    uvicorn.Server(config).run(sockets=[sock])
 
 
 def _worker(args, port: int, log_level: int) -> None:
@@ -368,7 +371,7 @@ def _worker(args, port: int, log_level: int) -> None:
     try:
         sock = _listen_socket(args.host, port)
         sock.listen(2048)
-        _serve(args, sock)
+        _serve(args, sock, worker=True)
     except (CheckpointError, ValueError, ImportError, OSError) as e:  # as the CLI reports them: one line
         log.error(str(e))
         sys.exit(1)
@@ -427,5 +430,11 @@ def _supervise(args) -> int:
 def main(args) -> int:
     if getattr(args, "workers", 1) > 1:
         return _supervise(args)
-    _serve(args)
+    # Bound before the model loads, as the workers' sockets are: a port in use or a bad --host
+    # is a one-line error (the CLI's), and "serving" is announced only on a socket that is ours.
+    sock = _listen_socket(args.host, args.port, reuse_port=False)
+    try:
+        _serve(args, sock)
+    finally:
+        sock.close()
     return 0
