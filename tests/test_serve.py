@@ -116,6 +116,24 @@ def test_bad_raw_bodies_get_4xx_json(server, ctype, body, status, code):
         assert "Content-Type image/*" in r.json()["error"]["message"]
 
 
+def test_unsupported_format_message_lists_exactly_what_is_accepted(server):
+    """Before: the message for a file that is no image offered PPM/PGM, and a PPM upload then
+    got 415. Now both messages name the formats of /v1/model, and each of those is served."""
+    formats = httpx.get(server + "/v1/model").json()["limits"]["formats"]
+    ppm = io.BytesIO()
+    Image.new("L", (28, 28)).save(ppm, format="PPM")
+    for body in (b"just some text", ppm.getvalue()):
+        r = httpx.post(server + "/v1/predict", files={"files": ("x.png", body, "image/png")})
+        assert r.status_code == 415 and r.json()["error"]["code"] == "unsupported_media_type", r.text
+        listed = r.json()["error"]["message"].rsplit("(", 1)[1].rstrip(")").split(", ")
+        assert sorted(name.upper() for name in listed) == formats, r.text
+    for fmt in formats:
+        buf = io.BytesIO()
+        Image.new("L", (28, 28)).save(buf, format=fmt)
+        r = httpx.post(server + "/v1/predict", files={"files": (f"x.{fmt.lower()}", buf.getvalue(), "image/png")})
+        assert r.status_code == 200, (fmt, r.text)
+
+
 def test_concurrent_requests_are_batched_and_accurate(server, dataset):
     """256 single-image requests from 16 clients at once: the batcher serves them in fewer
     forward passes than requests (its counters in /healthz; with --max-batch 1 they stay at 0,

@@ -31,6 +31,12 @@ IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".gif", ".bmp", ".webp", ".tif", ".
 # Pillow plugins tried on open; the rest (EPS runs Ghostscript on the file) never see the bytes.
 # JPEG also opens MPO (phone JPEGs); PPM also reads PGM/PBM.
 OPEN_FORMATS = ("PNG", "JPEG", "GIF", "WEBP", "BMP", "TIFF", "PPM")
+_SHOWN = {"WEBP": "WebP", "PPM": "PPM/PGM"}  # how messages name a Pillow format
+
+
+def format_names(formats) -> str:
+    """'PNG, JPEG, ...': Pillow formats as a person knows them."""
+    return ", ".join(_SHOWN.get(f, f) for f in formats)
 
 
 class PreprocessError(Exception):
@@ -52,10 +58,12 @@ class Preprocessed:
 
 # ---------------------------------------------------------------------------- opening
 
-def open_image(src, max_pixels: int = MAX_PIXELS, draft: int | None = None) -> Image.Image:
+def open_image(src, max_pixels: int = MAX_PIXELS, draft: int | None = None,
+               formats: tuple[str, ...] = OPEN_FORMATS) -> Image.Image:
     """Open a path, bytes or PIL image: first frame, EXIF orientation applied, fully decoded.
     draft: JPEGs decode at the smallest DCT scale (1/2, 1/4, 1/8) that keeps the longest side
-    >= draft px, which saves most of the cost of a large photo."""
+    >= draft px, which saves most of the cost of a large photo. formats: the Pillow plugins
+    tried (some of OPEN_FORMATS), which the error for anything else names."""
     name = str(src) if isinstance(src, (str, Path)) else "image"
     if isinstance(src, Image.Image):
         img = src
@@ -69,10 +77,9 @@ def open_image(src, max_pixels: int = MAX_PIXELS, draft: int | None = None) -> I
         if not data:
             raise PreprocessError(f"{name}: empty file (0 bytes)")
         try:
-            img = Image.open(io.BytesIO(data), formats=OPEN_FORMATS)
+            img = Image.open(io.BytesIO(data), formats=formats)
         except UnidentifiedImageError:
-            raise PreprocessError(f"{name}: not an image in an accepted format "
-                                  "(PNG, JPEG, GIF, WebP, BMP, TIFF, PPM/PGM)") from None
+            raise PreprocessError(f"{name}: not an image in an accepted format ({format_names(formats)})") from None
         except Image.DecompressionBombError:
             raise PreprocessError(f"{name}: too many pixels (limit {max_pixels:,}); resize it first") from None
         except (OSError, SyntaxError, ValueError) as e:

@@ -45,12 +45,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from .batcher import BatcherUnavailable, DynamicBatcher
 from .guards import Busy, ConversionSlots, RequestGuard
 from .predict import Predictor
-from .preprocess import Preprocessed, PreprocessError, open_image
+from .preprocess import Preprocessed, PreprocessError, format_names, open_image
 from .robust import WORK
 
 log = logging.getLogger(__name__)
 
-ACCEPTED_FORMATS = {"PNG", "JPEG", "GIF", "WEBP", "BMP", "TIFF", "MPO"}  # MPO: phone JPEGs
+# The Pillow plugins tried on an upload: preprocess.OPEN_FORMATS less PPM/PGM, which no browser
+# or phone sends. JPEG also opens MPO (phone JPEGs).
+ACCEPTED_FORMATS = ("PNG", "JPEG", "GIF", "WEBP", "BMP", "TIFF")
 
 
 @dataclass
@@ -102,7 +104,10 @@ def _prepare(data: bytes, name: str, cfg: ServeConfig, predictor: Predictor) -> 
     try:
         # The robust conversion works at robust.WORK px: decode JPEGs reduced right away rather
         # than a full-resolution image that is shrunk a moment later.
-        img = open_image(data, max_pixels=cfg.max_pixels, draft=WORK if predictor.pipeline == "robust" else None)
+        # Only the accepted formats are tried: anything else, PPM included, is "not an image in an
+        # accepted format (...)", which names them.
+        img = open_image(data, max_pixels=cfg.max_pixels, draft=WORK if predictor.pipeline == "robust" else None,
+                         formats=ACCEPTED_FORMATS)
     except PreprocessError as e:
         msg = str(e).removeprefix("image: ")
         if "not an image" in msg:
@@ -110,10 +115,6 @@ def _prepare(data: bytes, name: str, cfg: ServeConfig, predictor: Predictor) -> 
         if "limit" in msg:
             raise HTTPException(413, detail=("too_many_pixels", f"{name}: {msg}")) from None
         raise HTTPException(400, detail=("bad_image", f"{name}: {msg}")) from None
-    fmt = img.format
-    if fmt and fmt not in ACCEPTED_FORMATS:
-        raise HTTPException(415, detail=("unsupported_media_type",
-                                         f"{name}: {fmt} images are not accepted; send PNG, JPEG, GIF, WebP, BMP or TIFF"))
     try:
         return predictor.prepare(img)
     except PreprocessError as e:
@@ -124,7 +125,7 @@ def _prepare(data: bytes, name: str, cfg: ServeConfig, predictor: Predictor) -> 
 PREDICT_BODY = {"requestBody": {"required": True, "content": {
     "multipart/form-data": {"schema": {"type": "object", "required": ["files"], "properties": {
         "files": {"type": "array", "items": {"type": "string", "format": "binary"},
-                  "description": "image files (PNG, JPEG, GIF, WebP, BMP, TIFF)"}}}},
+                  "description": f"image files ({format_names(ACCEPTED_FORMATS)})"}}}},
     "image/*": {"schema": {"type": "string", "format": "binary"},
                 "description": "one image as the whole body, e.g. Content-Type: image/jpeg"}}}}
 RAW_TYPES = ("image/", "application/octet-stream")
@@ -253,7 +254,7 @@ def create_app(predictor: Predictor | None = None, cfg: ServeConfig | None = Non
                 "backend": predictor.backend, "threads": predictor.inference_threads(),
                 "max_batch": cfg.max_batch, "max_wait_ms": cfg.max_wait_ms,
                 "limits": {"max_upload_bytes": cfg.max_upload_bytes, "max_files": cfg.max_files,
-                           "max_pixels": cfg.max_pixels, "formats": sorted(ACCEPTED_FORMATS - {"MPO"})}}
+                           "max_pixels": cfg.max_pixels, "formats": sorted(ACCEPTED_FORMATS)}}
 
     @app.get("/v1/samples", summary="Random test-set images (PNG data URLs) with their true labels")
     async def sample_images(n: int = Query(8, ge=1, le=32)):
