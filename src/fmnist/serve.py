@@ -141,9 +141,9 @@ async def _uploads(request: Request, cfg: ServeConfig) -> list[tuple[str, bytes]
     ctype = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
     if ctype.startswith(RAW_TYPES):
         return [("image", await request.body())]
-    if ctype != "multipart/form-data":
-        raise HTTPException(422, detail=("invalid_request", f"no images in a {ctype or 'Content-Type-less'} "
-                                                            f"request: {HOW_TO_SEND}"))
+    if ctype != "multipart/form-data":  # 415: the body is in a format this route does not take
+        sent = f"Content-Type {ctype}" if ctype else "a request without Content-Type"
+        raise HTTPException(415, detail=("unsupported_media_type", f"{sent} carries no images: {HOW_TO_SEND}"))
     async with request.form() as form:  # starlette caps files at 1000; the body cap bounds the bytes
         files = form.getlist("files")
         if not files:
