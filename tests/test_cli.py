@@ -11,8 +11,8 @@ import pytest
 FMNIST = [sys.executable, "-m", "fmnist"]
 
 
-def run(*args, **kw):
-    return subprocess.run([*FMNIST, *args], capture_output=True, text=True, timeout=300, **kw)
+def run(*args, timeout=300, **kw):
+    return subprocess.run([*FMNIST, *args], capture_output=True, text=True, timeout=timeout, **kw)
 
 
 def test_help_lists_subcommands():
@@ -100,15 +100,38 @@ def test_serve_port_out_of_range(cli):
     _one_line_error(cli("serve", "--max-batch", "0"), "--max-batch", "must be >= 1", code=2)
 
 
+def test_serve_log_level_is_a_choice(cli):
+    """Before: --log-level banana reached uvicorn's config as a KeyError traceback."""
+    _one_line_error(cli("serve", "--log-level", "banana"), "--log-level", "banana", "warning", code=2)
+    from fmnist import cli as cli_module
+
+    assert cli_module.build_parser().parse_args(["serve", "--log-level", "WARNING"]).log_level == "warning"
+
+
+def test_serve_max_header_kb_reaches_the_server():
+    from fmnist import cli, serve
+
+    args = cli.build_parser().parse_args(["serve", "--max-header-kb", "16"])
+    assert serve._config(args).max_head_bytes == 16 << 10
+
+
 def test_serve_port_in_use():
+    """Before: 'serving ... on http://...' first, then uvicorn's multi-line ERROR, exit 3."""
     import socket
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         s.listen()
-        r = run("serve", "--port", str(s.getsockname()[1]))
-    assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr
-    assert "address already in use" in r.stderr.lower()
+        port = s.getsockname()[1]
+        r = run("serve", "--port", str(port), timeout=60)
+    _one_line_error(r, f"127.0.0.1:{port}", "Address already in use", "--port")
+    assert "serving" not in r.stderr, r.stderr
+
+
+def test_serve_host_that_cannot_be_bound():
+    r = run("serve", "--host", "999.1.1.1", "--port", "0", timeout=60)
+    _one_line_error(r, "999.1.1.1", "--host")
+    assert "serving" not in r.stderr, r.stderr
 
 
 def test_closed_stdout_pipe_exits_quietly(dataset):

@@ -106,14 +106,35 @@ def test_raw_body_is_the_image(server, dataset):
 @pytest.mark.parametrize("ctype,body,status,code", [
     ("image/png", b"", 400, "empty_file"),
     ("image/png", b"just some text", 415, "unsupported_media_type"),
-    ("application/json", b'{"image": "x"}', 422, "invalid_request"),
-    (None, b"abc", 422, "invalid_request"),
+    # Before: 422. A Content-Type that carries no images is 415, with how to send them.
+    ("application/json", b'{"image": "x"}', 415, "unsupported_media_type"),
+    ("text/plain", b"abc", 415, "unsupported_media_type"),
+    ("application/x-www-form-urlencoded", b"files=abc", 415, "unsupported_media_type"),
+    (None, b"abc", 415, "unsupported_media_type"),
 ])
 def test_bad_raw_bodies_get_4xx_json(server, ctype, body, status, code):
     r = httpx.post(server + "/v1/predict", content=body, headers={"content-type": ctype} if ctype else {})
     assert r.status_code == status and r.json()["error"]["code"] == code, r.text
-    if code == "invalid_request":
-        assert "Content-Type image/*" in r.json()["error"]["message"]
+    if ctype != "image/png":
+        assert "Content-Type image/*" in r.json()["error"]["message"] and "multipart" in r.json()["error"]["message"]
+
+
+def test_unsupported_format_message_lists_exactly_what_is_accepted(server):
+    """Before: the message for a file that is no image offered PPM/PGM, and a PPM upload then
+    got 415. Now both messages name the formats of /v1/model, and each of those is served."""
+    formats = httpx.get(server + "/v1/model").json()["limits"]["formats"]
+    ppm = io.BytesIO()
+    Image.new("L", (28, 28)).save(ppm, format="PPM")
+    for body in (b"just some text", ppm.getvalue()):
+        r = httpx.post(server + "/v1/predict", files={"files": ("x.png", body, "image/png")})
+        assert r.status_code == 415 and r.json()["error"]["code"] == "unsupported_media_type", r.text
+        listed = r.json()["error"]["message"].rsplit("(", 1)[1].rstrip(")").split(", ")
+        assert sorted(name.upper() for name in listed) == formats, r.text
+    for fmt in formats:
+        buf = io.BytesIO()
+        Image.new("L", (28, 28)).save(buf, format=fmt)
+        r = httpx.post(server + "/v1/predict", files={"files": (f"x.{fmt.lower()}", buf.getvalue(), "image/png")})
+        assert r.status_code == 200, (fmt, r.text)
 
 
 def test_concurrent_requests_are_batched_and_accurate(server, dataset):
@@ -169,7 +190,7 @@ def test_bad_requests_get_4xx_json(server, case, status, code):
         Image.new("1", (6000, 5000)).save(buf, format="PNG")  # tiny file, 30 MP decoded
         files = {"files": ("bomb.png", buf.getvalue(), "image/png")}
     elif case == "no_files":
-        files = None
+        files = {"x": (None, b"1")}  # multipart: a text field, no 'files'
     elif case == "too_many_files":
         files = [("files", (f"{i}.png", ok, "image/png")) for i in range(17)]
     elif case == "bad_top_k":
@@ -178,8 +199,7 @@ def test_bad_requests_get_4xx_json(server, case, status, code):
         buf = io.BytesIO()
         Image.new("RGBA", (50, 50), (0, 0, 0, 0)).save(buf, format="PNG")
         files = {"files": ("clear.png", buf.getvalue(), "image/png")}
-    r = httpx.post(server + "/v1/predict", files=files, params=params,
-                   data=None if files else {"x": "1"})
+    r = httpx.post(server + "/v1/predict", files=files, params=params)
     assert r.status_code == status, r.text
     err = r.json()["error"]
     assert err["code"] == code and len(err["message"]) > 10 and "Traceback" not in r.text

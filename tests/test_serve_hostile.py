@@ -241,6 +241,86 @@ def test_body_at_a_trickle_gets_408(server):
     assert time.monotonic() - t < 3.5
 
 
+def send_endless_header(url: str, before: bytes = b"") -> tuple[RawReader, int, int]:
+    """One header line of 'a's (after the requests in `before`) sent until the server closes
+    the connection or 64 MiB has gone out: (reader holding the answer, bytes sent, the cap)."""
+    sock = connect(url)
+    reader = RawReader(sock)
+    reader.start()
+    chunk = b"a" * 65536
+    sent, cap = 0, 64 << 20
+    try:
+        sock.sendall(before + b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-A: ")
+        while sent < cap and reader.closed_at is None:
+            sock.sendall(chunk)
+            sent += len(chunk)
+    except OSError:  # the server hung up on us: what it should do
+        pass
+    reader.join(5)
+    sock.close()
+    assert reader.closed_at is not None, f"still open after {sent:,} bytes: the server is still reading"
+    return reader, sent, cap
+
+
+def test_oversized_head_is_refused_unread(server):
+    """Before: only time bounded a request head, so a 100 MiB header line arriving fast was
+    buffered whole (~230 MB more memory) and answered 200 (httptools); h11 stopped at its own
+    16 KiB with a 400. Now either parser answers 431 once the head passes 64 KiB."""
+    reader, sent, cap = send_endless_header(server)
+    status, body = reader.response()
+    assert (status, body["error"]["code"]) == (431, "headers_too_large"), reader.data[:300]
+    assert "64 KiB" in body["error"]["message"]
+    assert sent < cap / 2, f"the server kept reading: {sent:,} bytes sent"
+    assert httpx.get(server + "/healthz").status_code == 200
+
+
+def test_oversized_pipelined_head_is_refused(server):
+    """The same head pipelined behind a request still being answered: httptools parses it while
+    the app works, so it is counted then too. The connection is closed mid-answer: no 431."""
+    body = slow_image()
+    first = (b"POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nContent-Length: %d\r\n\r\n%s"
+             % (len(body), body))
+    _, sent, cap = send_endless_header(server, before=first)
+    assert sent < cap / 2, f"the server kept reading: {sent:,} bytes sent"
+    wait_for_health(server, lambda h: h["conversions"]["running"] == 0)  # the slot, for the next test
+
+
+@pytest.mark.parametrize("ending", [b"\r\n\r\n", b"\n\n"])
+@pytest.mark.parametrize("split", [1, 2, 3])
+def test_head_count_stops_at_a_blank_line_split_across_reads(ending, split):
+    """The blank line that ends a head may arrive in two reads; the body after it is not counted."""
+    from fmnist.httpserver import HeadDeadline
+
+    class Counter(HeadDeadline):
+        cycle, max_head_bytes = None, 1024
+
+        def __init__(self):
+            self._head_bytes, self._head_tail, self._head_after = 0, b"", None
+
+    head = b"POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Length: 4096" + ending
+    split = min(split, len(ending))
+    c = Counter()
+    assert c._head_fits(head[:-split]) and c._head_fits(head[-split:] + b"x" * 4096)
+    assert c._head_bytes == len(head)
+
+
+def test_head_under_the_cap_is_served(server):
+    """A 60 KB header (big cookies) is within the cap under both parsers."""
+    r = httpx.get(server + "/healthz", headers={"x-a": "a" * 60_000}, timeout=5)
+    assert r.status_code == 200, r.text
+
+
+def test_body_is_not_counted_as_head(server):
+    """A small head and a 512 KiB body in one write: only the head counts towards the cap."""
+    body = b"\0" * (512 << 10)
+    with connect(server) as sock:
+        sock.sendall(b"POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+                     b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body))
+        data, _ = read_until_closed(sock)
+    head, _, answer = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 415") and b"unsupported_media_type" in answer, data[:300]
+
+
 def test_idle_keep_alive_connection_is_closed(server):
     with connect(server) as sock:
         sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")

@@ -123,12 +123,16 @@ def _add_data_dir(p):
                         "/usr/share/datasets/fashion-mnist, ~/.cache/fmnist, else download")
 
 
+# uvicorn's log levels (its config raises KeyError on any other) -> ours; trace is uvicorn's own, below debug.
+SERVE_LOG_LEVELS = {"critical": logging.CRITICAL, "error": logging.ERROR, "warning": logging.WARNING,
+                    "info": logging.INFO, "debug": logging.DEBUG, "trace": logging.DEBUG}
+
+
 def _log_level(args) -> int:
     if os.environ.get("RANK", "0") != "0":  # under torchrun only rank 0 talks
         return logging.WARNING
     if args.command == "serve":  # one knob for the server's lines and uvicorn's
-        return {"critical": logging.CRITICAL, "error": logging.ERROR, "warning": logging.WARNING,
-                "debug": logging.DEBUG, "trace": logging.DEBUG}.get(args.log_level.lower(), logging.INFO)
+        return SERVE_LOG_LEVELS[args.log_level]
     return logging.WARNING if getattr(args, "quiet", False) else logging.INFO
 
 
@@ -235,6 +239,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="close an idle keep-alive connection after this (default: 5.0)")
     p.add_argument("--header-timeout", type=_at_least(0, strict=True), default=10.0, metavar="SECONDS",
                    help="time for a request head to arrive, from its first byte, else 408 (default: 10.0)")
+    p.add_argument("--max-header-kb", type=_at_least(1, int), default=64, metavar="KIB",
+                   help="max request head (request line + headers) in KiB, counted as it arrives, else 431 "
+                        "(default: 64)")
     p.add_argument("--body-timeout", type=_at_least(0, strict=True), default=60.0, metavar="SECONDS",
                    help="time for a whole request body to arrive, else 408 (default: 60.0)")
     p.add_argument("--threads", type=_at_least(1, int), default=1,
@@ -244,7 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="HTTP/1.1 parser: httptools (C) or h11 (pure Python) (default: auto = httptools if installed)")
     p.add_argument("--loop", choices=["auto", "uvloop", "asyncio"], default="auto",
                    help="event loop (default: auto = uvloop if installed)")
-    p.add_argument("--log-level", default="info", help="uvicorn log level (default: info)")
+    p.add_argument("--log-level", type=str.lower, choices=list(SERVE_LOG_LEVELS), default="info", metavar="LEVEL",
+                   help=f"log level of the server and uvicorn: {', '.join(SERVE_LOG_LEVELS)} (default: info)")
     p.add_argument("--access-log", action="store_true", help="log every request (default: off)")
     p.add_argument("--pipeline", choices=["robust", "paper"], default="robust",
                    help="photo conversion: robust (find the item) or paper (the dataset's recipe) (default: robust)")

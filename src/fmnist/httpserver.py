@@ -1,11 +1,13 @@
-"""uvicorn, plus the one timeout it lacks: a deadline on the request head.
+"""uvicorn, plus the two limits on a request head it lacks: a deadline and a size.
 
 uvicorn times out idle keep-alive connections (`timeout_keep_alive`) and caps connections
 (`limit_concurrency`), but a client that connects and sends nothing, or one header line a
 second, holds its connection forever. `HeadDeadline` gives every request head
 `header_timeout_s` from its first byte (from the connection's start for the first request),
-then answers 408 and closes. The body's deadline is RequestGuard's (guards.py), which works
-under any ASGI server.
+then answers 408 and closes. Nor does httptools bound a head's size: a fast client's 100 MiB
+header line was buffered whole. `HeadDeadline` counts a head's bytes as they arrive and past
+`max_head_bytes` answers 431 and closes, before the parser sees them. The body's deadline and
+size are RequestGuard's (guards.py), which works under any ASGI server.
 
 It is a mixin over either of uvicorn's HTTP/1.1 protocols: httptools (a C parser, the
 default where installed) or h11 (pure Python, always installed with uvicorn). Parsing and
@@ -20,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
@@ -41,6 +44,17 @@ _400 = _answer(b"400 Bad Request", "invalid_http", "not a valid HTTP/1.1 request
                                                    "Content-Length and Transfer-Encoding): refused unread")
 
 
+# Where a request head ends (its blank line), as h11 finds it; httptools agrees or refuses the
+# request. Bytes after it (a body, the next request) share the read but are not head bytes.
+_HEAD_END = re.compile(rb"\n\r?\n")
+
+
+def _431(max_head_bytes: int) -> bytes:
+    return _answer(b"431 Request Header Fields Too Large", "headers_too_large",
+                   f"the request head is over {max_head_bytes >> 10} KiB: refused unread; send fewer or "
+                   f"smaller headers (cookies, tokens)")
+
+
 def httptools_available() -> bool:
     try:
         import httptools  # noqa: F401
@@ -53,10 +67,16 @@ class HeadDeadline:
     """Mixin for a uvicorn HTTP protocol class (it uses their `cycle`, `loop`, `transport`).
     Also answers what the parser refuses (uvicorn: a text/plain 400) with the app's JSON error."""
     header_timeout_s: float = 10.0  # set per server by `protocol_with_head_deadline`
+    # Ditto. 64 KiB: room for big cookies (nginx allows 4 x 8 KiB, Node.js 16 KiB), at a cost
+    # per connection that --limit-concurrency keeps small.
+    max_head_bytes: int = 64 << 10
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         self._head_timer: asyncio.TimerHandle | None = None
+        self._head_bytes = 0      # of the request head now arriving
+        self._head_tail = b""     # its last 2 bytes: a blank line may straddle two reads
+        self._head_after = None   # the request before the head being counted (uvicorn's cycle)
         self._arm()  # a connection that sends nothing at all
 
     def _app_busy(self) -> bool:
@@ -72,7 +92,28 @@ class HeadDeadline:
             self._head_timer.cancel()
             self._head_timer = None
 
+    def _head_fits(self, data: bytes) -> bool:
+        """Counts `data`'s request-head bytes: False once a head is over `max_head_bytes`.
+        Counted while no request is open or the open one's body has all arrived (a pipelined
+        next request: httptools parses it while the app is busy), not in a body."""
+        if self.cycle is not self._head_after:  # the parser made a request of the last head
+            self._head_after, self._head_bytes, self._head_tail = self.cycle, 0, b""
+        if self.cycle is not None and self.cycle.more_body:
+            return True  # a body's bytes: RequestGuard counts those
+        end = _HEAD_END.search(self._head_tail + data[:2])  # a blank line across the two reads
+        if end:
+            n = max(0, end.end() - len(self._head_tail))
+        else:
+            end = _HEAD_END.search(data)
+            n = end.end() if end else len(data)
+        self._head_bytes += n
+        self._head_tail = (self._head_tail + data[-2:])[-2:]
+        return self._head_bytes <= self.max_head_bytes
+
     def data_received(self, data: bytes) -> None:
+        if not self._head_fits(data):
+            self._refuse_head()
+            return
         super().data_received(data)
         if self._app_busy():
             self._disarm()
@@ -89,7 +130,18 @@ class HeadDeadline:
 
     def _may_answer(self) -> bool:
         """No response has been started on this connection since the last one finished."""
-        return True
+        return not self._app_busy()
+
+    def _refuse_head(self) -> None:
+        """431 and close, the head unread: the parser never buffers it."""
+        self._disarm()
+        if self.transport.is_closing():
+            return
+        log.warning("%s: request head over %d bytes: closing",
+                    "%s:%d" % self.client if self.client else "client", self.max_head_bytes)
+        if self._may_answer():
+            self.transport.write(_431(self.max_head_bytes))
+        self.transport.close()
 
     def _head_timeout(self) -> None:
         self._head_timer = None
@@ -103,15 +155,24 @@ class HeadDeadline:
 
 
 class HeadDeadlineH11(HeadDeadline, H11Protocol):
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        # h11's own cap on an unfinished head (16 KiB) would refuse heads under ours with a 400.
+        # Ours counts the bytes before h11 sees them, so it applies first; the margin is for
+        # the start of a pipelined request that shared a read with the one before.
+        self.conn = h11.Connection(h11.SERVER, max_incomplete_event_size=2 * self.max_head_bytes)
+
     def _may_answer(self) -> bool:
         return self.conn.their_state is h11.IDLE
 
 
-def protocol_with_head_deadline(header_timeout_s: float, http: str = "auto") -> type:
+def protocol_with_head_deadline(header_timeout_s: float, http: str = "auto", max_head_bytes: int = 64 << 10) -> type:
     """The protocol class to give uvicorn: http = 'httptools', 'h11' or 'auto' (httptools
-    where installed)."""
+    where installed); request heads get `header_timeout_s` and at most `max_head_bytes`."""
     if header_timeout_s <= 0:
         raise ValueError(f"header timeout must be > 0 s, got {header_timeout_s}")
+    if max_head_bytes < 1024:  # a browser's ordinary request head is 0.5-2 KB
+        raise ValueError(f"request head limit must be >= 1 KiB, got {max_head_bytes} bytes")
     if http == "auto":
         http = "httptools" if httptools_available() else "h11"
     if http == "httptools":
@@ -124,4 +185,5 @@ def protocol_with_head_deadline(header_timeout_s: float, http: str = "auto") -> 
         base = HeadDeadlineH11
     else:
         raise ValueError(f"unknown HTTP implementation {http!r}; use httptools, h11 or auto")
-    return type(base.__name__, (base,), {"header_timeout_s": header_timeout_s, "implementation": http})
+    return type(base.__name__, (base,), {"header_timeout_s": header_timeout_s, "max_head_bytes": max_head_bytes,
+                                         "implementation": http})

@@ -37,6 +37,12 @@ OPEN_FORMATS = ("PNG", "JPEG", "GIF", "WEBP", "BMP", "TIFF", "PPM")
 # not of the wrong kind, and the error should say so.
 MAGIC = ((b"\x89PNG\r\n\x1a\n", "PNG"), (b"\xff\xd8\xff", "JPEG"), (b"GIF87a", "GIF"), (b"GIF89a", "GIF"),
          (b"BM", "BMP"), (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"))
+_SHOWN = {"WEBP": "WebP", "PPM": "PPM/PGM"}  # how messages name a Pillow format
+
+
+def format_names(formats) -> str:
+    """'PNG, JPEG, ...': Pillow formats as a person knows them."""
+    return ", ".join(_SHOWN.get(f, f) for f in formats)
 
 
 class PreprocessError(Exception):
@@ -58,10 +64,12 @@ class Preprocessed:
 
 # ---------------------------------------------------------------------------- opening
 
-def open_image(src, max_pixels: int = MAX_PIXELS, draft: int | None = None) -> Image.Image:
+def open_image(src, max_pixels: int = MAX_PIXELS, draft: int | None = None,
+               formats: tuple[str, ...] = OPEN_FORMATS) -> Image.Image:
     """Open a path, bytes or PIL image: first frame, EXIF orientation applied, fully decoded.
     draft: JPEGs decode at the smallest DCT scale (1/2, 1/4, 1/8) that keeps the longest side
-    >= draft px, which saves most of the cost of a large photo."""
+    >= draft px, which saves most of the cost of a large photo. formats: the Pillow plugins
+    tried (some of OPEN_FORMATS), which the error for anything else names."""
     name = str(src) if isinstance(src, (str, Path)) else "image"
     if isinstance(src, Image.Image):
         img = src
@@ -70,14 +78,13 @@ def open_image(src, max_pixels: int = MAX_PIXELS, draft: int | None = None) -> I
         if not data:
             raise PreprocessError(f"{name}: empty file (0 bytes)")
         try:
-            img = Image.open(io.BytesIO(data), formats=OPEN_FORMATS)
+            img = Image.open(io.BytesIO(data), formats=formats)
         except UnidentifiedImageError:
-            fmt = next((f for magic, f in MAGIC if data.startswith(magic)), None)
+            fmt = next((f for magic, f in MAGIC if data.startswith(magic) and f in formats), None)
             if fmt:   # the right signature, then a bad header (a CRC error, a cut-off file)
                 raise PreprocessError(f"{name}: corrupt {fmt} data (its header does not decode); "
                                       "re-save or re-export the image") from None
-            raise PreprocessError(f"{name}: not an image in an accepted format "
-                                  "(PNG, JPEG, GIF, WebP, BMP, TIFF, PPM/PGM)") from None
+            raise PreprocessError(f"{name}: not an image in an accepted format ({format_names(formats)})") from None
         except Image.DecompressionBombError:
             raise PreprocessError(f"{name}: too many pixels (limit {max_pixels:,}); resize it first") from None
         except (OSError, SyntaxError, ValueError) as e:

@@ -45,12 +45,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from .batcher import BatcherUnavailable, DynamicBatcher
 from .guards import Busy, ConversionSlots, RequestGuard
 from .predict import Predictor
-from .preprocess import Preprocessed, PreprocessError, open_image
+from .preprocess import Preprocessed, PreprocessError, format_names, open_image
 from .robust import WORK
 
 log = logging.getLogger(__name__)
 
-ACCEPTED_FORMATS = {"PNG", "JPEG", "GIF", "WEBP", "BMP", "TIFF", "MPO"}  # MPO: phone JPEGs
+# The Pillow plugins tried on an upload: preprocess.OPEN_FORMATS less PPM/PGM, which no browser
+# or phone sends. JPEG also opens MPO (phone JPEGs).
+ACCEPTED_FORMATS = ("PNG", "JPEG", "GIF", "WEBP", "BMP", "TIFF")
 
 
 @dataclass
@@ -69,6 +71,7 @@ class ServeConfig:
     limit_concurrency: int = 256
     keep_alive_s: float = 5.0        # idle keep-alive connection closed after this (uvicorn's default)
     header_timeout_s: float = 10.0   # request head, from its first byte (httpserver.py)
+    max_head_bytes: int = 64 << 10   # request line + headers, counted as they arrive; past it 431
     # Inference threads (torch intra-op; ONNX Runtime's pool, which otherwise takes a thread per
     # core and spins between calls): the conversions and the event loop need the other cores.
     threads: int = 1
@@ -101,7 +104,10 @@ def _prepare(data: bytes, name: str, cfg: ServeConfig, predictor: Predictor) -> 
     try:
         # The robust conversion works at robust.WORK px: decode JPEGs reduced right away rather
         # than a full-resolution image that is shrunk a moment later.
-        img = open_image(data, max_pixels=cfg.max_pixels, draft=WORK if predictor.pipeline == "robust" else None)
+        # Only the accepted formats are tried: anything else, PPM included, is "not an image in an
+        # accepted format (...)", which names them.
+        img = open_image(data, max_pixels=cfg.max_pixels, draft=WORK if predictor.pipeline == "robust" else None,
+                         formats=ACCEPTED_FORMATS)
     except PreprocessError as e:
         msg = str(e).removeprefix("image: ")
         if "not an image" in msg:
@@ -109,10 +115,6 @@ def _prepare(data: bytes, name: str, cfg: ServeConfig, predictor: Predictor) -> 
         if "limit" in msg:
             raise HTTPException(413, detail=("too_many_pixels", f"{name}: {msg}")) from None
         raise HTTPException(400, detail=("bad_image", f"{name}: {msg}")) from None
-    fmt = img.format
-    if fmt and fmt not in ACCEPTED_FORMATS:
-        raise HTTPException(415, detail=("unsupported_media_type",
-                                         f"{name}: {fmt} images are not accepted; send PNG, JPEG, GIF, WebP, BMP or TIFF"))
     try:
         return predictor.prepare(img)
     except PreprocessError as e:
@@ -123,7 +125,7 @@ def _prepare(data: bytes, name: str, cfg: ServeConfig, predictor: Predictor) -> 
 PREDICT_BODY = {"requestBody": {"required": True, "content": {
     "multipart/form-data": {"schema": {"type": "object", "required": ["files"], "properties": {
         "files": {"type": "array", "items": {"type": "string", "format": "binary"},
-                  "description": "image files (PNG, JPEG, GIF, WebP, BMP, TIFF)"}}}},
+                  "description": f"image files ({format_names(ACCEPTED_FORMATS)})"}}}},
     "image/*": {"schema": {"type": "string", "format": "binary"},
                 "description": "one image as the whole body, e.g. Content-Type: image/jpeg"}}}}
 RAW_TYPES = ("image/", "application/octet-stream")
@@ -139,9 +141,9 @@ async def _uploads(request: Request, cfg: ServeConfig) -> list[tuple[str, bytes]
     ctype = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
     if ctype.startswith(RAW_TYPES):
         return [("image", await request.body())]
-    if ctype != "multipart/form-data":
-        raise HTTPException(422, detail=("invalid_request", f"no images in a {ctype or 'Content-Type-less'} "
-                                                            f"request: {HOW_TO_SEND}"))
+    if ctype != "multipart/form-data":  # 415: the body is in a format this route does not take
+        sent = f"Content-Type {ctype}" if ctype else "a request without Content-Type"
+        raise HTTPException(415, detail=("unsupported_media_type", f"{sent} carries no images: {HOW_TO_SEND}"))
     async with request.form() as form:  # starlette caps files at 1000; the body cap bounds the bytes
         files = form.getlist("files")
         if not files:
@@ -252,7 +254,7 @@ def create_app(predictor: Predictor | None = None, cfg: ServeConfig | None = Non
                 "backend": predictor.backend, "threads": predictor.inference_threads(),
                 "max_batch": cfg.max_batch, "max_wait_ms": cfg.max_wait_ms,
                 "limits": {"max_upload_bytes": cfg.max_upload_bytes, "max_files": cfg.max_files,
-                           "max_pixels": cfg.max_pixels, "formats": sorted(ACCEPTED_FORMATS - {"MPO"})}}
+                           "max_pixels": cfg.max_pixels, "formats": sorted(ACCEPTED_FORMATS)}}
 
     @app.get("/v1/samples", summary="Random test-set images (PNG data URLs) with their true labels")
     async def sample_images(n: int = Query(8, ge=1, le=32)):
@@ -313,27 +315,30 @@ def _config(args) -> ServeConfig:
                        max_conversions=args.max_conversions or per_worker,
                        conversion_wait_s=args.conversion_wait, limit_concurrency=args.limit_concurrency,
                        keep_alive_s=args.keep_alive_timeout, header_timeout_s=args.header_timeout,
+                       max_head_bytes=args.max_header_kb << 10,
                        body_timeout_s=args.body_timeout, threads=args.threads, http=args.http, loop=args.loop)
 
 
-def _listen_socket(host: str, port: int) -> socket.socket:
-    """A bound TCP socket, one of the group of worker processes' sockets on the same port
-    (SO_REUSEPORT), among which the kernel spreads new connections evenly."""
+def _listen_socket(host: str, port: int, reuse_port: bool = True) -> socket.socket:
+    """A bound TCP socket. reuse_port: one of the group of worker processes' sockets on the
+    same port (SO_REUSEPORT), among which the kernel spreads new connections evenly. A single
+    server goes without, so that a second one on its port fails rather than shares it."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    if reuse_port:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     try:
         sock.bind((host, port))
-    except OSError as e:
+    except OSError as e:  # the port is taken, or the host is no address of ours (socket.gaierror)
         sock.close()
         raise OSError(e.errno, f"cannot listen on {host}:{port}: {e.strerror or e}; "
                                f"choose another --port or --host") from None
     return sock
 
 
-def _serve(args, sock: socket.socket | None = None) -> None:
-    """One server process: the model, the app and uvicorn (on `sock` when given)."""
+def _serve(args, sock: socket.socket, worker: bool = False) -> None:
+    """One server process: the model, the app and uvicorn on the bound socket `sock`."""
     import torch
     import uvicorn
 
@@ -344,15 +349,16 @@ def _serve(args, sock: socket.socket | None = None) -> None:
     predictor = Predictor(args.checkpoint, backend=args.backend, pipeline=getattr(args, "pipeline", "robust"),
                           threads=cfg.threads)
     app = create_app(predictor, cfg)
-    protocol = protocol_with_head_deadline(cfg.header_timeout_s, cfg.http)
+    protocol = protocol_with_head_deadline(cfg.header_timeout_s, cfg.http, cfg.max_head_bytes)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                             access_log=args.access_log, http=protocol, loop=cfg.loop,
                             limit_concurrency=cfg.limit_concurrency, timeout_keep_alive=cfg.keep_alive_s)
-    port, worker = (sock.getsockname()[1], f" (worker {os.getpid()})") if sock is not None else (args.port, "")
+    host = f"[{args.host}]" if ":" in args.host else args.host
+    who = f" (worker {os.getpid()})" if worker else ""
     log.info(f"serving {predictor.meta.get('model')} ({predictor.backend}, {cfg.threads} inference thread(s)) on "
-             f"http://{args.host}:{port}/{worker}  API docs: /docs  batching: max {cfg.max_batch}, wait "
+             f"http://{host}:{sock.getsockname()[1]}/{who}  API docs: /docs  batching: max {cfg.max_batch}, wait "
              f"{cfg.max_wait_ms} ms  conversions: {cfg.max_conversions} at once  http: {protocol.implementation}")
-    uvicorn.Server(config).run(sockets=[sock] if sock is not None else None)
+    uvicorn.Server(config).run(sockets=[sock])
 
 
 def _worker(args, port: int, log_level: int) -> None:
@@ -366,7 +372,7 @@ def _worker(args, port: int, log_level: int) -> None:
     try:
         sock = _listen_socket(args.host, port)
         sock.listen(2048)
-        _serve(args, sock)
+        _serve(args, sock, worker=True)
     except (CheckpointError, ValueError, ImportError, OSError) as e:  # as the CLI reports them: one line
         log.error(str(e))
         sys.exit(1)
@@ -425,5 +431,11 @@ def _supervise(args) -> int:
 def main(args) -> int:
     if getattr(args, "workers", 1) > 1:
         return _supervise(args)
-    _serve(args)
+    # Bound before the model loads, as the workers' sockets are: a port in use or a bad --host
+    # is a one-line error (the CLI's), and "serving" is announced only on a socket that is ours.
+    sock = _listen_socket(args.host, args.port, reuse_port=False)
+    try:
+        _serve(args, sock)
+    finally:
+        sock.close()
     return 0
