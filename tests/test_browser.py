@@ -94,5 +94,5 @@ def test_unsure_verdict_is_shown_with_its_reason(browser, page_url, tmp_path):
     page.set_input_files("#file", str(blank))
     page.wait_for_function("document.getElementById('label').textContent.includes('%')", timeout=15000)
     assert page.inner_text("#label").startswith("Unsure")
-    assert "no clear item" in page.inner_text("#reason")
+    assert "no clear item" in page.inner_text("#reason") and "plain background" in page.inner_text("#reason")
     page.close()

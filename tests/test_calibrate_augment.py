@@ -82,9 +82,16 @@ def test_photo_trained_run_learns_and_is_calibrated(fast_run):
 def test_blank_image_is_unsure_with_a_reason():
     from PIL import Image
 
-    r = Predictor().predict([Image.new("RGB", (300, 200), (240, 240, 240))])[0]
-    assert r.unsure and "no clear item" in r.reason
+    from fmnist.predict import PHOTO_TIP
+
+    p = Predictor()
+    r = p.predict([Image.new("RGB", (300, 200), (240, 240, 240))])[0]
+    assert r.unsure and "no clear item" in r.reason and r.reason.endswith(PHOTO_TIP)   # and what to do
     assert r.to_dict()["verdict"] == "unsure"
+    # A 28x28 dataset-style image was not photographed: no advice about photos when it is unsure.
+    p.threshold = 1.01   # every answer under it
+    r = p.predict([np.zeros((28, 28), np.uint8)])[0]
+    assert r.unsure and r.reason.startswith("low confidence") and PHOTO_TIP not in r.reason
 
 
 def test_shipped_model_is_calibrated():

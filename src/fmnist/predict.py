@@ -20,6 +20,12 @@ from .preprocess import PreprocessError, Preprocessed, is_dataset_style, open_im
 from .inference import predict_logits
 
 
+# Said with every unsure verdict on a photo: on the held-out real photos, items alone on a plain
+# ground are right far more often than casual shots (docs/RESULTS.md, section 3), and pairs of
+# shoes shot from above are among the hardest (the dataset shows one shoe, from the side).
+PHOTO_TIP = "a photo of the item alone on a plain background (one shoe, from the side) works best"
+
+
 def default_checkpoint() -> Path:
     """The small pretrained model shipped in the package (see assets/MODEL_CARD.md)."""
     return Path(str(resources.files("fmnist") / "assets" / "default.pt"))
@@ -140,11 +146,19 @@ class Predictor:
                           f"model is wrong more often than right (validation)")
         return False, None
 
+    def verdict(self, pre: Preprocessed, p: np.ndarray) -> tuple[bool, str | None]:
+        """judge() for a prepared image, plus what to do about an unsure photo (PHOTO_TIP): the
+        one verdict the CLI, the API and the web page all give."""
+        unsure, reason = self.judge(pre.item_found, pre.note, p)
+        if unsure and pre.pipeline != "dataset":   # a 28x28 dataset image was not photographed
+            reason = f"{reason}; {PHOTO_TIP}"
+        return unsure, reason
+
     def predict(self, items, top_k: int = 3) -> list[Prediction]:
         """Paths, bytes, PIL images or arrays. A bad item gets .error; the others still run."""
         if isinstance(items, (str, Path, np.ndarray)) or hasattr(items, "size") and hasattr(items, "mode"):
             items = [items]
-        preds, batch, slots = [], [], []
+        preds, batch, slots, prepared = [], [], [], []
         for i, item in enumerate(items):
             src = str(item) if isinstance(item, (str, Path)) else f"<{type(item).__name__} #{i}>"
             try:
@@ -152,17 +166,17 @@ class Predictor:
             except PreprocessError as e:
                 preds.append(Prediction(src, error=str(e)))
                 continue
-            preds.append(Prediction(src, image=pre.image, unsure=not pre.item_found, reason=pre.note or None))
+            preds.append(Prediction(src, image=pre.image))
             batch.append(pre.image)
             slots.append(len(preds) - 1)
+            prepared.append(pre)
         probs = self.probabilities(np.stack(batch)) if batch else np.zeros((0, 10))
         k = max(1, min(top_k, len(self.class_names)))
-        for slot, p in zip(slots, probs):
+        for slot, pre, p in zip(slots, prepared, probs):
             order = np.argsort(-p)[:k]
             preds[slot].top = [(self.class_names[j], float(p[j])) for j in order]
             preds[slot].probabilities = [float(v) for v in p]
-            if not preds[slot].unsure:
-                preds[slot].unsure, preds[slot].reason = self.judge(True, "", p)
+            preds[slot].unsure, preds[slot].reason = self.verdict(pre, p)
         return preds
 
 

@@ -294,7 +294,7 @@ def create_app(predictor: Predictor | None = None, cfg: ServeConfig | None = Non
         out = []
         for (name, _), pre, p in zip(uploads, pres, probs):
             order = np.argsort(-p)[:top_k]
-            unsure, reason = predictor.judge(pre.item_found, pre.note, p)
+            unsure, reason = predictor.verdict(pre, p)
             item = {"filename": name, "label": predictor.class_names[order[0]], "probability": float(p[order[0]]),
                     "verdict": "unsure" if unsure else "sure", "reason": reason,
                     "top": [{"label": predictor.class_names[j], "probability": float(p[j])} for j in order]}
