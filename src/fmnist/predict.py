@@ -113,13 +113,13 @@ class Predictor:
         logits = predict_logits(self.model, x, tta_flip=self.tta_flip, channels_last=True, amp="off")
         return torch.softmax(logits / self.temperature, 1).cpu().numpy()
 
-    def prepare(self, item, name: str | None = None) -> Preprocessed:
+    def prepare(self, item) -> Preprocessed:
         """Anything accepted by predict() -> the 28x28 image the model will see."""
         name = str(item) if isinstance(item, (str, Path)) else "image"
         if isinstance(item, (str, Path, bytes, bytearray, memoryview)):
             # Opened here, as the server opens uploads, so that a 28x28 Fashion-MNIST-style file
             # is recognised below as what it is, not converted as a photo of one.
-            item = open_image(item, draft=self._draft())
+            item = open_image(item, draft=self.draft_size())
         if is_dataset_style(item):
             a = to_uint8(np.asarray(item)).reshape(28, 28)
             return Preprocessed(a, "dark", (0, 0, 28, 28), "dataset")
@@ -128,8 +128,9 @@ class Predictor:
         except PreprocessError as e:
             raise PreprocessError(str(e) if str(e).startswith(name) else f"{name}: {e}") from None
 
-    def _draft(self) -> int | None:
-        """The robust conversion works at robust.WORK px: decode JPEGs reduced right away."""
+    def draft_size(self) -> int | None:
+        """The size to decode JPEGs at (open_image's draft): the robust conversion works at
+        robust.WORK px, so a large photo is decoded reduced right away; None for the paper's."""
         if self.pipeline != "robust":
             return None
         from .robust import WORK

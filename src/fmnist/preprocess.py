@@ -127,7 +127,7 @@ def read_file(path) -> bytes:
             raise PreprocessError(f"{name}: {st.st_size / 2**20:,.0f} MiB, over the limit of "
                                   f"{MAX_FILE_BYTES / 2**20:,.0f} MiB for one image; resize or recompress it")
         with open(path, "rb") as f:
-            return f.read(MAX_FILE_BYTES + 1)[:MAX_FILE_BYTES]
+            return f.read(MAX_FILE_BYTES)   # bounded even if the file grew since the stat
     except OSError as e:
         raise PreprocessError(f"{name}: cannot read ({e.strerror or e})") from None
 

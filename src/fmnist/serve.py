@@ -46,7 +46,6 @@ from .batcher import BatcherUnavailable, DynamicBatcher
 from .guards import Busy, ConversionSlots, RequestGuard
 from .predict import Predictor
 from .preprocess import Preprocessed, PreprocessError, format_names, open_image
-from .robust import WORK
 
 log = logging.getLogger(__name__)
 
@@ -102,12 +101,10 @@ def _prepare(data: bytes, name: str, cfg: ServeConfig, predictor: Predictor) -> 
     if not data:
         raise HTTPException(400, detail=("empty_file", f"{name}: the file is empty (0 bytes)"))
     try:
-        # The robust conversion works at robust.WORK px: decode JPEGs reduced right away rather
-        # than a full-resolution image that is shrunk a moment later.
-        # Only the accepted formats are tried: anything else, PPM included, is "not an image in an
-        # accepted format (...)", which names them.
-        img = open_image(data, max_pixels=cfg.max_pixels, draft=WORK if predictor.pipeline == "robust" else None,
-                         formats=ACCEPTED_FORMATS)
+        # Decoded as `fmnist predict` decodes (JPEGs reduced for the robust conversion), with the
+        # server's own pixel limit. Only the accepted formats are tried: anything else, PPM
+        # included, is "not an image in an accepted format (...)", which names them.
+        img = open_image(data, max_pixels=cfg.max_pixels, draft=predictor.draft_size(), formats=ACCEPTED_FORMATS)
     except PreprocessError as e:
         msg = str(e).removeprefix("image: ")
         if "not an image" in msg:
