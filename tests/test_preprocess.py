@@ -143,6 +143,32 @@ def test_bad_files(tmp_path, case, match):
     assert str(p) in str(e.value) and "\n" not in str(e.value)
 
 
+# An iPhone photo's first bytes: an ISO-BMFF box naming the HEIC brand (no HEVC data after it
+# is needed: Pillow refuses the file before it would decode any).
+HEIC_HEAD = b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic" + bytes(64)
+
+
+def test_heic_photos_get_how_to_convert_them_and_are_not_skipped_in_folders(tmp_path):
+    """Before: "not an image in an accepted format", and a folder's .heic files were skipped
+    without a word. An iPhone saves HEIC unless told otherwise."""
+    (tmp_path / "IMG_0001.HEIC").write_bytes(HEIC_HEAD)
+    (tmp_path / "shirt.png").write_bytes(encode(photo()))
+    assert [f.name for f in pp.iter_image_files([tmp_path])] == ["IMG_0001.HEIC", "shirt.png"]
+    with pytest.raises(pp.UnsupportedFormatError, match=r"HEIC/HEIF .* export it as JPEG") as e:
+        preprocess(tmp_path / "IMG_0001.HEIC")
+    assert "IMG_0001.HEIC" in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.skipif(not pp.AVIF, reason="this Pillow has no AVIF codec")
+def test_avif_photos_convert_as_the_same_photo_as_png():
+    """AVIF (phones and browsers share it) opens, by path as by bytes, and converts to nearly
+    the 28x28 image of the same pixels as a PNG (AVIF is lossy: a few grey levels apart)."""
+    img = photo(bg=(235, 230, 220), fg=(40, 60, 120))
+    a = preprocess(encode(img, "AVIF", quality=95)).image.astype(int)
+    b = preprocess(encode(img, "PNG")).image.astype(int)
+    assert np.abs(a - b).mean() < 3 and a.max() > 200
+
+
 def test_not_a_regular_file_oversized_or_corrupt_png(tmp_path, monkeypatch):
     """A named pipe would block the read forever and /dev/zero never ends: refused from a stat,
     as is a file over the size cap (a sparse one here, so nothing is written or read)."""

@@ -137,6 +137,15 @@ def test_unsupported_format_message_lists_exactly_what_is_accepted(server):
         assert r.status_code == 200, (fmt, r.text)
 
 
+def test_a_heic_photo_gets_415_with_how_to_send_it(server):
+    """An iPhone's HEIC photo is no format the server opens: 415, saying to send a JPEG."""
+    heic = b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic" + bytes(64)
+    for r in (httpx.post(server + "/v1/predict", files={"files": ("IMG_0001.HEIC", heic, "image/heic")}),
+              httpx.post(server + "/v1/predict", content=heic, headers={"content-type": "image/heic"})):
+        assert r.status_code == 415 and r.json()["error"]["code"] == "unsupported_media_type", r.text
+        assert "HEIC/HEIF" in r.json()["error"]["message"] and "JPEG" in r.json()["error"]["message"]
+
+
 def test_concurrent_requests_are_batched_and_accurate(server, dataset):
     """256 single-image requests from 16 clients at once: the batcher serves them in fewer
     forward passes than requests (its counters in /healthz; with --max-batch 1 they stay at 0,

@@ -372,14 +372,14 @@ def cmd_predict(args) -> int:
 
     from .atomic import atomic_path
     from .predict import Predictor, format_table
-    from .preprocess import iter_image_files
+    from .preprocess import IMAGE_EXTENSIONS, iter_image_files
 
     if args.top_k < 1:
         raise ValueError(f"--top-k must be >= 1, got {args.top_k}")
     files = iter_image_files(args.paths)
     if not files:
         raise ValueError(f"no image files found in {' '.join(args.paths)} "
-                         f"(folders are searched for .png .jpg .jpeg .gif .bmp .webp .tif)")
+                         f"(folders are searched for {' '.join(sorted(IMAGE_EXTENSIONS))})")
     if args.save_preprocessed:   # before the work, so a bad folder does not waste it
         out = Path(args.save_preprocessed)
         try:

@@ -22,22 +22,32 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageFile, ImageFilter, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageFile, ImageFilter, ImageOps, UnidentifiedImageError, features
 
 from .classes import IMAGE_SIZE
 
 MAX_PIXELS = 40_000_000   # ~ a 7,700 x 5,200 photo; larger files are refused, not resampled
 MAX_FILE_BYTES = 256 * 2**20   # a 40 MP PNG can reach ~120 MB; a larger file is refused before it is read
 TRIM_FUZZ = 0.05          # the paper's "within 5% of the maximum possible intensity in RGB space"
-IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".gif", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
+# .heic/.heif are listed so that a folder's iPhone photos are reported (HEIF_HINT), not skipped unseen.
+IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".gif", ".bmp", ".webp", ".avif", ".tif", ".tiff", ".ppm", ".pgm",
+                    ".heic", ".heif"}
 # Pillow plugins tried on open; the rest (EPS runs Ghostscript on the file) never see the bytes.
-# JPEG also opens MPO (phone JPEGs); PPM also reads PGM/PBM.
-OPEN_FORMATS = ("PNG", "JPEG", "GIF", "WEBP", "BMP", "TIFF", "PPM")
+# JPEG also opens MPO (phone JPEGs); PPM also reads PGM/PBM. AVIF (what phones and browsers
+# increasingly share) where this Pillow was built with libavif (its wheels are, from 11.3).
+AVIF = ("AVIF",) if features.check("avif") else ()
+OPEN_FORMATS = ("PNG", "JPEG", "GIF", "WEBP", *AVIF, "BMP", "TIFF", "PPM")
 # File signatures of those formats: a file that starts like one but does not open is corrupt,
 # not of the wrong kind, and the error should say so.
 MAGIC = ((b"\x89PNG\r\n\x1a\n", "PNG"), (b"\xff\xd8\xff", "JPEG"), (b"GIF87a", "GIF"), (b"GIF89a", "GIF"),
          (b"BM", "BMP"), (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"))
 _SHOWN = {"WEBP": "WebP", "PPM": "PPM/PGM"}  # how messages name a Pillow format
+# HEIC/HEIF (an iPhone camera's default) needs a HEVC decoder that Pillow does not ship: say
+# what to do instead of "not an image". ISO-BMFF files name their brand at bytes 4-12.
+HEIF_BRANDS = (b"ftypheic", b"ftypheix", b"ftyphevc", b"ftyphevx", b"ftypmif1", b"ftypmsf1", b"ftypheim",
+               b"ftypheis")
+HEIF_HINT = ("a HEIC/HEIF photo (an iPhone camera's format), which is not supported: save or export it as "
+             "JPEG first (on the iPhone: Settings > Camera > Formats > Most Compatible)")
 
 
 def format_names(formats) -> str:
@@ -47,6 +57,10 @@ def format_names(formats) -> str:
 
 class PreprocessError(Exception):
     """A file that cannot become a 28x28 image; the message is one line a person can act on."""
+
+
+class UnsupportedFormatError(PreprocessError):
+    """Bytes of no format that may be opened here (the server answers 415)."""
 
 
 PIPELINES = ("robust", "paper")
@@ -81,10 +95,13 @@ def open_image(src, max_pixels: int = MAX_PIXELS, draft: int | None = None,
             img = Image.open(io.BytesIO(data), formats=formats)
         except UnidentifiedImageError:
             fmt = next((f for magic, f in MAGIC if data.startswith(magic) and f in formats), None)
+            if fmt is None and data[4:12] in HEIF_BRANDS and b"avif" not in data[8:64]:
+                raise UnsupportedFormatError(f"{name}: {HEIF_HINT}") from None
             if fmt:   # the right signature, then a bad header (a CRC error, a cut-off file)
                 raise PreprocessError(f"{name}: corrupt {fmt} data (its header does not decode); "
                                       "re-save or re-export the image") from None
-            raise PreprocessError(f"{name}: not an image in an accepted format ({format_names(formats)})") from None
+            raise UnsupportedFormatError(f"{name}: not an image in an accepted format ({format_names(formats)})"
+                                         ) from None
         except Image.DecompressionBombError:
             raise PreprocessError(f"{name}: too many pixels (limit {max_pixels:,}); resize it first") from None
         except (OSError, SyntaxError, ValueError) as e:

@@ -45,13 +45,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from .batcher import BatcherUnavailable, DynamicBatcher
 from .guards import Busy, ConversionSlots, RequestGuard
 from .predict import Predictor
-from .preprocess import Preprocessed, PreprocessError, format_names, open_image
+from .preprocess import AVIF, Preprocessed, PreprocessError, UnsupportedFormatError, format_names, open_image
 
 log = logging.getLogger(__name__)
 
 # The Pillow plugins tried on an upload: preprocess.OPEN_FORMATS less PPM/PGM, which no browser
 # or phone sends. JPEG also opens MPO (phone JPEGs).
-ACCEPTED_FORMATS = ("PNG", "JPEG", "GIF", "WEBP", "BMP", "TIFF")
+ACCEPTED_FORMATS = ("PNG", "JPEG", "GIF", "WEBP", *AVIF, "BMP", "TIFF")
 
 
 @dataclass
@@ -105,10 +105,11 @@ def _prepare(data: bytes, name: str, cfg: ServeConfig, predictor: Predictor) -> 
         # server's own pixel limit. Only the accepted formats are tried: anything else, PPM
         # included, is "not an image in an accepted format (...)", which names them.
         img = open_image(data, max_pixels=cfg.max_pixels, draft=predictor.draft_size(), formats=ACCEPTED_FORMATS)
+    except UnsupportedFormatError as e:
+        raise HTTPException(415, detail=("unsupported_media_type", f"{name}: {str(e).removeprefix('image: ')}")
+                            ) from None
     except PreprocessError as e:
         msg = str(e).removeprefix("image: ")
-        if "not an image" in msg:
-            raise HTTPException(415, detail=("unsupported_media_type", f"{name}: {msg}")) from None
         if "limit" in msg:
             raise HTTPException(413, detail=("too_many_pixels", f"{name}: {msg}")) from None
         raise HTTPException(400, detail=("bad_image", f"{name}: {msg}")) from None
