@@ -59,6 +59,10 @@ def test_kill_mid_epoch_then_resume_matches_uninterrupted(tmp_path, fast_run, cl
     for part in ("state_dict", "ema"):  # weights, BatchNorm statistics, and the EMA copy of both
         for k in ref[part]:
             assert torch.equal(ref[part][k], got[part][k]), (part, k)
+    # fast's Lookahead: its slow weights went on from last.pt (the stem's whitening is in state_dict).
+    assert len(ref["lookahead"]) == len(got["lookahead"]) > 0
+    assert all(torch.equal(a, b) for a, b in zip(ref["lookahead"], got["lookahead"]))
+    assert ref["state_dict"]["features.0.0.white.weight"].any()
     # The one-cycle schedule went on where it stopped: every epoch's lr, loss and accuracy as uninterrupted.
     same = ("epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc")
     assert [[h[k] for k in same] for h in history(run)] == [[h[k] for k in same] for h in history(reference)]
@@ -124,3 +128,17 @@ def test_ddp_two_processes_match_one(tmp_path, fast_run):
     print(f"1 process {a1:.4f}, 2 processes {a2:.4f} test accuracy after {s1['steps']} steps")
     assert a1 > 0.7 and a2 > 0.7 and abs(a1 - a2) < 0.03
     assert len(list(tmp_path.iterdir())) == 1  # rank 0 alone writes
+
+
+def test_a_run_saved_before_lookahead_existed_resumes_without_it(tmp_path, tiny_run):
+    """Its last.pt has no Lookahead state and its config no `lookahead`: today's default (5)
+    must not be read into it."""
+    from fmnist.config import TrainConfig
+    from fmnist.train import _resume_config
+
+    run = shutil.copytree(tiny_run, tmp_path / "run")
+    ckpt = checkpoint.load(run / "last.pt")
+    del ckpt["train_config"]["lookahead"]
+    checkpoint.save(ckpt, run / "last.pt")
+    cfg, _, _ = _resume_config(TrainConfig(resume=str(run)))
+    assert cfg.lookahead == 0 and TrainConfig().lookahead == 5

@@ -110,6 +110,61 @@ def test_ema_averages_weights_after_a_warm_up_and_copies_buffers():
         assert torch.allclose(e, 0.9 * s0 + 0.1 * p)
 
 
+def test_lookahead_pulls_the_weights_halfway_back_every_k_steps():
+    from fmnist.train import Lookahead
+
+    model = torch.nn.Linear(3, 1, bias=False)
+    torch.nn.init.zeros_(model.weight)
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    la = Lookahead(model, k=2)
+    seen = []
+    for step in range(1, 5):
+        model.weight.grad = -torch.ones_like(model.weight)   # each step adds 1
+        opt.step()
+        la.update(step)
+        seen.append(model.weight[0, 0].item())
+    # 1; 2 -> halfway back to the slow 0: 1; 2; 3 -> halfway back to the slow 1: 2
+    assert seen == [1.0, 1.0, 2.0, 2.0] and la.slow[0][0, 0].item() == 2.0
+
+
+def test_patch_whitening_decorrelates_the_patches_it_is_fitted_on(dataset):
+    from fmnist.models import PatchWhiten
+
+    x = dataset.train_images[:300].unsqueeze(1).float() / 255
+    w = PatchWhiten()
+    w.fit(x, eps=1e-6)
+    y = w(x)
+    assert torch.equal(y[:, 9:], -y[:, :9])   # +/- pairs, for the ReLU after
+    f = y[:, :9].permute(0, 2, 3, 1).reshape(-1, 9).double()
+    f -= f.mean(0)
+    cov = f.T @ f / len(f)
+    assert torch.allclose(cov, torch.eye(9, dtype=cov.dtype), atol=2e-3), cov
+
+
+def test_whitened_stem_is_fitted_from_the_data_then_frozen(dataset):
+    """fit_whitening fills the stem's frozen filters (zeros until then: an unfitted stem would
+    feed the net nothing); a training step moves the learned filters and never these."""
+    from fmnist.distributed import DistInfo
+    from fmnist.models import create_model, fit_whitening
+    from fmnist.train import epoch_generators, make_optimizer, train_one_epoch
+
+    torch.manual_seed(0)
+    model = create_model("fast", {"whiten": True})
+    stem = model.features[0][0]
+    assert not stem.white.weight.any() and "features.0.0.white.weight" in model.state_dict()
+    assert fit_whitening(model, dataset.train_images[:2000]) and stem.white.weight.any()
+    assert not fit_whitening(create_model("fast"), dataset.train_images[:10])
+    white, learned = stem.white.weight.clone(), stem.conv.weight.clone()
+    cfg = config.resolve("fast", {"lookahead": 2, "amp": "off"})
+    opt = make_optimizer(model, cfg)
+    assert not any(p is stem.white.weight for g in opt.param_groups for p in g["params"])
+    train_one_epoch(model, opt, None, dataset.train_images[:512], dataset.train_labels[:512], cfg, epoch=1, step=0,
+                    total_steps=8, gen=epoch_generators(0, 1, 0, torch.device("cpu")), dist=DistInfo())
+    assert torch.equal(stem.white.weight, white) and not torch.equal(stem.conv.weight, learned)
+    with pytest.raises(ValueError, match="stem wider than 18"):
+        create_model("fast", {"whiten": True, "stem": 16})
+
+
 def test_flip_tta_and_bf16_inference(dataset):
     from fmnist.predict import default_checkpoint
 

@@ -91,6 +91,53 @@ class FastConfig:
     # False: no pooling after the stem, so the first stage runs at 28x28 (28 -> 14 -> 7 -> 4 over
     # three stages, as ResNet-9 does on CIFAR). Costly on a CPU, cheap on a GPU.
     stem_pool: bool = True
+    # True: 18 of the stem's filters are frozen patch-whitening filters fitted to the training
+    # images before the first step (PatchWhiten); the rest are learned as usual.
+    whiten: bool = False
+
+
+class PatchWhiten(nn.Module):
+    """A frozen 3x3 convolution whose 18 filters are the +/- eigenvectors of the covariance of
+    3x3 patches of the (normalised) training images, each scaled to unit variance: the first
+    layer of airbench (Jordan 2024, after Coates & Ng 2012). From the first step, the layers
+    above see decorrelated edges and blobs instead of waiting for a random stem to learn them.
+    The filters are a buffer: no optimizer or weight decay touches them, checkpoints carry them.
+    The +/- pairs let the ReLU that follows pass both signs of each component."""
+
+    PATCH = 3
+    OUT = 2 * PATCH * PATCH
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("weight", torch.zeros(self.OUT, 1, self.PATCH, self.PATCH))
+
+    def forward(self, x):
+        return F.conv2d(x, self.weight.to(x.dtype), padding=self.PATCH // 2)
+
+    @torch.no_grad()
+    def fit(self, x: torch.Tensor, eps: float = 1e-2) -> None:
+        """x: (N, 1, H, W) float images as the layer will see them (normalised)."""
+        k = self.PATCH
+        patches = F.unfold(x.float(), k, padding=k // 2).transpose(1, 2).reshape(-1, k * k).double()
+        patches -= patches.mean(0)
+        eigval, eigvec = torch.linalg.eigh(patches.T @ patches / len(patches))
+        filters = (eigvec / torch.sqrt(eigval.clamp(min=0) + eps)).T.float()   # (k*k, k*k), a filter per row
+        self.weight.copy_(torch.cat([filters, -filters]).reshape(self.OUT, 1, k, k))
+
+
+class WhitenedStemConv(nn.Module):
+    """The stem convolution of FastNet(whiten=True): PatchWhiten's 18 frozen channels beside
+    `cout - 18` learned ones, concatenated (so BatchNorm and ReLU follow as in ConvBN)."""
+
+    def __init__(self, cout: int):
+        super().__init__()
+        if cout <= PatchWhiten.OUT:
+            raise ValueError(f"FastConfig: whiten needs a stem wider than {PatchWhiten.OUT}, got {cout}")
+        self.white = PatchWhiten()
+        self.conv = nn.Conv2d(1, cout - PatchWhiten.OUT, 3, padding=1, bias=False)
+
+    def forward(self, x):
+        return torch.cat([self.white(x), self.conv(x)], 1)
 
 
 class ConvBN(nn.Sequential):
@@ -121,13 +168,17 @@ class FastNet(nn.Module):
             raise ValueError(f"FastConfig: widths {cfg.widths} and res {cfg.res} must have the same length")
         if cfg.stem_patch not in (1, 2):
             raise ValueError(f"FastConfig: stem_patch must be 1 (conv + pool) or 2 (space-to-depth), got {cfg.stem_patch}")
+        if cfg.whiten and cfg.stem_patch != 1:
+            raise ValueError("FastConfig: whiten works on the 3x3 stem conv (stem_patch 1)")
         self.norm = Normalize()
+        stem = (nn.Sequential(WhitenedStemConv(cfg.stem), nn.BatchNorm2d(cfg.stem), nn.ReLU(inplace=True))
+                if cfg.whiten else ConvBN(1, cfg.stem))
         if cfg.stem_patch == 2:
             layers: list[nn.Module] = [nn.PixelUnshuffle(2), ConvBN(4, cfg.stem)]  # (B, stem, 14, 14)
         elif cfg.stem_pool:
-            layers = [ConvBN(1, cfg.stem), nn.MaxPool2d(2)]                        # (B, stem, 14, 14)
+            layers = [stem, nn.MaxPool2d(2)]                                        # (B, stem, 14, 14)
         else:
-            layers = [ConvBN(1, cfg.stem)]                                          # (B, stem, 28, 28)
+            layers = [stem]                                                         # (B, stem, 28, 28)
         cin = cfg.stem
         for w, r in zip(cfg.widths, cfg.res):
             layers += [ConvBN(cin, w), *(Residual(w) for _ in range(r)), nn.MaxPool2d(2, ceil_mode=True)]
@@ -207,6 +258,18 @@ def create_model(name: str, config: dict | None = None) -> nn.Module:
     cfg = model_config(name, config)
     spec = REGISTRY[name]
     return spec.cls(_coerce(spec.config, cfg))
+
+
+def fit_whitening(model: nn.Module, images: torch.Tensor, n: int = 5000) -> bool:
+    """Fit every PatchWhiten in `model` (unwrapped) to the first `n` of `images` ((N, 28, 28)
+    uint8, the training split), normalised as the model normalises them. -> whether it had any."""
+    layers = [m for m in model.modules() if isinstance(m, PatchWhiten)]
+    if layers:
+        x = images[:n].to(layers[0].weight.device).unsqueeze(1).float().div(255)
+        x = model.norm(x) if isinstance(getattr(model, "norm", None), Normalize) else x
+        for m in layers:
+            m.fit(x)
+    return bool(layers)
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -30,7 +30,7 @@ from .atomic import write_json, write_text
 from .config import TrainConfig, from_dict, validate
 from .distributed import DistInfo
 from .inference import autocast, predict_logits, to_input
-from .models import count_parameters, create_model, model_config
+from .models import count_parameters, create_model, fit_whitening, model_config
 from .runinfo import environment, pick_device
 
 log = logging.getLogger(__name__)
@@ -108,6 +108,34 @@ class EMA:
             torch._foreach_copy_(self.buffers, list(model.buffers()))
 
 
+class Lookahead:
+    """Lookahead (Zhang et al. 2019) around any optimizer: every k steps the slow weights move
+    halfway to where the optimizer took the weights, and training goes on from the slow ones.
+    Short runs gain from it (issue 13's search, docs/RESULTS.md): the steps of a high learning
+    rate are averaged rather than taken at face value. Buffers (BatchNorm statistics) are left
+    to the model."""
+
+    ALPHA = 0.5  # the paper's default; its results hold over 0.5-0.8
+
+    def __init__(self, model: torch.nn.Module, k: int):
+        self.k = k
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.slow = [p.detach().clone() for p in self.params]
+
+    @torch.no_grad()
+    def update(self, step: int) -> None:
+        if step % self.k == 0:
+            torch._foreach_lerp_(self.slow, [p.detach() for p in self.params], self.ALPHA)
+            torch._foreach_copy_(self.params, self.slow)
+
+    def state_dict(self) -> list[torch.Tensor]:
+        return self.slow
+
+    @torch.no_grad()
+    def load_state_dict(self, slow: list[torch.Tensor]) -> None:
+        torch._foreach_copy_(self.slow, [t.to(s.device) for s, t in zip(self.slow, slow)])
+
+
 def evaluate_split(model, images, labels, cfg: TrainConfig, amp: str | None = None) -> dict:
     logits = predict_logits(model, images, cfg.eval_batch_size, cfg.tta_flip, cfg.channels_last,
                             cfg.amp if amp is None else amp)
@@ -116,7 +144,8 @@ def evaluate_split(model, images, labels, cfg: TrainConfig, amp: str | None = No
 
 
 def train_one_epoch(model, opt, ema, images, labels, cfg: TrainConfig, *, epoch: int, step: int,
-                    total_steps: int, gen: dict, dist: DistInfo) -> tuple[dict, int]:
+                    total_steps: int, gen: dict, dist: DistInfo, lookahead: Lookahead | None = None
+                    ) -> tuple[dict, int]:
     """One pass over `images` (uint8, on device). Returns (metrics, global step after)."""
     model.train()
     n = len(images)
@@ -146,6 +175,8 @@ def train_one_epoch(model, opt, ema, images, labels, cfg: TrainConfig, *, epoch:
         loss.backward()
         opt.step()
         step += 1
+        if lookahead is not None:
+            lookahead.update(step)
         if ema is not None:
             ema.update(dist.unwrap(model), step)
         loss_sum += loss.detach() * len(y)
@@ -236,7 +267,8 @@ def _resume_config(cfg: TrainConfig) -> tuple[TrainConfig, dict | None, Path | N
     ckpt = checkpoint.load(run_dir / "last.pt")
     if "optimizer" not in ckpt:
         raise checkpoint.CheckpointError(f"{run_dir / 'last.pt'}: holds no training state to resume")
-    saved = from_dict(ckpt["train_config"])
+    # A run saved before Lookahead existed ran without it (today's default would resume it with).
+    saved = from_dict({"lookahead": 0, **ckpt["train_config"]})
     # Everything comes from the run being continued, which ends where it was planned to.
     saved.epochs = resumed_epochs(saved, cfg.epochs, run_dir)
     saved.resume = str(run_dir)
@@ -270,30 +302,35 @@ def _splits(cfg: TrainConfig, ds, device: torch.device, dist: DistInfo) -> dict:
             "test": test, "val_idx": val_idx}
 
 
-def _build(cfg: TrainConfig, mcfg: dict, device: torch.device, dist: DistInfo):
-    """-> (model, the module the steps call, optimizer, EMA or None)."""
+def _build(cfg: TrainConfig, mcfg: dict, device: torch.device, dist: DistInfo, train_images: torch.Tensor):
+    """-> (model, the module the steps call, optimizer, EMA or None, Lookahead or None)."""
     torch.manual_seed(cfg.seed)  # initial weights: the same on every rank (DDP also broadcasts them)
     model = create_model(cfg.model, mcfg).to(device)
+    fit_whitening(model, train_images)  # the same images, so the same filters, on every rank
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     if dist.enabled:
         model = dist.wrap(model)
     opt = make_optimizer(model, cfg, device)
     ema = EMA(dist.unwrap(model), cfg.ema) if cfg.ema else None
+    lookahead = Lookahead(dist.unwrap(model), cfg.lookahead) if cfg.lookahead else None
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN time its algorithms once
     fwd_model = torch.compile(model, mode=cfg.compile_mode) if cfg.compile else model
-    return model, fwd_model, opt, ema
+    return model, fwd_model, opt, ema, lookahead
 
 
-def _restore_state(ckpt: dict, model, opt, ema, cfg: TrainConfig, device: torch.device, dist: DistInfo) -> dict:
-    """Weights, optimizer, EMA and history from last.pt -> where the loop picks up."""
+def _restore_state(ckpt: dict, model, opt, ema, lookahead, cfg: TrainConfig, device: torch.device,
+                   dist: DistInfo) -> dict:
+    """Weights, optimizer, EMA, Lookahead and history from last.pt -> where the loop picks up."""
     dist.unwrap(model).load_state_dict(ckpt["state_dict"])
     opt.load_state_dict(ckpt["optimizer"])
     for group in opt.param_groups:  # saved groups carry the saving device's switches (fused on CUDA)
         group.update(optimizer_options(cfg, device) or {"fused": None})
     if ema is not None:
         ema.model.load_state_dict(ckpt["ema"])
+    if lookahead is not None:
+        lookahead.load_state_dict(ckpt["lookahead"])
     history = list(ckpt["history"])
     return {"history": history, "step": ckpt["step"], "start_epoch": ckpt["epoch"] + 1,
             "best_acc": max((h["val_acc"] for h in history), default=-1.0),
@@ -301,7 +338,8 @@ def _restore_state(ckpt: dict, model, opt, ema, cfg: TrainConfig, device: torch.
 
 
 def _save_epoch(run_dir: Path, cfg: TrainConfig, mcfg: dict, cfg_dict: dict, model, eval_model, opt, ema,
-                va: dict, epoch: int, step: int, history: list, best_acc: float, dist: DistInfo) -> tuple[bool, float]:
+                lookahead, va: dict, epoch: int, step: int, history: list, best_acc: float, dist: DistInfo
+                ) -> tuple[bool, float]:
     """best.pt when validation improved, last.pt (the whole training state) and history.csv,
     every epoch. -> (is best, best validation accuracy so far)."""
     meta = dict(metrics={"val_acc": va["acc"], "val_loss": va["loss"], "epoch": epoch},
@@ -313,7 +351,8 @@ def _save_epoch(run_dir: Path, cfg: TrainConfig, mcfg: dict, cfg_dict: dict, mod
     checkpoint.save(checkpoint.make(
         cfg.model, mcfg, dist.unwrap(model).state_dict(), **meta,
         optimizer=opt.state_dict(), step=step, history=history,
-        **({"ema": ema.model.state_dict()} if ema is not None else {})), run_dir / "last.pt")
+        **({"ema": ema.model.state_dict()} if ema is not None else {}),
+        **({"lookahead": lookahead.state_dict()} if lookahead is not None else {})), run_dir / "last.pt")
     write_history(run_dir, history)
     return is_best, best_acc
 
@@ -348,13 +387,13 @@ def train(cfg: TrainConfig) -> Path | None:
     (tr_x, tr_y), (va_x, va_y), (te_x, te_y) = sp["train"], sp["val"], sp["test"]
 
     mcfg = model_config(cfg.model, cfg.model_config)
-    model, fwd_model, opt, ema = _build(cfg, mcfg, device, dist)
+    model, fwd_model, opt, ema, lookahead = _build(cfg, mcfg, device, dist, tr_x)
     steps_per_epoch = len(tr_x) // cfg.batch_size + (1 if len(tr_x) % cfg.batch_size >= 2 * dist.world_size else 0)
     total_steps = steps_per_epoch * cfg.epochs
 
     state = {"history": [], "step": 0, "start_epoch": 1, "best_acc": -1.0, "elapsed": 0.0}
     if resume_ckpt is not None:
-        state = _restore_state(resume_ckpt, model, opt, ema, cfg, device, dist)
+        state = _restore_state(resume_ckpt, model, opt, ema, lookahead, cfg, device, dist)
     elif dist.is_main:
         run_dir = new_run_dir(cfg)
     else:
@@ -379,7 +418,7 @@ def train(cfg: TrainConfig) -> Path | None:
             gen = epoch_generators(cfg.seed, epoch, dist.rank, device)
             t0 = time.perf_counter()
             tr, step = train_one_epoch(fwd_model, opt, ema, tr_x, tr_y, cfg, epoch=epoch, step=step,
-                                       total_steps=total_steps, gen=gen, dist=dist)
+                                       total_steps=total_steps, gen=gen, dist=dist, lookahead=lookahead)
             train_seconds = time.perf_counter() - t0
             eval_model = ema.model if ema is not None else dist.unwrap(model)
             t1 = time.perf_counter()
@@ -393,8 +432,8 @@ def train(cfg: TrainConfig) -> Path | None:
                 row["test_acc"] = evaluate_split(eval_model, te_x, te_y, cfg, amp="off")["acc"]
             history.append(row)
             if dist.is_main:
-                is_best, best_acc = _save_epoch(run_dir, cfg, mcfg, cfg_dict, model, eval_model, opt, ema, va,
-                                                epoch, step, history, best_acc, dist)
+                is_best, best_acc = _save_epoch(run_dir, cfg, mcfg, cfg_dict, model, eval_model, opt, ema,
+                                                lookahead, va, epoch, step, history, best_acc, dist)
                 saved = epoch
                 log.info(f"epoch {epoch:3d}/{cfg.epochs}  train loss {tr['loss']:.4f} acc {tr['acc']:.4f}  "
                          f"val loss {va['loss']:.4f} acc {va['acc']:.4f}  {train_seconds:5.1f}s"
