@@ -25,8 +25,12 @@ from fmnist.malloc import keep_freed_memory
 from fmnist.runinfo import environment
 from fmnist.train import train
 
+# fast as it was before the whitened stem, Lookahead and batch 128 (commit 8d009b4): what the
+# first three sittings' candidates were variants of, so they still run as they ran.
+BEFORE = {"lookahead": 0, "batch_size": 256, "model_config": {}}
+
 # name, overrides of the fast preset (flat: TrainConfig and AugmentConfig fields by name)
-CANDIDATES = [
+CANDIDATES = [(name, {**BEFORE, **given}) for name, given in [
     ("fast@10", {"epochs": 10}),
     ("fast@10 batch 128", {"epochs": 10, "batch_size": 128}),
     ("fast@10 translate 2 erase 0.25", {"epochs": 10, "translate": 2, "erase": 0.25}),
@@ -44,6 +48,14 @@ CANDIDATES = [
     ("fast@10 label smoothing 0.3", {"epochs": 10, "label_smoothing": 0.3}),
     ("res 2/2 @8 label smoothing 0.2", {"epochs": 8, "label_smoothing": 0.2, "model_config": {"res": (2, 2)}}),
     ("fast@11 label smoothing 0.2", {"epochs": 11, "label_smoothing": 0.2}),
+]] + [
+    # round 3 (sitting 4 on): airbench's ideas at a 3-epoch budget, one at a time, then together
+    ("fast@3 as before (no whitening, no Lookahead, batch 256)", {**BEFORE, "epochs": 3}),
+    ("fast@3 as before + Lookahead 5", {**BEFORE, "epochs": 3, "lookahead": 5}),
+    ("fast@3 as before + whitened stem", {**BEFORE, "epochs": 3, "model_config": {"whiten": True}}),
+    ("fast@3 as before + batch 128", {**BEFORE, "epochs": 3, "batch_size": 128}),
+    ("fast@3: all three (the fast recipe now)", {"epochs": 3}),
+    ("fast@2: all three (the fast recipe now)", {"epochs": 2}),
 ]
 
 
