@@ -155,3 +155,14 @@ def test_damaged_onnx_metadata_is_refused(exported, tmp_path, key, value, expect
     onnx.save(proto, str(bad))
     with pytest.raises(ValueError, match=rf"^{bad}: damaged metadata: .*{expect}.*fmnist export"):
         Predictor(bad, backend="onnx")
+
+
+def test_a_whitened_fast_model_exports_and_matches_pytorch(fast_run, dataset, tmp_path):
+    """fast's stem holds frozen whitening filters as a buffer: they must reach the graph."""
+    ckpt = fast_run.run / "best.pt"
+    assert checkpoint.load(ckpt)["state_dict"]["features.0.0.white.weight"].any()
+    m = OnnxModel(export(ckpt, tmp_path / "whitened.onnx"))
+    model, _ = checkpoint.load_model(ckpt)
+    x = dataset.test_images[:300]
+    ref = predict_logits(model, x, tta_flip=m.meta["tta_flip"], channels_last=False).numpy()
+    assert np.abs(ref - m.logits(x[:, None].numpy().astype(np.float32) / 255)).max() < 1e-3
