@@ -127,7 +127,7 @@ class PatchWhiten(nn.Module):
 
 class WhitenedStemConv(nn.Module):
     """The stem convolution of FastNet(whiten=True): PatchWhiten's 18 frozen channels beside
-    `cout - 18` learned ones, concatenated (so BatchNorm and ReLU follow as in ConvBN)."""
+    `cout - 18` learned ones, concatenated: the conv of the stem's ConvBN."""
 
     def __init__(self, cout: int):
         super().__init__()
@@ -141,8 +141,10 @@ class WhitenedStemConv(nn.Module):
 
 
 class ConvBN(nn.Sequential):
-    def __init__(self, cin, cout):
-        super().__init__(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout),
+    """3x3 conv, BatchNorm, ReLU; `conv` replaces the conv (the whitened stem's)."""
+
+    def __init__(self, cin, cout, conv: nn.Module | None = None):
+        super().__init__(conv or nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout),
                          nn.ReLU(inplace=True))
 
 
@@ -171,8 +173,7 @@ class FastNet(nn.Module):
         if cfg.whiten and cfg.stem_patch != 1:
             raise ValueError("FastConfig: whiten works on the 3x3 stem conv (stem_patch 1)")
         self.norm = Normalize()
-        stem = (nn.Sequential(WhitenedStemConv(cfg.stem), nn.BatchNorm2d(cfg.stem), nn.ReLU(inplace=True))
-                if cfg.whiten else ConvBN(1, cfg.stem))
+        stem = ConvBN(1, cfg.stem, WhitenedStemConv(cfg.stem) if cfg.whiten else None)
         if cfg.stem_patch == 2:
             layers: list[nn.Module] = [nn.PixelUnshuffle(2), ConvBN(4, cfg.stem)]  # (B, stem, 14, 14)
         elif cfg.stem_pool:
