@@ -38,6 +38,26 @@ def test_accuracy_runs_report_times_in_seed_epochs(tmp_path, dataset, one_thread
     assert "time_to_0.95_median_seed_epochs" in s and run["final_test_acc"] > 0.3  # it learned (chance: 0.1)
 
 
+def test_a_sitting_cut_off_mid_preset_keeps_the_seeds_it_finished(tmp_path, dataset, one_thread, monkeypatch):
+    """A cut-off (Ctrl-C, a session's end) during a preset's second seed: the first seed's run is
+    already on disk in accuracy_partial.json, so a long preset loses one run at most."""
+    from fmnist import train as train_mod
+    real_train, calls = train_mod.train, []
+
+    def train_then_cut_off(cfg):
+        calls.append(cfg.seed)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_train(cfg)
+
+    monkeypatch.setattr(train_mod, "train", train_then_cut_off)
+    with pytest.raises(KeyboardInterrupt):
+        bench.accuracy_runs(["seed@1"], [0, 1], tmp_path, overrides={"subset": 512, "device": "cpu", "threads": 1})
+    saved = json.loads((tmp_path / "accuracy_partial.json").read_text())
+    assert calls == [0, 1] and [r["seed"] for r in saved["seed@1"]["runs"]] == [0]
+    assert saved["seed@1"]["summary"]["n"] == 1 and saved["seed@1"]["runs"][0]["final_test_acc"] > 0.3
+
+
 def _run(seed, wall, t93, ref, curve=None):
     r = {"seed": seed, "final_test_acc": 0.94, "wall_seconds": wall, "time_to": {"0.92": wall / 2, "0.93": t93}}
     if curve is not None:
