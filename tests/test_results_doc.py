@@ -35,11 +35,12 @@ def test_real_photo_tables_match_the_committed_json():
 
 
 @pytest.mark.parametrize("folder, rows", [("cpu", 10), ("cpu-accuracy-2", 4), ("cpu-accuracy-3", 4),
-                                          ("cpu-accuracy-4", 8)])
+                                          ("cpu-accuracy-4", 8), ("cpu-accuracy-5", 4)])
 def test_time_to_accuracy_tables_match_the_committed_json(folder, rows):
     """bench/cpu/bench.json predates the 95 % threshold and the seed-epoch reference, and
     bench/cpu-accuracy-2 is a later sitting with both, bench/cpu-accuracy-3 a rejected candidate,
-    bench/cpu-accuracy-4 fast with issue 13's round 3: each renders to the tables docs/RESULTS.md shows."""
+    bench/cpu-accuracy-4 fast with issue 13's round 3, bench/cpu-accuracy-5 best-cpu with it (rejected):
+    each renders to the tables docs/RESULTS.md shows."""
     rendered = [line for line in render("results_tables.py", ROOT / "bench" / folder / "bench.json")
                 if line.startswith("| `")]
     missing = missing_from_doc(rendered)
