@@ -1,0 +1,96 @@
+"""Multi-crop test-time augmentation (issue 13's list): how much do 1-px shifts add to the flip
+average that every model is evaluated and served with? Paired: the same saved models, the same
+images, only the views averaged change. Choose on the validation columns; the test columns are
+for reporting.
+
+    PYTHONPATH=src python scripts/tta_check.py RUN/best.pt [RUN/best.pt ...] --out bench/cpu/tta_check.json
+    python scripts/tta_check.py --table --out bench/cpu/tta_check.json    # docs/RESULTS.md's table
+
+Views (logits summed): "flip" = the image and its mirror (what the package does); "flip + 4
+shifts" adds each of the two shifted by one pixel left, right, up and down (10 views, 5x the
+inference). Each model is judged on its own run's validation split (the seed in its config).
+One sitting is appended to OUT per call.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from fmnist import checkpoint, data
+from fmnist.atomic import read_record, write_json
+from fmnist.inference import to_input
+from fmnist.runinfo import environment
+
+SHIFTS = ((1, 0), (-1, 0), (0, 1), (0, -1))
+
+
+def shifted(x: torch.Tensor, dx: int, dy: int) -> torch.Tensor:
+    """(N, C, H, W) moved by (dx, dy) pixels, the uncovered edge filled with 0 (the background)."""
+    return torch.roll(F.pad(x, (1, 1, 1, 1)), shifts=(dy, dx), dims=(2, 3))[:, :, 1:-1, 1:-1]
+
+
+@torch.no_grad()
+def view_logits(model, images: torch.Tensor, batch: int = 1000) -> dict[str, torch.Tensor]:
+    x = to_input(images, True)
+    run = lambda t: torch.cat([model(t[i:i + batch]).float() for i in range(0, len(t), batch)])  # noqa: E731
+    flip = run(x) + run(x.flip(3))
+    shifts = sum(run(shifted(x, dx, dy)) + run(shifted(x, dx, dy).flip(3)) for dx, dy in SHIFTS)
+    return {"flip": flip, "flip + 4 shifts": flip + shifts}
+
+
+def check(path: str, ds) -> dict:
+    model, ckpt = checkpoint.load_model(path)
+    model = model.to(memory_format=torch.channels_last).eval()
+    cfg = ckpt.get("train_config", {})
+    _, val_idx = data.stratified_split(ds.train_labels, cfg.get("val_fraction", 0.1), cfg.get("seed", 0))
+    row = {"checkpoint": str(path), "preset": cfg.get("preset"), "seed": cfg.get("seed"), "epochs": cfg.get("epochs"),
+           "model_config": cfg.get("model_config"), "lookahead": cfg.get("lookahead")}
+    for split, (xs, ys) in {"val": (ds.train_images[val_idx], ds.train_labels[val_idx]),
+                            "test": (ds.test_images, ds.test_labels)}.items():
+        for name, logits in view_logits(model, xs).items():
+            row[f"{split} {name}"] = (logits.argmax(1) == ys).float().mean().item()
+    return row
+
+
+def table(doc: dict) -> str:
+    lines = ["| sitting | model (its `fmnist bench` record) | seed | val: flip | val: + 4 shifts | gain | test: flip "
+             "| test: + 4 shifts | gain |",
+             "|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for n, s in enumerate(doc["sittings"], 1):
+        for r in s["rows"]:
+            v0, v1, t0, t1 = (r[k] * 100 for k in ("val flip", "val flip + 4 shifts", "test flip", "test flip + 4 shifts"))
+            record = Path(r["checkpoint"]).parents[2].name   # OUT of the `bench accuracy` run that trained it
+            lines.append(f"| {n} | `{r['preset']}`, {r['epochs']} epochs ({record}) | {r['seed']} | {v0:.2f} % | {v1:.2f} % | "
+                         f"{v1 - v0:+.2f} | {t0:.2f} % | {t1:.2f} % | {t1 - t0:+.2f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("checkpoints", nargs="*", help="saved models (best.pt of `fmnist train` runs)")
+    ap.add_argument("--out", required=True, help="JSON record to append this sitting to")
+    ap.add_argument("--table", action="store_true", help="print the record as a markdown table and exit")
+    args = ap.parse_args()
+    out = Path(args.out)
+    doc = read_record(out)
+    if args.table:
+        print(table(doc))
+        return
+    if not args.checkpoints:
+        ap.error("give at least one checkpoint")
+    ds = data.load(download=False)
+    sitting = {"environment": environment("cpu"), "rows": []}
+    doc["sittings"].append(sitting)
+    for path in args.checkpoints:
+        sitting["rows"].append(check(path, ds))
+        write_json(out, doc)
+    print(table({"sittings": [sitting]}))
+
+
+if __name__ == "__main__":
+    main()
