@@ -29,13 +29,15 @@ from pathlib import Path
 import numpy as np
 
 from fmnist import config, data, realphotos
-from fmnist.atomic import read_record, write_json
+from fmnist.atomic import write_json
 from fmnist.classes import CLASS_NAMES
 from fmnist.malloc import keep_freed_memory
 from fmnist.predict import Predictor
 from fmnist.preprocess import preprocess
 from fmnist.runinfo import environment
 from fmnist.train import train
+
+from _records import parse_or_print_table
 
 ROOT = Path(__file__).resolve().parent.parent
 TRAIN, REAL, OUTLIERS = ROOT / "photos" / "train", ROOT / "photos" / "real", ROOT / "photos" / "outliers"
@@ -112,17 +114,10 @@ def parse_set(items: list[str]) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", required=True, help="JSON record to append this sitting to")
     ap.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default: 0,1,2)")
     ap.add_argument("--name", default="photo", help="what this sitting tries (default: photo)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override of the photo preset")
-    ap.add_argument("--table", action="store_true", help="print the record as a markdown table and exit")
-    args = ap.parse_args()
-    out = Path(args.out)
-    doc = read_record(out)
-    if args.table:
-        print(table(doc))
-        return
+    args, out, doc = parse_or_print_table(ap, table)
     overrides = parse_set(args.set)
     try:
         config.resolve("photo", overrides)   # a bad override fails now, not after the first model

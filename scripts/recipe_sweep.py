@@ -14,16 +14,16 @@ the test set on these runs (docs/RESULTS.md), so a candidate must clear a target
 from __future__ import annotations
 
 import argparse
-import json
 import time
-from pathlib import Path
 
 from fmnist import config
-from fmnist.atomic import read_record, write_json
+from fmnist.atomic import write_json
 from fmnist.bench import seed_epoch, time_to, wall_curve
 from fmnist.malloc import keep_freed_memory
 from fmnist.runinfo import environment
 from fmnist.train import train
+
+from _records import parse_or_print_table
 
 # fast as it was before the whitened stem, Lookahead and batch 128 (commit 8d009b4): what the
 # first three sittings' candidates were variants of, so they still run as they ran.
@@ -89,16 +89,9 @@ def _times(v, missing: str) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", required=True, help="JSON record to append this sitting to")
     ap.add_argument("--only", default=None, help="comma-separated candidate indices (default: all)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--table", action="store_true", help="print the record as a markdown table and exit")
-    args = ap.parse_args()
-    out = Path(args.out)
-    doc = read_record(out)
-    if args.table:
-        print(table(doc))
-        return
+    args, out, doc = parse_or_print_table(ap, table)
     keep_freed_memory()  # as `fmnist train` and `fmnist bench` run (the first sittings ran without it)
     ref = seed_epoch("cpu")
     sitting = {"environment": environment("cpu"), "reference": ref, "seed": args.seed, "rows": []}

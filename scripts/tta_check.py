@@ -21,9 +21,11 @@ import torch
 import torch.nn.functional as F
 
 from fmnist import checkpoint, data
-from fmnist.atomic import read_record, write_json
+from fmnist.atomic import write_json
 from fmnist.inference import to_input
 from fmnist.runinfo import environment
+
+from _records import parse_or_print_table
 
 SHIFTS = ((1, 0), (-1, 0), (0, 1), (0, -1))
 
@@ -73,14 +75,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("checkpoints", nargs="*", help="saved models (best.pt of `fmnist train` runs)")
-    ap.add_argument("--out", required=True, help="JSON record to append this sitting to")
-    ap.add_argument("--table", action="store_true", help="print the record as a markdown table and exit")
-    args = ap.parse_args()
-    out = Path(args.out)
-    doc = read_record(out)
-    if args.table:
-        print(table(doc))
-        return
+    args, out, doc = parse_or_print_table(ap, table)
     if not args.checkpoints:
         ap.error("give at least one checkpoint")
     ds = data.load(download=False)
