@@ -38,7 +38,8 @@ def test_accuracy_runs_report_times_in_seed_epochs(tmp_path, dataset, one_thread
     assert "time_to_0.95_median_seed_epochs" in s and run["final_test_acc"] > 0.3  # it learned (chance: 0.1)
 
 
-def test_a_sitting_cut_off_mid_preset_keeps_the_seeds_it_finished(tmp_path, dataset, one_thread, monkeypatch):
+def test_a_sitting_cut_off_mid_preset_keeps_the_seeds_it_finished(tmp_path, dataset, one_thread, monkeypatch,
+                                                                    caplog):
     """A cut-off (Ctrl-C, a session's end) during a preset's second seed: the first seed's run is
     already on disk in accuracy_partial.json, so a long preset loses one run at most."""
     from fmnist import train as train_mod
@@ -56,6 +57,7 @@ def test_a_sitting_cut_off_mid_preset_keeps_the_seeds_it_finished(tmp_path, data
     saved = json.loads((tmp_path / "accuracy_partial.json").read_text())
     assert calls == [0, 1] and [r["seed"] for r in saved["seed@1"]["runs"]] == [0]
     assert saved["seed@1"]["summary"]["n"] == 1 and saved["seed@1"]["runs"][0]["final_test_acc"] > 0.3
+    assert "the 1 finished run(s) are in" in caplog.text and "accuracy_partial.json" in caplog.text
 
 
 def _run(seed, wall, t93, ref, curve=None):

@@ -267,8 +267,14 @@ def accuracy_runs(presets, seeds, out_dir: Path, epochs: dict | None = None, ove
                 given["epochs"] = epochs[preset]
             cfg = config.resolve(preset, {**given, **(overrides or {})})
             log.info(f"training {spec} seed {seed} ({cfg.epochs} epochs)...")
-            with _quiet("fmnist.train", "fmnist.calibrate"):  # this part's own lines report each run
-                run_dir = train(cfg)
+            try:
+                with _quiet("fmnist.train", "fmnist.calibrate"):  # this part's own lines report each run
+                    run_dir = train(cfg)
+            except KeyboardInterrupt:
+                done = sum(len(r["runs"]) for r in results.values()) + len(runs)
+                if done:
+                    log.warning(f"interrupted: the {done} finished run(s) are in {out_dir / 'accuracy_partial.json'}")
+                raise
             curve = wall_curve(run_dir)
             wall = curve[-1][0]
             reach = time_to(curve)
