@@ -29,6 +29,10 @@ from _records import parse_or_print_table
 # first three sittings' candidates were variants of, so they still run as they ran.
 BEFORE = {"lookahead": 0, "batch_size": 256, "model_config": {}}
 
+# best-cpu's recipe (flat) at batch 256 with fast's whitened stem and Lookahead 5 (sittings 10-11)
+BEST_CPU_STEM_LOOKAHEAD = {"model": "wide", "lr": 4e-3, "warmup": 0.15, "ema": 0.999, "translate": 2, "erase": 0.25,
+                           "lookahead": 5, "batch_size": 256, "model_config": {"whiten": True}}
+
 # name, overrides of the fast preset (flat: TrainConfig and AugmentConfig fields by name)
 CANDIDATES = [(name, {**BEFORE, **given}) for name, given in [
     ("fast@10", {"epochs": 10}),
@@ -60,13 +64,9 @@ CANDIDATES = [(name, {**BEFORE, **given}) for name, given in [
     ("fast as before + whitened stem (9 epochs)", {**BEFORE, "model_config": {"whiten": True}}),
     ("fast: all three (9 epochs, the recipe now)", {}),
     # best-cpu's target is 94.5 % within 65 seed epochs: its recipe at 10 epochs (~62x) with the stem and Lookahead
-    ("best-cpu@10 + whitened stem + Lookahead 5", {"model": "wide", "epochs": 10, "lr": 4e-3, "warmup": 0.15,
-                                                   "ema": 0.999, "translate": 2, "erase": 0.25, "lookahead": 5,
-                                                   "batch_size": 256, "model_config": {"whiten": True}}),
+    ("best-cpu@10 + whitened stem + Lookahead 5", {**BEST_CPU_STEM_LOOKAHEAD, "epochs": 10}),
     # wide ran ~44 s an epoch in that sitting, so best-cpu's own 20 epochs fit in ~60x there
-    ("best-cpu + whitened stem + Lookahead 5", {"model": "wide", "epochs": 20, "lr": 4e-3, "warmup": 0.15,
-                                                "ema": 0.999, "translate": 2, "erase": 0.25, "lookahead": 5,
-                                                "batch_size": 256, "model_config": {"whiten": True}}),
+    ("best-cpu + whitened stem + Lookahead 5", {**BEST_CPU_STEM_LOOKAHEAD, "epochs": 20}),
 ]
 
 

@@ -271,7 +271,7 @@ def accuracy_runs(presets, seeds, out_dir: Path, epochs: dict | None = None, ove
                 with _quiet("fmnist.train", "fmnist.calibrate"):  # this part's own lines report each run
                     run_dir = train(cfg)
             except KeyboardInterrupt:
-                done = sum(len(r["runs"]) for r in results.values()) + len(runs)
+                done = sum(len(r["runs"]) for r in results.values())
                 if done:
                     log.warning(f"interrupted: the {done} finished run(s) are in {out_dir / 'accuracy_partial.json'}")
                 raise
@@ -283,14 +283,14 @@ def accuracy_runs(presets, seeds, out_dir: Path, epochs: dict | None = None, ove
             if reference is not None:
                 run = in_seed_epochs({**run, "seed_epoch_seconds": reference["seconds"]})
             runs.append(run)
+            # Keyed by NAME without "*K": the seeds are in the runs, and --append can add more later.
+            results[name] = {"runs": runs, "summary": _summarise(runs)}
             # After every run, not every preset: a cut-off in a preset's third 15-minute seed
             # keeps the first two (a long benchmark keeps what it measured).
-            write_json(out_dir / "accuracy_partial.json", {**results, name: {"runs": runs, "summary": _summarise(runs)}})
+            write_json(out_dir / "accuracy_partial.json", results)
             ratio = (lambda k: f" = {run['time_to_seed_epochs'][k]:.1f}x") if reference else (lambda k: "")
             log.info(f"  final test acc {curve[-1][1]:.4f} in {wall:.0f} s; time to " +
                      ", ".join(f"{k}: {'-' if v is None else f'{v:.0f}s' + ratio(k)}" for k, v in reach.items()))
-        # Keyed by NAME without "*K": the seeds are in the runs, and --append can add more later.
-        results[name] = {"runs": runs, "summary": _summarise(runs)}
     return results
 
 
