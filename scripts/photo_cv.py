@@ -1,7 +1,7 @@
 """Judge a change to the photo model on ~500 real photos instead of the 162 dev photos.
 
     PYTHONPATH=src python scripts/photo_cv.py --out bench/cpu-photos/photo_cv.json [--seeds 0,1,2] \
-        [--name NAME] [--set KEY=VALUE ...]
+        [--name NAME] [--set KEY=VALUE ...] [--keep DIR]
     python scripts/photo_cv.py --out bench/cpu-photos/photo_cv.json --table
 
 Two models of one `photo` recipe differ by up to 8 points on the 162 dev photos, so one run says
@@ -117,6 +117,8 @@ def main() -> None:
     ap.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default: 0,1,2)")
     ap.add_argument("--name", default="photo", help="what this sitting tries (default: photo)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override of the photo preset")
+    ap.add_argument("--keep", type=Path, metavar="DIR",
+                    help="keep the trained runs under DIR (default: deleted with the sitting's temporary folder)")
     args, out, doc = parse_or_print_table(ap, table)
     overrides = parse_set(args.set)
     try:
@@ -136,9 +138,9 @@ def main() -> None:
         real = f"{train_without_fold(Path(tmp) / 'train')},{OUTLIERS}"
         for seed in [int(s) for s in args.seeds.split(",")]:
             cfg = config.resolve("photo", {**overrides, "seed": seed, "real_photos": real,
-                                           "out_dir": str(Path(tmp) / "runs")})
+                                           "out_dir": str(args.keep or Path(tmp) / "runs")})
             run_dir = train(cfg)
-            row = {"seed": seed, "run": run_dir.name, **score(run_dir / "best.pt", photos, images, test)}
+            row = {"seed": seed, "run": str(run_dir) if args.keep else run_dir.name, **score(run_dir / "best.pt", photos, images, test)}
             sitting["models"].append(row)
             write_json(out, doc)
             print(f"seed {seed}: pool {row['pool_acc']:.1%} ({row['pool_right']}/{row['pool_n']}), "
