@@ -2,6 +2,7 @@
 
     PYTHONPATH=src python scripts/photo_cv.py --out bench/cpu-photos/photo_cv.json [--seeds 0,1,2] \
         [--name NAME] [--set KEY=VALUE ...] [--keep DIR]
+    PYTHONPATH=src python scripts/photo_cv.py --out bench/cpu-photos/photo_cv.json --ensemble RUN RUN ... --name NAME
     python scripts/photo_cv.py --out bench/cpu-photos/photo_cv.json --table
 
 Two models of one `photo` recipe differ by up to 8 points on the 162 dev photos, so one run says
@@ -13,8 +14,10 @@ each is scored on the pool of dev + fold photos. `--set` gives overrides of the 
 Run the same seeds with and without the change, in the same way, and compare pool accuracy per
 seed. The held-out split is never read.
 
-One sitting is appended to OUT and rewritten after each model, so a cut-off keeps what was
-measured. Each model takes about 7 minutes on the 2-core VM (18 epochs).
+`--ensemble` trains nothing: it scores the average of runs a sitting kept (`--keep`) as
+`fmnist ensemble` makes it (uncalibrated: temperature scaling changes no answer), so it can be
+set beside those runs one by one. One sitting is appended to OUT and rewritten after each model,
+so a cut-off keeps what was measured. Each model takes about 7 minutes on the 2-core VM (18 epochs).
 """
 
 from __future__ import annotations
@@ -117,6 +120,8 @@ def main() -> None:
     ap.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default: 0,1,2)")
     ap.add_argument("--name", default="photo", help="what this sitting tries (default: photo)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override of the photo preset")
+    ap.add_argument("--ensemble", nargs="+", type=Path, metavar="RUN",
+                    help="score the ensemble of these kept runs instead of training (--seeds and --set unused)")
     ap.add_argument("--keep", type=Path, metavar="DIR",
                     help="keep the trained runs under DIR (default: deleted with the sitting's temporary folder)")
     args, out, doc = parse_or_print_table(ap, table)
@@ -134,6 +139,18 @@ def main() -> None:
                "fold": f"photos/train files with sha256(name) mod {FOLDS} == 0", "models": []}
     doc["sittings"].append(sitting)
     write_json(out, doc)
+    if args.ensemble:
+        from fmnist.ensemble import make
+
+        with tempfile.TemporaryDirectory() as tmp:
+            made = make(args.ensemble, tmp, calibrated=False, dataset=ds)
+            seeds = "+".join(str(m["seed"]) for m in made["members"])
+            row = {"seed": seeds, "run": [str(r) for r in args.ensemble], **score(Path(made["checkpoint"]), photos, images, test)}
+        sitting["models"].append(row)
+        write_json(out, doc)
+        print(f"ensemble of seeds {seeds}: pool {row['pool_acc']:.1%} ({row['pool_right']}/{row['pool_n']}), "
+              f"28x28 test {row['test_acc']:.2%}", flush=True)
+        return
     with tempfile.TemporaryDirectory() as tmp:
         real = f"{train_without_fold(Path(tmp) / 'train')},{OUTLIERS}"
         for seed in [int(s) for s in args.seeds.split(",")]:

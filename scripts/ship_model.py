@@ -1,5 +1,5 @@
-"""Copy a trained run's best.pt into the package as the default model, with its test metrics
-and provenance, and write assets/MODEL_CARD.md beside it.
+"""Copy a trained run's best.pt (or an `fmnist ensemble` directory's) into the package as the
+default model, with its test metrics and provenance, and write assets/MODEL_CARD.md beside it.
 
     python scripts/ship_model.py runs/<run>  [--command "fmnist train ..."]
 """
@@ -36,6 +36,17 @@ def main():
     rows = "\n".join(f"| {c} | {rep[c]['precision']:.4f} | {rep[c]['recall']:.4f} | {rep[c]['f1-score']:.4f} |"
                      for c in ckpt["class_names"])
     tc = ckpt["train_config"]
+    if ckpt["model"] == "ensemble":
+        mc = ckpt["model_config"]
+        arch = (f"an ensemble of {mc['n']} `{mc['member']}` networks {json.dumps(mc['member_config'])}, trained from "
+                f"seeds {', '.join(str(m['seed']) for m in ckpt['members'])} on one validation split (split seed "
+                f"{tc['split_seed']}); its output is the mean of their log-probabilities (`fmnist ensemble`)")
+        epochs = f"{', '.join(str(e) for e in ckpt['epoch'])} of {tc['epochs']} (each member's best validation accuracy)"
+        trained = f"`{args.command}` (fmnist commit `{env.get('git_commit')}` for the first member)"
+    else:
+        arch = f"`{ckpt['model']}` {json.dumps(ckpt['model_config'])}"
+        epochs = f"{ckpt['epoch']} of {tc['epochs']} (best validation accuracy)"
+        trained = f"`{args.command}` (run `{args.run_dir.name}`, fmnist commit `{env.get('git_commit')}`)"
     # The conversion is part of what the model learned: after a change to robust.py the shipped
     # weights saw other images than predict now makes, until it is retrained.
     real_line = (f"- real photos: `{tc['real_photos']}` (dev and train splits), {tc['real_repeat']} times per epoch, "
@@ -45,12 +56,12 @@ def main():
 
 `default.pt` is what `fmnist predict` and `fmnist serve` use when no `--checkpoint` is given.
 
-- trained by: `{args.command}` (run `{args.run_dir.name}`, fmnist commit `{env.get('git_commit')}`)
-- architecture: `{ckpt['model']}` {json.dumps(ckpt['model_config'])}
-- epochs: {ckpt['epoch']} of {ckpt['train_config']['epochs']} (best validation accuracy), flip TTA: {ckpt['train_config']['tta_flip']}
+- trained by: {trained}
+- architecture: {arch}
+- epochs: {epochs}, flip TTA: {tc['tta_flip']}
 - validation accuracy: {ckpt['metrics']['val_acc']:.4f} (stratified 10% hold-out of the training set)
 - **test accuracy: {m['test_acc']:.4f}**, test loss {m['test_loss']:.4f} (10,000 images, `fmnist evaluate`)
-- training time: {summary['train_seconds']:.0f} s on {env['cpu']} ({env['threads']} threads), torch {env['torch']}
+- training time: {summary['train_seconds']:.0f} s{' (all members)' if summary.get('members') else ''} on {env['cpu']} ({env['threads']} threads), torch {env['torch']}
 - augmentation: {json.dumps(ckpt['train_config']['augment'])} (photo = fraction of images given real-photo
   artefacts, pairs = shoe images made into pairs; see augment.py)
 {real_line}- calibration (`fmnist calibrate`, fitted on validation): temperature {cal['temperature']:.3f}, unsure below

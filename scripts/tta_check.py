@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from fmnist import checkpoint, data
+from fmnist import checkpoint, config, data
 from fmnist.atomic import write_json
 from fmnist.inference import to_input
 from fmnist.runinfo import environment
@@ -48,7 +48,7 @@ def check(path: str, ds) -> dict:
     model, ckpt = checkpoint.load_model(path)
     model = model.to(memory_format=torch.channels_last).eval()
     cfg = ckpt.get("train_config", {})
-    _, val_idx = data.stratified_split(ds.train_labels, cfg.get("val_fraction", 0.1), cfg.get("seed", 0))
+    _, val_idx = data.stratified_split(ds.train_labels, cfg.get("val_fraction", 0.1), config.split_seed(cfg))
     row = {"checkpoint": str(path), "preset": cfg.get("preset"), "seed": cfg.get("seed"), "epochs": cfg.get("epochs"),
            "model_config": cfg.get("model_config"), "lookahead": cfg.get("lookahead")}
     for split, (xs, ys) in {"val": (ds.train_images[val_idx], ds.train_labels[val_idx]),

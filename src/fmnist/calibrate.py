@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from . import checkpoint, data
+from .config import split_seed
 from .atomic import write_json
 from .inference import predict_logits
 
@@ -85,7 +86,7 @@ def calibrate(path, dataset=None, device: str = "cpu", val_idx: torch.Tensor | N
     cfg = ckpt.get("train_config") or {}
     ds = dataset or data.load(cfg.get("data_dir"))
     if val_idx is None:
-        val_fraction, seed = cfg.get("val_fraction", 0.1), cfg.get("seed", 0)
+        val_fraction, seed = cfg.get("val_fraction", 0.1), split_seed(cfg)
         if not val_fraction:
             raise ValueError(f"{path}: trained without a validation split (--val-fraction 0); "
                              f"nothing to calibrate on")

@@ -65,6 +65,8 @@ class TrainConfig:
                              choices=["default", "reduce-overhead", "max-autotune"])
     val_fraction: float = flag(0.1, "stratified, seeded validation hold-out from the training set")
     seed: int = flag(0, "random seed")
+    split_seed: int = flag(-1, "seed of the validation split, -1 = the --seed; members of one ensemble need "
+                               "one split (`fmnist ensemble` calibrates on it)")
     device: str = flag("auto", "auto, cpu, cuda, cuda:N or mps (auto = cuda, then mps, then cpu)")
     threads: int = flag(0, "torch CPU threads, 0 = all cores")
     subset: int = flag(0, "train on a seeded random N of the training images (and validate on N/5, at least "
@@ -183,14 +185,24 @@ def resolve(preset: str, overrides: dict) -> TrainConfig:
 DEVICE_RE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 
 
+def split_seed(cfg: TrainConfig | dict) -> int:
+    """The seed of a run's validation split: split_seed, or the run's seed where that is -1 (and
+    in configs saved before split_seed existed)."""
+    get = cfg.get if isinstance(cfg, dict) else lambda k, d: getattr(cfg, k, d)
+    s = get("split_seed", -1)
+    return get("seed", 0) if s is None or s < 0 else s
+
+
 def validate(cfg: TrainConfig) -> None:
     """Every setting at once, before a run directory exists or data is read, so a bad flag is a
     one-line error rather than a traceback mid-run or a run that trains on NaNs. inf and nan
     parse as floats, so each float check is also a finiteness check."""
-    from .models import model_config  # torch, for the registry: only when a config is checked
+    from .models import REGISTRY, model_config  # torch, for the registry: only when a config is checked
 
     aug = cfg.augment
     checks = [
+        (cfg.model in REGISTRY, f"--arch must be one of {', '.join(REGISTRY)}, got {cfg.model!r} (an ensemble "
+                                f"is made from trained runs by `fmnist ensemble`)"),
         (cfg.epochs >= 1, f"--epochs must be >= 1, got {cfg.epochs}"),
         (cfg.batch_size >= 1, f"--batch-size must be >= 1, got {cfg.batch_size}"),
         (math.isfinite(cfg.lr) and cfg.lr > 0, f"--lr must be a finite number > 0, got {cfg.lr}"),
@@ -204,6 +216,7 @@ def validate(cfg: TrainConfig) -> None:
         (0 <= cfg.ema < 1, f"--ema must be in [0, 1), got {cfg.ema}"),
         (cfg.lookahead >= 0, f"--lookahead must be >= 0 steps (0 = off), got {cfg.lookahead}"),
         (cfg.subset >= 0, f"--subset must be >= 0, got {cfg.subset}"),
+        (cfg.split_seed >= -1, f"--split-seed must be >= 0, or -1 for the --seed, got {cfg.split_seed}"),
         (0 <= cfg.label_smoothing < 1, f"--label-smoothing must be in [0, 1), got {cfg.label_smoothing}"),
         (cfg.amp in ("auto", "bf16", "off"), f"--amp must be auto, bf16 or off, got {cfg.amp}"),
         (cfg.compile_mode in ("default", "reduce-overhead", "max-autotune"),

@@ -217,6 +217,33 @@ class FlipTTA(nn.Module):
         return (a + b) / 2
 
 
+# ---------------------------------------------------------------------------- ensemble
+
+@dataclass
+class EnsembleConfig:
+    member: str = "fast"          # the members' architecture (a name in REGISTRY)
+    member_config: dict = field(default_factory=dict)
+    n: int = 3
+
+
+class Ensemble(nn.Module):
+    """Models of one architecture trained from different seeds (`fmnist ensemble`). The output is
+    the mean of the members' log-softmax, a normalised geometric mean of their probabilities: a
+    logit vector like any model's, so temperature scaling, flip TTA and ONNX export apply as they
+    are. Averaging seeds removes much of what one seed's luck adds or takes on real photos."""
+
+    def __init__(self, cfg: EnsembleConfig = EnsembleConfig()):
+        super().__init__()
+        if cfg.member not in REGISTRY:
+            raise ValueError(f"ensemble member {cfg.member!r}: choose from {', '.join(REGISTRY)}")
+        if cfg.n < 1:
+            raise ValueError(f"an ensemble needs at least 1 member, got n={cfg.n}")
+        self.members = nn.ModuleList(create_model(cfg.member, cfg.member_config) for _ in range(cfg.n))
+
+    def forward(self, x):
+        return torch.stack([F.log_softmax(m(x).float(), 1) for m in self.members]).mean(0)
+
+
 # ---------------------------------------------------------------------------- registry
 
 @dataclass
@@ -235,6 +262,10 @@ REGISTRY: dict[str, ModelSpec] = {
     "wrn": ModelSpec(FastNet, FastConfig, {"stem": 96, "widths": (192, 384, 768), "res": (2, 2, 2),
                                            "dropout": 0.2, "stem_pool": False}),
 }
+# Not in REGISTRY (what `fmnist train --arch` and `fmnist bench` offer): an ensemble is made from
+# trained models by `fmnist ensemble`, never trained as one; checkpoints name it like any model.
+ENSEMBLE = "ensemble"
+_SPECS = {**REGISTRY, ENSEMBLE: ModelSpec(Ensemble, EnsembleConfig)}
 
 
 def _coerce(cfg_cls, d: dict):
@@ -247,9 +278,9 @@ def _coerce(cfg_cls, d: dict):
 
 
 def model_config(name: str, overrides: dict | None = None) -> dict:
-    if name not in REGISTRY:
+    if name not in _SPECS:
         raise ValueError(f"unknown model {name!r}; choose from {', '.join(REGISTRY)}")
-    spec = REGISTRY[name]
+    spec = _SPECS[name]
     cfg = _coerce(spec.config, {**spec.defaults, **(overrides or {})})
     return asdict(cfg)
 
@@ -257,7 +288,7 @@ def model_config(name: str, overrides: dict | None = None) -> dict:
 def create_model(name: str, config: dict | None = None) -> nn.Module:
     """Build a registered model; `config` is a full or partial config dict."""
     cfg = model_config(name, config)
-    spec = REGISTRY[name]
+    spec = _SPECS[name]
     return spec.cls(_coerce(spec.config, cfg))
 
 

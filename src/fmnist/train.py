@@ -27,7 +27,7 @@ from tqdm import tqdm
 from . import augment as aug
 from . import checkpoint, data
 from .atomic import write_json, write_text
-from .config import TrainConfig, from_dict, validate
+from .config import TrainConfig, from_dict, split_seed, validate
 from .distributed import DistInfo
 from .inference import autocast, predict_logits, to_input
 from .models import count_parameters, create_model, fit_whitening, model_config
@@ -279,7 +279,7 @@ def _resume_config(cfg: TrainConfig) -> tuple[TrainConfig, dict | None, Path | N
 
 def _splits(cfg: TrainConfig, ds, device: torch.device, dist: DistInfo) -> dict:
     """Training images (plus real photos), validation and (reporting only) test, on the device."""
-    train_idx, val_idx = data.stratified_split(ds.train_labels, cfg.val_fraction, cfg.seed)
+    train_idx, val_idx = data.stratified_split(ds.train_labels, cfg.val_fraction, split_seed(cfg))
     if not len(val_idx):  # a fraction that rounds to 0 images per class: NaN validation figures
         raise ValueError(f"--val-fraction {cfg.val_fraction} holds out no validation images "
                          f"(~{len(ds.train_labels) // 10} per class); give at least 0.001")
