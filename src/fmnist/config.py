@@ -197,12 +197,12 @@ def validate(cfg: TrainConfig) -> None:
     """Every setting at once, before a run directory exists or data is read, so a bad flag is a
     one-line error rather than a traceback mid-run or a run that trains on NaNs. inf and nan
     parse as floats, so each float check is also a finiteness check."""
-    from .models import REGISTRY, model_config  # torch, for the registry: only when a config is checked
+    from .models import ENSEMBLE, REGISTRY, model_config  # torch, for the registry: only when a config is checked
 
     aug = cfg.augment
     checks = [
-        (cfg.model in REGISTRY, f"--arch must be one of {', '.join(REGISTRY)}, got {cfg.model!r} (an ensemble "
-                                f"is made from trained runs by `fmnist ensemble`)"),
+        (cfg.model != ENSEMBLE, f"--arch {ENSEMBLE}: an ensemble is made from trained runs by `fmnist ensemble`, "
+                                f"not trained as one; choose from {', '.join(REGISTRY)}"),
         (cfg.epochs >= 1, f"--epochs must be >= 1, got {cfg.epochs}"),
         (cfg.batch_size >= 1, f"--batch-size must be >= 1, got {cfg.batch_size}"),
         (math.isfinite(cfg.lr) and cfg.lr > 0, f"--lr must be a finite number > 0, got {cfg.lr}"),
