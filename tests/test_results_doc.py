@@ -64,6 +64,9 @@ def test_time_to_accuracy_tables_match_the_committed_json(folder, rows):
     ("results_tables.py", ["--seed-check", PHOTOS / "seed-check-18ep.json"], 3),
     ("results_tables.py", ["--shipped", PHOTOS / "shipped-gc1-trained" / "bench.json",
                            PHOTOS / "shipped-18ep" / "bench.json", "12 epochs (shipped before)", "18 epochs (shipped)"], 18),
+    ("results_tables.py", ["--shipped", PHOTOS / "shipped-18ep" / "bench.json", PHOTOS / "shipped-ensemble" / "bench.json",
+                           "seed 0 alone (shipped before)", "ensemble of seeds 0-2 (shipped)"], 18),
+    ("results_tables.py", ["--seed-check", PHOTOS / "seed-check-ensemble.json"], 5),
 ])
 def test_tables_match_the_committed_json(script, args, rows):
     """The recipe sweep, the conversion timings, the one-GrabCut-iteration, the photo_cv tables, and the
