@@ -92,6 +92,9 @@ def test_members_that_do_not_fit_are_refused(tiny_run, second_seed, fast_run, tm
         r = cli("ensemble", *runs, "--out", tmp_path / "e")
         assert r.returncode == 1 and says in r.stderr, r.stderr
         assert not (tmp_path / "e" / "best.pt").exists()
+    (tmp_path / "f").write_text("not a directory")
+    r = cli("ensemble", tiny_run, second_seed, "--out", tmp_path / "f")
+    assert r.returncode == 1 and "is a file" in r.stderr, r.stderr
 
 
 def test_members_on_different_validation_splits_are_refused_for_calibration(tiny_run):

@@ -68,10 +68,12 @@ def make(paths: list, out_dir, calibrated: bool = True, dataset=None) -> dict:
     `calibrated`, its temperature and unsure threshold fitted on the members' shared validation
     split. -> {checkpoint, val_acc, test_acc, calibration, members}. Uncalibrated (members of any
     splits; no val_acc or calibration) is for comparing accuracy only."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise EnsembleError(f"--out {out} is a file; give a directory for the ensemble (it is created)")
     members = [_member(p) for p in paths]
     check_members(members, calibrated)
     c0 = members[0][1]
-    out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     state = {f"members.{i}.{k}": v for i, (_, c) in enumerate(members) for k, v in c["state_dict"].items()}
     tc = {**c0.get("train_config", {}), "split_seed": split_seed(c0.get("train_config", {}))}
