@@ -85,6 +85,13 @@ class TrainConfig:
     real_repeat: int = flag(20, "times each real photo appears per epoch (then augmented)")
     outlier_weight: float = flag(0.5, "weight of the uniform-target loss on real photos labelled 'none' "
                                       "(outlier exposure, Hendrycks et al. 2019)")
+    distill: str | None = flag(None, "also learn a trained TEACHER's probabilities (a run or an `fmnist ensemble`) "
+                                     "on every augmented batch (knowledge distillation, Hinton et al. 2015): one "
+                                     "network that answers much as the teacher does, at one forward pass",
+                               metavar="TEACHER", shown="default: off")
+    distill_weight: float = flag(0.5, "with --distill: the teacher's share of the loss; the labels get the rest")
+    distill_temperature: float = flag(2.0, "with --distill: the softmax temperature of teacher and student in "
+                                           "the teacher's term")
     report_test: bool = False         # also log test accuracy per epoch (benchmarks; never used to choose)
 
 
@@ -227,6 +234,9 @@ def validate(cfg: TrainConfig) -> None:
         (cfg.real_repeat >= 1, f"--real-repeat must be >= 1, got {cfg.real_repeat}"),
         (math.isfinite(cfg.outlier_weight) and cfg.outlier_weight >= 0,
          f"--outlier-weight must be a finite number >= 0, got {cfg.outlier_weight}"),
+        (0 <= cfg.distill_weight <= 1, f"--distill-weight is a share: it must be in [0, 1], got {cfg.distill_weight}"),
+        (math.isfinite(cfg.distill_temperature) and cfg.distill_temperature > 0,
+         f"--distill-temperature must be a finite number > 0, got {cfg.distill_temperature}"),
         (aug.translate >= 0, f"--translate must be >= 0 pixels, got {aug.translate}"),
         (0 <= aug.erase <= 1, f"--erase is a probability: it must be in [0, 1], got {aug.erase}"),
         (0 <= aug.photo <= 1, f"--photo is a fraction: it must be in [0, 1], got {aug.photo}"),

@@ -144,9 +144,10 @@ def evaluate_split(model, images, labels, cfg: TrainConfig, amp: str | None = No
 
 
 def train_one_epoch(model, opt, ema, images, labels, cfg: TrainConfig, *, epoch: int, step: int,
-                    total_steps: int, gen: dict, dist: DistInfo, lookahead: Lookahead | None = None
-                    ) -> tuple[dict, int]:
-    """One pass over `images` (uint8, on device). Returns (metrics, global step after)."""
+                    total_steps: int, gen: dict, dist: DistInfo, lookahead: Lookahead | None = None,
+                    teacher=None) -> tuple[dict, int]:
+    """One pass over `images` (uint8, on device). Returns (metrics, global step after). With a
+    teacher (--distill), the loss also pulls towards its probabilities on the same batch."""
     model.train()
     n = len(images)
     # Same permutation on every rank (shared seed); each rank takes its slice of a global batch.
@@ -170,7 +171,13 @@ def train_one_epoch(model, opt, ema, images, labels, cfg: TrainConfig, *, epoch:
             group["lr"] = lr_at(step, total_steps, cfg)
         with autocast(x.device, cfg.amp):
             logits = model(x)
+            if teacher is not None:
+                with torch.no_grad():
+                    t_logits = teacher(x)
         loss = photo_loss(logits.float(), y, cfg)
+        if teacher is not None:
+            w = cfg.distill_weight
+            loss = (1 - w) * loss + w * distill_loss(logits.float(), t_logits.float(), cfg.distill_temperature)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -195,6 +202,20 @@ def photo_loss(logits: torch.Tensor, y: torch.Tensor, cfg: TrainConfig) -> torch
     ce = F.cross_entropy(logits, y.clamp(min=0), label_smoothing=cfg.label_smoothing, reduction="none")
     uniform = -logits.log_softmax(1).mean(1)
     return torch.where(y >= 0, ce, cfg.outlier_weight * uniform).mean()
+
+
+def distill_loss(logits: torch.Tensor, teacher_logits: torch.Tensor, t: float) -> torch.Tensor:
+    """KL(teacher || student) at temperature t, times t^2 so that its gradients keep their
+    size as t changes (Hinton et al. 2015); 0 when the two agree."""
+    return F.kl_div(F.log_softmax(logits / t, 1), F.log_softmax(teacher_logits / t, 1), log_target=True,
+                    reduction="batchmean") * t * t
+
+
+def load_teacher(path: str, device: torch.device, channels_last: bool) -> torch.nn.Module:
+    """The --distill teacher, frozen and in eval mode (its BatchNorm and dropout as at inference)."""
+    teacher, _ = checkpoint.load_model(path, device)
+    teacher.requires_grad_(False)
+    return (teacher.to(memory_format=torch.channels_last) if channels_last else teacher).eval()
 
 
 TRAIN_SPLITS = ("dev", "train")   # real-photo splits that may be trained on; "heldout" never
@@ -382,6 +403,8 @@ def train(cfg: TrainConfig) -> Path | None:
         torch.set_num_threads(cfg.threads)
     device = pick_device(cfg.device) if not dist.enabled else dist.device(cfg.device)
     dist.init(device)
+    # Before the data and the run directory: a teacher that cannot be read stops nothing half-made.
+    teacher = load_teacher(cfg.distill, device, cfg.channels_last) if cfg.distill else None
     ds = data.load(cfg.data_dir)
     sp = _splits(cfg, ds, device, dist)
     (tr_x, tr_y), (va_x, va_y), (te_x, te_y) = sp["train"], sp["val"], sp["test"]
@@ -418,7 +441,8 @@ def train(cfg: TrainConfig) -> Path | None:
             gen = epoch_generators(cfg.seed, epoch, dist.rank, device)
             t0 = time.perf_counter()
             tr, step = train_one_epoch(fwd_model, opt, ema, tr_x, tr_y, cfg, epoch=epoch, step=step,
-                                       total_steps=total_steps, gen=gen, dist=dist, lookahead=lookahead)
+                                       total_steps=total_steps, gen=gen, dist=dist, lookahead=lookahead,
+                                       teacher=teacher)
             train_seconds = time.perf_counter() - t0
             eval_model = ema.model if ema is not None else dist.unwrap(model)
             t1 = time.perf_counter()
