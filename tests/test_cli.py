@@ -196,6 +196,10 @@ SAFE = ["--subset", "500", "--epochs", "1", "--threads", "1", "--quiet"]
     (["--val-fraction", "0"], ["--val-fraction", "(0, 1)", "0"], 1),
     (["--val-fraction", "0.00001"], ["--val-fraction", "no validation images"], 1),
     (["--arch", "banana"], ["unknown model", "banana"], 1),
+    (["--arch", "ensemble"], ["fmnist ensemble", "not trained as one"], 1),
+    (["--distill-weight", "1.5"], ["--distill-weight", "[0, 1]", "1.5"], 1),
+    (["--distill-temperature", "0"], ["--distill-temperature", "> 0", "0"], 1),
+    (["--distill", "/nonexistent"], ["/nonexistent", "no such checkpoint"], 1),
 ])
 def test_bad_train_flags_are_refused_before_a_run_starts(tmp_path, cli, argv, words, code):
     runs = tmp_path / "runs"

@@ -107,14 +107,34 @@ def test_members_on_different_validation_splits_are_refused_for_calibration(tiny
     check_members([(tiny_run / "a.pt", a), (tiny_run / "b.pt", b)], calibrated=False)   # accuracy only
 
 
-def test_train_refuses_ensemble_as_an_architecture(cli):
-    r = cli("train", "--arch", "ensemble", "--epochs", "1")
-    assert r.returncode == 1 and "fmnist ensemble" in r.stderr, r.stderr
-
-
 def test_split_seed_picks_the_validation_split():
     from fmnist.config import split_seed
 
     assert split_seed({"seed": 3}) == 3                       # saved before split_seed existed
     assert split_seed({"seed": 3, "split_seed": -1}) == 3
     assert split_seed({"seed": 3, "split_seed": 0}) == 0
+
+
+def test_a_network_distilled_from_the_ensemble_learns(made, tmp_path, cli):
+    """--distill: the tiny recipe again, also pulled towards the ensemble's probabilities."""
+    r = cli("train", "--preset", "seed", "--epochs", "2", "--subset", "4000", "--threads", "1", "--seed", "2",
+            "--distill", made.out, "--quiet", "--out-dir", tmp_path)
+    assert r.returncode == 0, r.stderr
+    (run,) = [p for p in tmp_path.iterdir() if p.is_dir()]
+    assert json.loads((run / "config.json").read_text())["distill"] == str(made.out)
+    acc = json.loads((run / "metrics.json").read_text())["test_acc"]
+    assert acc > 0.7, acc   # 2 epochs on 4,000 images: chance is 0.1
+
+
+def test_distill_loss_is_zero_when_student_and_teacher_agree_and_pulls_towards_the_teacher():
+    from fmnist.train import distill_loss
+
+    g = torch.Generator().manual_seed(0)
+    teacher = torch.randn(8, 10, generator=g)
+    assert distill_loss(teacher, teacher, 2.0).abs() < 1e-6
+    student = torch.randn(8, 10, generator=g, requires_grad=True)
+    before = distill_loss(student, teacher, 2.0)
+    before.backward()
+    with torch.no_grad():
+        after = distill_loss(student - 0.5 * student.grad, teacher, 2.0)
+    assert before > 0 and after < before
