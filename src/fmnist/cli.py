@@ -155,8 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
                        )
     p.add_argument("--preset", default=None, choices=list(PRESETS),
                    help="recipe: seed = the lab assignment's Keras CNN unchanged; fast = best time-to-accuracy "
-                        "on a CPU; photo = fast that has also seen what converted real photos look like (the "
-                        "shipped model, ~4 min); best-cpu = highest accuracy (15-35 min on 2 cores); gpu = large "
+                        "on a CPU; photo = fast that has also seen what converted real photos look like (three "
+                        "seeds of it averaged are the shipped model; ~7 min each); best-cpu = highest accuracy (15-35 min on 2 cores); gpu = large "
                         "batches for a GPU; best-gpu = highest accuracy in ~10 min on one H100. gpu and best-gpu "
                         "are untested on real GPU hardware in this repo so far (their code paths run on CPU in "
                         "the tests) (default: gpu when training on CUDA, else fast)")

@@ -113,8 +113,9 @@ PRESETS: dict[str, dict] = {
     # 40% of images lowered test accuracy by ~0.5 points and helped no photos (sitting 5). fast's
     # whitened stem, Lookahead and batch 128 (sitting 10): 383 and 364 photos right against 361 and
     # 372 for seeds 0 and 1, short of the rule set before it ran, so photo stays PINNED.
-    # The shipped model adds --real-photos photos/real,photos/train,photos/outliers
-    # (docs/RESULTS.md, section 3).
+    # The shipped model is an ensemble of seeds 0-2 of it with --real-photos
+    # photos/real,photos/train,photos/outliers --split-seed 0 (`fmnist ensemble`; docs/RESULTS.md,
+    # section 3): 376 pool photos against 361-372 for its members (photo_cv sittings 12-13).
     "photo": dict(PINNED, epochs=18, augment=dict(photo=0.2, pairs=0.2)),
     # best-cpu: 4x the width of fast and a longer schedule with stronger augmentation and a
     # weight EMA, sized for ~30 minutes on 2 cores from wide's ~680 img/s in bf16 on a 2-core
