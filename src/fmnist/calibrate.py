@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 
 from . import checkpoint, data
-from .config import split_seed
 from .atomic import write_json
+from .config import split_seed
 from .inference import predict_logits
 
 log = logging.getLogger(__name__)
