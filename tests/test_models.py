@@ -59,6 +59,24 @@ def test_unknown_model_and_config_keys_rejected():
         model_config("fast", {"widht": 3})
 
 
+def test_flip_tta_gives_the_same_answer_for_one_image_as_in_a_batch():
+    """Small batches run image and mirror as one batch of 2N (FlipTTA.JOINT_BELOW): the same
+    function as the two calls larger batches make, image by image."""
+    from fmnist.models import FlipTTA
+
+    torch.manual_seed(0)
+    net = FlipTTA(create_model("fast").eval())
+    x = torch.rand(6, 1, 28, 28)
+    with torch.no_grad():
+        together = net(x)                                  # 6 >= JOINT_BELOW: two calls
+        alone = torch.cat([net(x[i:i + 1]) for i in range(6)])
+        pairs = torch.cat([net(x[i:i + 2]) for i in range(0, 6, 2)])
+        by_hand = (net.model(x) + net.model(x.flip(3))) / 2
+    assert len(x) >= FlipTTA.JOINT_BELOW > 2
+    for got in (alone, pairs, together):
+        assert torch.allclose(got, by_hand, atol=1e-5), (got - by_hand).abs().max()
+
+
 def test_bench_summary_medians_and_unreached_thresholds():
     from fmnist.bench import _summarise
 
