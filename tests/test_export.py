@@ -55,6 +55,20 @@ def test_export_without_tta_is_the_bare_model(dataset, tmp_path):
     assert np.abs(ref - m.logits(x[:, None].numpy().astype(np.float32) / 255)).max() < 1e-3
 
 
+def test_export_traces_without_tracer_warnings(tmp_path):
+    """FlipTTA's one-call path for small batches must stay out of the trace (a traced batch-size
+    branch would warn, and fix the graph to the trace's batch size)."""
+    import warnings
+
+    import torch
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        export(default_checkpoint(), tmp_path / "m.onnx")
+    assert not [w for w in caught if issubclass(w.category, torch.jit.TracerWarning)], \
+        [str(w.message) for w in caught if issubclass(w.category, torch.jit.TracerWarning)]
+
+
 def test_metadata_in_file(exported):
     m = OnnxModel(exported[1])
     assert m.meta["class_names"][9] == "Ankle boot" and m.meta["quantization"] == "int8-static-qdq"

@@ -217,7 +217,8 @@ class FlipTTA(nn.Module):
     JOINT_BELOW = 3
 
     def forward(self, x):
-        if len(x) < self.JOINT_BELOW and not torch.jit.is_tracing() and not torch.onnx.is_in_onnx_export():
+        # (the tracer first: reading the batch size while tracing would warn and fix it in the graph)
+        if not torch.jit.is_tracing() and not torch.onnx.is_in_onnx_export() and x.shape[0] < self.JOINT_BELOW:
             a, b = self.model(torch.cat([x, x.flip(3)])).split(len(x))
         else:
             a, b = self.model(x), self.model(x.flip(3))
