@@ -19,10 +19,11 @@ from fmnist.predict import Predictor
 
 @pytest.fixture(scope="session")
 def second_seed(tmp_path_factory, tiny_train):
-    """tiny_run's recipe again with seed 1 on the same validation split (seed 0's)."""
+    """tiny_run's recipe again with seed 1 on the same validation split (seed 0's), on half as many
+    images (members need not match there, and the test suite has a time budget)."""
     def make(d):
         subprocess.run([sys.executable, "-m", "fmnist", "train", "--preset", "seed", "--epochs", "2", "--subset",
-                        "4000", "--threads", "1", "--seed", "1", "--split-seed", "0", "--quiet", "--out-dir", str(d)],
+                        "2000", "--threads", "1", "--seed", "1", "--split-seed", "0", "--quiet", "--out-dir", str(d)],
                        check=True, timeout=300)
     (run,) = [p for p in shared_dir(tmp_path_factory, "tiny-train-seed1", make).iterdir() if p.is_dir()]
     return run
@@ -53,7 +54,7 @@ def test_the_ensemble_is_the_mean_of_its_members_log_probabilities(made, dataset
 def test_the_ensemble_learned_and_reports_like_a_run(made):
     m = json.loads((made.out / "metrics.json").read_text())
     member_acc = [json.loads((r / "metrics.json").read_text())["test_acc"] for r in made.members]
-    assert m["test_acc"] > 0.7, m["test_acc"]   # 2 epochs on 4,000 images: chance is 0.1
+    assert m["test_acc"] > 0.7, m["test_acc"]   # 2 epochs on 4,000 and 2,000 images: chance is 0.1
     assert m["test_acc"] >= min(member_acc) - 0.01, (m["test_acc"], member_acc)
     assert (made.out / "report.md").is_file() and (made.out / "calibration.json").is_file()
     members = json.loads((made.out / "members.json").read_text())
@@ -117,13 +118,13 @@ def test_split_seed_picks_the_validation_split():
 
 def test_a_network_distilled_from_the_ensemble_learns(made, tmp_path, cli):
     """--distill: the tiny recipe again, also pulled towards the ensemble's probabilities."""
-    r = cli("train", "--preset", "seed", "--epochs", "2", "--subset", "4000", "--threads", "1", "--seed", "2",
+    r = cli("train", "--preset", "seed", "--epochs", "2", "--subset", "2000", "--threads", "1", "--seed", "2",
             "--distill", made.out, "--quiet", "--out-dir", tmp_path)
     assert r.returncode == 0, r.stderr
     (run,) = [p for p in tmp_path.iterdir() if p.is_dir()]
     assert json.loads((run / "config.json").read_text())["distill"] == str(made.out)
     acc = json.loads((run / "metrics.json").read_text())["test_acc"]
-    assert acc > 0.7, acc   # 2 epochs on 4,000 images: chance is 0.1
+    assert acc > 0.6, acc   # 2 epochs on 2,000 images: chance is 0.1
 
 
 def test_distill_loss_is_zero_when_student_and_teacher_agree_and_pulls_towards_the_teacher():
