@@ -69,6 +69,9 @@ def test_click_sample_strip(browser, page_url):
     page.wait_for_function("document.getElementById('label').textContent.includes('%')", timeout=15000)
     assert page.inner_text("#truth") == f"true label: {truth}"
     assert page.locator("#bars li").count() == 3
+    # the model line names what is served: the shipped ensemble by its members
+    page.wait_for_function("document.getElementById('model-info').textContent.startsWith('Model: ')")
+    assert page.inner_text("#model-info").startswith("Model: ensemble of 3 fast (torch, "), page.inner_text("#model-info")
     page.close()
 
 

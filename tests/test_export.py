@@ -74,6 +74,9 @@ def test_metadata_in_file(exported):
     assert m.meta["class_names"][9] == "Ankle boot" and m.meta["quantization"] == "int8-static-qdq"
     assert m.meta["metrics"]["test_acc"] == pytest.approx(checkpoint.load(default_checkpoint())["metrics"]["test_acc"])
     assert m.meta["parameters"] == Predictor(default_checkpoint()).meta["parameters"]  # was None: the page broke
+    # the API's description comes from the file's model_config, as from the checkpoint's
+    assert Predictor(exported[1], backend="onnx").meta["description"] == Predictor().meta["description"] \
+        == "ensemble of 3 fast"
 
 
 def test_dynamic_batch_axis(exported):

@@ -63,6 +63,8 @@ def test_health_model_docs(server):
     m = httpx.get(server + "/v1/model").json()
     meta = checkpoint.load(default_checkpoint())
     assert m["classes"][0] == "T-shirt/top" and m["parameters"] > 1000
+    mc = meta["model_config"]   # the shipped ensemble is described by its members
+    assert (m["name"], m["description"]) == ("ensemble", f"ensemble of {mc['n']} {mc['member']}")
     assert m["accuracy"] == meta["metrics"]["test_acc"]  # reports the served file's own figure
     assert m["threads"] == 1  # inference keeps to one core: conversions and the event loop need the rest
     assert httpx.get(server + "/docs").status_code == 200

@@ -45,6 +45,10 @@ class OnnxModel:
                      "calibration": json.loads(props.get("calibration", "null")),
                      # files exported before fmnist wrote the count have none
                      "parameters": int(props["parameters"]) if props.get("parameters", "").isdigit() else None}
+        try:   # the architecture's config, for describing the model; files without it have none
+            self.model_config = json.loads(props.get("model_config", "null"))
+        except json.JSONDecodeError:
+            self.model_config = None
         self.input = self.session.get_inputs()[0].name
 
     def logits(self, x: np.ndarray) -> np.ndarray:

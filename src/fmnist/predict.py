@@ -53,6 +53,13 @@ class Prediction:
                 "top": [{"label": c, "probability": p} for c, p in self.top]}
 
 
+def describe(model: str | None, config: dict | None) -> str | None:
+    """What the API and the page call a model: an ensemble by its members ("ensemble of 3 fast")."""
+    if model == "ensemble" and config:
+        return f"ensemble of {config.get('n')} {config.get('member')}"
+    return model
+
+
 class Predictor:
     """A loaded model plus the preprocessing pipeline. backend: 'torch' or 'onnx'; threads: ONNX
     Runtime's intra-op threads (0: its default; torch's are process-wide, torch.set_num_threads)."""
@@ -79,6 +86,8 @@ class Predictor:
             self.tta_flip = checkpoint.trained_with_tta(ckpt)
         else:
             raise ValueError(f"unknown backend {backend!r}; use 'torch' or 'onnx'")
+        self.meta["description"] = describe(self.meta.get("model"), ckpt.get("model_config") if backend == "torch"
+                                            else self.model.model_config)
         self.device = torch.device(device)
         self.class_names = list(self.meta.get("class_names") or CLASS_NAMES)
         # Temperature and unsure threshold fitted on validation (calibrate.py); a model that was

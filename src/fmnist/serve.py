@@ -247,7 +247,7 @@ def create_app(predictor: Predictor | None = None, cfg: ServeConfig | None = Non
     @app.get("/v1/model", summary="The model being served")
     async def model_info():
         m = predictor.meta
-        return {"name": m.get("model"), "classes": predictor.class_names, "parameters": m.get("parameters"),
+        return {"name": m.get("model"), "description": m.get("description"), "classes": predictor.class_names, "parameters": m.get("parameters"),
                 "accuracy": m.get("metrics", {}).get("test_acc"), "val_accuracy": m.get("metrics", {}).get("val_acc"),
                 "backend": predictor.backend, "threads": predictor.inference_threads(),
                 "max_batch": cfg.max_batch, "max_wait_ms": cfg.max_wait_ms,

@@ -92,7 +92,7 @@ async function loadModel() {
     const facts = [m.backend];
     if (m.parameters != null) facts.push(`${m.parameters.toLocaleString()} parameters`);
     if (m.accuracy != null) facts.push(`${(m.accuracy * 100).toFixed(1)}% test accuracy`);
-    $("model-info").textContent = `Model: ${m.name} (${facts.filter(Boolean).join(", ")}).`;
+    $("model-info").textContent = `Model: ${m.description || m.name} (${facts.filter(Boolean).join(", ")}).`;
   } catch (e) {
     // The page still classifies without this line; say why it is missing instead of hiding it.
     console.error("model info:", e);
