@@ -10,6 +10,7 @@ from pathlib import Path
 
 from fmnist import checkpoint
 from fmnist.atomic import write_text
+from fmnist.models import ENSEMBLE
 
 ASSETS = Path(__file__).resolve().parents[1] / "src" / "fmnist" / "assets"
 
@@ -36,7 +37,7 @@ def main():
     rows = "\n".join(f"| {c} | {rep[c]['precision']:.4f} | {rep[c]['recall']:.4f} | {rep[c]['f1-score']:.4f} |"
                      for c in ckpt["class_names"])
     tc = ckpt["train_config"]
-    if ckpt["model"] == "ensemble":
+    if ckpt["model"] == ENSEMBLE:
         mc = ckpt["model_config"]
         arch = (f"an ensemble of {mc['n']} `{mc['member']}` networks {json.dumps(mc['member_config'])}, trained from "
                 f"seeds {', '.join(str(m['seed']) for m in ckpt['members'])} on one validation split (split seed "

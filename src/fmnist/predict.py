@@ -18,6 +18,7 @@ from . import checkpoint
 from .classes import CLASS_NAMES
 from .preprocess import PreprocessError, Preprocessed, is_dataset_style, open_image, preprocess, to_uint8
 from .inference import predict_logits
+from .models import ENSEMBLE
 
 
 # Said with every unsure verdict on a photo: on the held-out real photos, items alone on a plain
@@ -55,7 +56,7 @@ class Prediction:
 
 def describe(model: str | None, config: dict | None) -> str | None:
     """What the API and the page call a model: an ensemble by its members ("ensemble of 3 fast")."""
-    if model == "ensemble" and config:
+    if model == ENSEMBLE and config:
         return f"ensemble of {config.get('n')} {config.get('member')}"
     return model
 
