@@ -151,6 +151,17 @@ class Sitting:
     def save(self):
         write_json(self.path, self.report)
 
+    def part(self, name: str, fn):
+        """Run one part; a part that raises is recorded as failed and the sitting goes on, since a
+        session is lent the GPU once and the other parts' figures are worth keeping."""
+        try:
+            return fn()
+        except Exception as e:  # noqa: BLE001 (recorded, then the next part)
+            log.exception(f"{name}: failed")
+            self.report.setdefault("failed", {})[name] = f"{type(e).__name__}: {e}"[:500]
+            self.save()
+            return None
+
     def accuracy(self, key: str, spec: str, seeds, **extra):
         preset = spec.partition("@")[0].partition("*")[0]
         ovr = overrides(preset, self.args.smoke, device=str(self.device), **extra)
@@ -188,11 +199,14 @@ def main(argv=None) -> int:
     s.report["reference"] = s.report["sittings"][-1]["reference"] = s.reference(ds)
     s.save()
     if "probe" in args.parts:
-        s.report["probe"] = {p: probe(p, overrides(p, args.smoke), ds, s.device, steps)
-                             for p in ("fast", "gpu", "best-gpu")}
+        s.report["probe"] = {}
+        for p in ("fast", "gpu", "best-gpu"):
+            r = s.part(f"probe {p}", lambda: probe(p, overrides(p, args.smoke), ds, s.device, steps))
+            if r:
+                s.report["probe"][p] = r
         s.save()
     if "syncs" in args.parts:
-        s.report["syncs"] = syncs(overrides("gpu", args.smoke), ds, s.device)
+        s.report["syncs"] = s.part("syncs", lambda: syncs(overrides("gpu", args.smoke), ds, s.device))
         s.save()
     plan = [("fast", "fast", [0], {}), ("gpu", "gpu", [0, 1, 2], {}),
             ("graphs", "gpu", [0], {"compile": True, "compile_mode": "reduce-overhead"})]
@@ -205,7 +219,7 @@ def main(argv=None) -> int:
             s.report.setdefault("skipped", {})[part] = f"~{est:.0f} s projected, {s.left():.0f} s left"
             continue
         key = "gpu --compile --compile-mode reduce-overhead" if part == "graphs" else spec
-        s.accuracy(key, spec, seeds, **extra)
+        s.part(part, lambda: s.accuracy(key, spec, seeds, **extra))
         s.save()
     if "best-gpu" in args.parts:
         spec = "best-gpu"
@@ -220,7 +234,7 @@ def main(argv=None) -> int:
                 spec = f"best-gpu@{fit}"
                 log.warning(f"best-gpu: {epochs} epochs (~{per_epoch * epochs:.0f} s) do not fit the "
                             f"{s.left():.0f} s left; running {spec}, a {fit}-epoch schedule")
-        s.accuracy(spec, spec, [0])
+        s.part("best-gpu", lambda: s.accuracy(spec, spec, [0]))
         s.save()
     s.report["reference"]["seconds_after"] = s.reference(ds)["seconds"]
     s.save()
