@@ -291,6 +291,37 @@ def conversion_before_after(record):
     return "\n".join(out)
 
 
+def probe(pr):
+    """scripts/gpu_sitting.py's probe: each preset's training loop, eager, per step."""
+    out = ["| preset | network | batch | ms per step | images/s | training s per epoch | training s per schedule |",
+           "|---|---|---:|---:|---:|---:|---:|"]
+    for name, r in pr.items():
+        out.append(f"| `{name}` | {r['model']} | {r['batch']:,} | {r['ms_per_step']:.1f} | {r['img_s']:,.0f} "
+                   f"| {r['projected_train_seconds_per_epoch']:.2f} | {r['projected_train_seconds']:.0f} "
+                   f"({r['epochs']} epochs) |")
+    return "\n".join(out)
+
+
+def syncs(sy):
+    """scripts/gpu_sitting.py's host-sync count for `gpu`'s loop."""
+    if not sy or "skipped" in sy:
+        return f"Not measured: {(sy or {}).get('skipped', 'the part failed')}."
+    counts = ", ".join(f"{v} in an epoch of {k} steps" for k, v in sy["syncs_per_epoch_of_steps"].items())
+    return f"Host syncs reported by CUDA's sync debug mode in `gpu`'s loop: {counts} ({sy['syncs_per_step']:g} per step)."
+
+
+def epoch_times(a):
+    """Per run: its first epoch (start-up, cuDNN's search, any compiling) against the mean of the
+    others (the steady rate), from the wall-time curve of `fmnist bench accuracy`."""
+    out = ["| preset | seed | epochs | first epoch s | later epochs, mean s |", "|---|---:|---:|---:|---:|"]
+    for name, res in a.items():
+        for r in res["runs"]:
+            walls = [w for w, _ in r["curve"]]
+            later = (walls[-1] - walls[0]) / (len(walls) - 1) if len(walls) > 1 else float("nan")
+            out.append(f"| `{name}` | {r['seed']} | {len(walls)} | {walls[0]:.2f} | {later:.3f} |")
+    return "\n".join(out)
+
+
 def main(paths):
     if paths and paths[0] == "--conversion":   # --conversion CONVERSION_BEFORE_AFTER
         print(conversion_before_after(json.load(open(paths[1]))))
@@ -320,6 +351,10 @@ def main(paths):
         if len(paths) > 6:   # scripts/photo_seed_check.py output
             print(f"### Seed spread\n\n{seed_check(json.load(open(paths[6])))}\n")
         return
+    if paths and paths[0] == "--epoch-times":   # --epoch-times BENCH_OR_SITTING_JSON ...
+        for p in paths[1:]:
+            print(epoch_times(json.load(open(p))["accuracy"]) + "\n")
+        return
     merged = {}
     for p in paths:
         with open(p) as f:
@@ -327,6 +362,8 @@ def main(paths):
     sections = [("Environment", environment, "environment"), ("Throughput", throughput, "throughput"),
                 ("Profile of a training step", profile, "profile"),
                 ("Budget sweep (scripts/budget_sweep.py)", budget_sweep, "rows"),
+                ("Training step per preset (gpu_sitting.py probe)", probe, "probe"),
+                ("Host syncs (gpu_sitting.py syncs)", syncs, "syncs"),
                 ("Time to accuracy", lambda a: accuracy(a, merged.get("reference")), "accuracy"),
                 ("Photos", photos, "photos"),
                 ("ONNX", onnx, "onnx"), ("Serving", serve, "serve")]

@@ -67,10 +67,14 @@ def test_time_to_accuracy_tables_match_the_committed_json(folder, rows):
     ("results_tables.py", ["--shipped", PHOTOS / "shipped-18ep" / "bench.json", PHOTOS / "shipped-ensemble" / "bench.json",
                            "seed 0 alone (shipped before)", "ensemble of seeds 0-2 (shipped)"], 18),
     ("results_tables.py", ["--seed-check", PHOTOS / "seed-check-ensemble.json"], 5),
+    ("results_tables.py", [ROOT / "bench" / "gpu" / "sitting.json"], 14),
+    ("results_tables.py", [ROOT / "bench" / "gpu" / "gpu15-bench.json"], 6),
+    ("results_tables.py", ["--epoch-times", ROOT / "bench" / "gpu" / "sitting.json",
+                           ROOT / "bench" / "gpu" / "gpu15-bench.json"], 10),
 ])
 def test_tables_match_the_committed_json(script, args, rows):
-    """The recipe sweep, the conversion timings, the one-GrabCut-iteration, the photo_cv tables, and the
-    shipped models side by side with their seed spreads."""
+    """The recipe sweep, the conversion timings, the one-GrabCut-iteration, the photo_cv tables, the
+    shipped models side by side with their seed spreads, and the GPU sittings (probe, syncs, epochs)."""
     rendered = [line for line in render(script, *args) if line.startswith("| ")]
     missing = missing_from_doc(rendered)
     assert len(rendered) >= rows and not missing, missing[:3]
