@@ -14,6 +14,10 @@ each is scored on the pool of dev + fold photos. `--set` gives overrides of the 
 Run the same seeds with and without the change, in the same way, and compare pool accuracy per
 seed. The held-out split is never read.
 
+`--score` trains nothing either: it scores kept runs one by one, and with `--conversion` (fields
+of robust.RobustOptions, as --set takes them) converts the pool with other settings than the
+default, so that a change to the conversion alone is judged on models that never saw the pool.
+
 `--ensemble` trains nothing: it scores the average of runs a sitting kept (`--keep`) as
 `fmnist ensemble` makes it (uncalibrated: temperature scaling changes no answer), so it can be
 set beside those runs one by one. One sitting is appended to OUT and rewritten after each model,
@@ -37,6 +41,7 @@ from fmnist.classes import CLASS_NAMES
 from fmnist.malloc import keep_freed_memory
 from fmnist.predict import Predictor
 from fmnist.preprocess import preprocess
+from fmnist.robust import RobustOptions
 from fmnist.runinfo import environment
 from fmnist.train import train
 
@@ -93,7 +98,8 @@ def table(doc: dict) -> str:
            "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for i, s in enumerate(doc["sittings"], 1):
         for m in s["models"]:
-            out.append(f"| {i} | {s['name']} | `{json.dumps(s['overrides'])}` | {m['seed']} | "
+            changed = {**s["overrides"], **({"conversion": s["conversion"]} if s.get("conversion") else {})}
+            out.append(f"| {i} | {s['name']} | `{json.dumps(changed)}` | {m['seed']} | "
                        f"{m['pool_acc'] * 100:.1f} % ({m['pool_right']}/{m['pool_n']}) | "
                        f"{m['dev_right']}/{m['dev_n']} | {m['fold_right']}/{m['fold_n']} | "
                        f"{m['clean_right']}/{m['clean_n']} | {m['casual_right']}/{m['casual_n']} | "
@@ -122,6 +128,11 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override of the photo preset")
     ap.add_argument("--ensemble", nargs="+", type=Path, metavar="RUN",
                     help="score the ensemble of these kept runs instead of training (--seeds and --set unused)")
+    ap.add_argument("--score", nargs="+", type=Path, metavar="RUN",
+                    help="score these kept runs one by one instead of training (--seeds and --set unused)")
+    ap.add_argument("--conversion", action="append", default=[], metavar="KEY=VALUE",
+                    help="with --score or --ensemble: a robust.RobustOptions field for the pool's conversion "
+                         "(default: the default conversion)")
     ap.add_argument("--keep", type=Path, metavar="DIR",
                     help="keep the trained runs under DIR (default: deleted with the sitting's temporary folder)")
     args, out, doc = parse_or_print_table(ap, table)
@@ -130,13 +141,23 @@ def main() -> None:
         config.resolve("photo", overrides)   # a bad override fails now, not after the first model
     except (TypeError, ValueError) as e:
         raise SystemExit(f"error: --set: {e}") from None
+    conversion = parse_set(args.conversion)
+    if conversion and not (args.score or args.ensemble):
+        raise SystemExit("error: --conversion needs --score or --ensemble: a model trained here converts its "
+                         "training photos with the default conversion")
+    try:
+        options = RobustOptions(**conversion)
+    except TypeError as e:
+        raise SystemExit(f"error: --conversion: {e}") from None
     keep_freed_memory()   # as `fmnist train` runs
     photos = pool()
-    images = np.stack([preprocess(p.path).image for p in photos])
+    images = np.stack([preprocess(p.path, options=options).image for p in photos])
     ds = data.load()
     test = (ds.test_images.numpy(), ds.test_labels.numpy())
     sitting = {"environment": environment("cpu"), "name": args.name, "overrides": overrides,
                "fold": f"photos/train files with sha256(name) mod {FOLDS} == 0", "models": []}
+    if conversion:
+        sitting["conversion"] = conversion
     doc["sittings"].append(sitting)
     write_json(out, doc)
     if args.ensemble:
@@ -150,6 +171,15 @@ def main() -> None:
         write_json(out, doc)
         print(f"ensemble of seeds {seeds}: pool {row['pool_acc']:.1%} ({row['pool_right']}/{row['pool_n']}), "
               f"28x28 test {row['test_acc']:.2%}", flush=True)
+        return
+    if args.score:
+        for run in args.score:
+            seed = json.loads((run / "config.json").read_text())["seed"]
+            row = {"seed": seed, "run": str(run), **score(run / "best.pt", photos, images, test)}
+            sitting["models"].append(row)
+            write_json(out, doc)
+            print(f"seed {seed}: pool {row['pool_acc']:.1%} ({row['pool_right']}/{row['pool_n']}), "
+                  f"28x28 test {row['test_acc']:.2%}", flush=True)
         return
     with tempfile.TemporaryDirectory() as tmp:
         real = f"{train_without_fold(Path(tmp) / 'train')},{OUTLIERS}"

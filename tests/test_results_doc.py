@@ -2,6 +2,7 @@
 bench JSON: no figure in them is typed by hand or left stale."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -89,3 +90,13 @@ def test_serve_tables_match_the_committed_json():
     rendered = [line for s in sittings for line in table(s["settings"]).splitlines() if line.strip()]
     missing = missing_from_doc(rendered)
     assert len(sittings) >= 4 and not missing, missing[:3]
+
+
+def test_photo_cv_refuses_a_conversion_change_for_models_it_trains(tmp_path):
+    """Models photo_cv trains convert their training photos with the default conversion, so
+    --conversion (a test-time change) applies only to kept runs (--score) or --ensemble."""
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "photo_cv.py"), "--out", str(tmp_path / "cv.json"),
+                        "--conversion", "seed_k=0.6"], capture_output=True, text=True,
+                       env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+    assert r.returncode != 0 and "--conversion needs --score or --ensemble" in r.stderr
+    assert not (tmp_path / "cv.json").exists()
