@@ -69,7 +69,7 @@ def tiny_train(tmp_path_factory, dataset):
     output: .run (the run directory), .stdout, .stderr."""
     def make(d: Path):
         r = subprocess.run([sys.executable, "-m", "fmnist", "train", "--preset", "seed", "--epochs", "2", "--subset",
-                            "4000", "--threads", "1", "--out-dir", str(d / "runs")],
+                            "4000", "--test-subset", "2000", "--threads", "1", "--out-dir", str(d / "runs")],
                            capture_output=True, text=True, timeout=300)
         assert r.returncode == 0, r.stderr
         (d / "stdout").write_text(r.stdout)
@@ -91,7 +91,8 @@ def tiny_run(tiny_train):
 # artefacts, shoe pairs), the one-cycle schedule, the weight EMA, BatchNorm statistics, and the
 # calibration at the end. 3,000 images, 2 epochs, 1 thread so every run uses the same kernels.
 FAST_RUN_ARGS = ["--preset", "fast", "--ema", "0.9", "--erase", "0.25", "--photo", "0.2", "--pairs", "0.5",
-                 "--subset", "3000", "--batch-size", "64", "--epochs", "2", "--threads", "1", "--quiet"]
+                 "--subset", "3000", "--test-subset", "2000", "--batch-size", "64", "--epochs", "2", "--threads", "1",
+                 "--quiet"]
 
 
 @pytest.fixture(scope="session")

@@ -37,6 +37,8 @@ def test_train_then_evaluate_end_to_end(tiny_train, tmp_path, cli):
     assert r.returncode == 0, r.stderr
     m = json.loads((out / "metrics.json").read_text())
     assert m["test_acc"] > 0.6 and len(m["confusion_matrix"]) == 10 and f"report: {out}" in r.stdout
+    # the run reported on its --test-subset (the first 2,000 test images); evaluate on all of them
+    assert "(2000 images" in tiny_train.stdout and m["n"] == 10000
 
 
 def test_bad_inputs_give_one_line_errors(tmp_path, cli):
@@ -176,7 +178,7 @@ def test_train_flags_are_the_config_fields():
 
 # A bad value must be refused before anything is trained or written. The safe flags come first
 # (the bad one after them wins), so that a regression trains 500 images for one epoch, not a run.
-SAFE = ["--subset", "500", "--epochs", "1", "--threads", "1", "--quiet"]
+SAFE = ["--subset", "500", "--test-subset", "500", "--epochs", "1", "--threads", "1", "--quiet"]
 
 
 @pytest.mark.parametrize("argv, words, code", [

@@ -23,7 +23,8 @@ def second_seed(tmp_path_factory, tiny_train):
     images (members need not match there, and the test suite has a time budget)."""
     def make(d):
         subprocess.run([sys.executable, "-m", "fmnist", "train", "--preset", "seed", "--epochs", "2", "--subset",
-                        "2000", "--threads", "1", "--seed", "1", "--split-seed", "0", "--quiet", "--out-dir", str(d)],
+                        "2000", "--test-subset", "2000", "--threads", "1", "--seed", "1", "--split-seed", "0", "--quiet",
+                        "--out-dir", str(d)],
                        check=True, timeout=300)
     (run,) = [p for p in shared_dir(tmp_path_factory, "tiny-train-seed1", make).iterdir() if p.is_dir()]
     return run
@@ -118,8 +119,8 @@ def test_split_seed_picks_the_validation_split():
 
 def test_a_network_distilled_from_the_ensemble_learns(made, tmp_path, cli):
     """--distill: the tiny recipe again, also pulled towards the ensemble's probabilities."""
-    r = cli("train", "--preset", "seed", "--epochs", "2", "--subset", "2000", "--threads", "1", "--seed", "2",
-            "--distill", made.out, "--quiet", "--out-dir", tmp_path)
+    r = cli("train", "--preset", "seed", "--epochs", "2", "--subset", "2000", "--test-subset", "2000", "--threads", "1",
+            "--seed", "2", "--distill", made.out, "--quiet", "--out-dir", tmp_path)
     assert r.returncode == 0, r.stderr
     (run,) = [p for p in tmp_path.iterdir() if p.is_dir()]
     assert json.loads((run / "config.json").read_text())["distill"] == str(made.out)

@@ -71,6 +71,9 @@ class TrainConfig:
     threads: int = flag(0, "torch CPU threads, 0 = all cores")
     subset: int = flag(0, "train on a seeded random N of the training images (and validate on N/5, at least "
                           "100), for smoke tests; 0 = all")
+    test_subset: int = flag(0, "report the end-of-run test figures on the first N test images, for smoke "
+                               "tests (a full test pass at 1 thread takes longer than a small run's training); "
+                               "0 = all 10,000")
     eval_batch_size: int = 0          # 0 = inference.eval_batch_size: by device
     out_dir: str = flag("runs", "where run directories go")
     data_dir: str | None = None       # a flag shared with other commands (cli._add_data_dir)
@@ -227,6 +230,7 @@ def validate(cfg: TrainConfig) -> None:
         (0 <= cfg.ema < 1, f"--ema must be in [0, 1), got {cfg.ema}"),
         (cfg.lookahead >= 0, f"--lookahead must be >= 0 steps (0 = off), got {cfg.lookahead}"),
         (cfg.subset >= 0, f"--subset must be >= 0, got {cfg.subset}"),
+        (cfg.test_subset >= 0, f"--test-subset must be >= 0 (0 = all test images), got {cfg.test_subset}"),
         (cfg.split_seed >= -1, f"--split-seed must be >= 0, or -1 for the --seed, got {cfg.split_seed}"),
         (0 <= cfg.label_smoothing < 1, f"--label-smoothing must be in [0, 1), got {cfg.label_smoothing}"),
         (cfg.amp in ("auto", "bf16", "off"), f"--amp must be auto, bf16 or off, got {cfg.amp}"),

@@ -4,6 +4,7 @@ saved as report.md + metrics.json + pictures next to the checkpoint."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -83,11 +84,15 @@ def evaluate_checkpoint(path, device="auto", dataset=None, out_dir=None, tta_fli
 
 
 def evaluate_run(run_dir, device="auto", dataset=None) -> dict:
-    """Evaluate a run's best.pt on the test set of the data directory the run trained on."""
+    """Evaluate a run's best.pt on the test set of the data directory the run trained on (its
+    first `test_subset` images where the run was given one)."""
     run_dir = Path(run_dir)
+    cfg = json.loads((run_dir / "config.json").read_text())
     if dataset is None:
-        data_dir = json.loads((run_dir / "config.json").read_text()).get("data_dir")
-        dataset = data.load(data_dir)
+        dataset = data.load(cfg.get("data_dir"))
+    if cfg.get("test_subset"):
+        n = cfg["test_subset"]
+        dataset = replace(dataset, test_images=dataset.test_images[:n], test_labels=dataset.test_labels[:n])
     return evaluate_checkpoint(run_dir / "best.pt", device=device, dataset=dataset)
 
 
