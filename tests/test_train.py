@@ -319,6 +319,40 @@ def test_stopped_after_an_epoch_offers_resume(tmp_path, monkeypatch, cli, datase
     assert f"1 complete epoch(s) saved in {run}; continue with `fmnist train --resume {run}`" in r.stderr, r.stderr
 
 
+def test_last_checkpoint_is_due_by_its_own_cost():
+    from fmnist.train import SAVE_COST_RATIO, last_due
+
+    assert last_due(1, 9, float("inf"), 0.0)                       # the first epoch: nothing to resume before it
+    assert last_due(9, 9, 0.0, 5.0)                                # the final epoch, whatever it costs
+    assert not last_due(2, 9, SAVE_COST_RATIO * 0.5 - 0.1, 0.5)    # a 0.5 s save, 4.9 s after the last one
+    assert last_due(2, 9, SAVE_COST_RATIO * 0.5, 0.5)
+
+
+def test_a_lagging_last_checkpoint_is_what_a_stopped_run_offers_and_resumes(tmp_path, monkeypatch, cli, dataset):
+    """With saves too dear to repeat (a big model on a fast GPU), last.pt holds epoch 1 while
+    best.pt and history.csv go on: a run stopped in epoch 3 says 1 epoch is saved, and --resume
+    continues from there to the end."""
+    import fmnist.train
+
+    monkeypatch.setattr(fmnist.train, "SAVE_COST_RATIO", 1e9)
+    _interrupt_epoch(monkeypatch, 3)
+    r = cli("train", *TINY, "--epochs", "3", "--out-dir", tmp_path / "runs")
+    (run,) = (tmp_path / "runs").iterdir()
+    assert r.returncode == 130 and "1 complete epoch(s) saved" in r.stderr, r.stderr
+    assert checkpoint.load(run / "last.pt")["epoch"] == 1 and len(history_rows(run)) == 2
+    monkeypatch.undo()
+    r = cli("train", "--resume", run)
+    assert r.returncode == 0, r.stderr
+    assert checkpoint.load(run / "last.pt")["epoch"] == 3 and [h["epoch"] for h in history_rows(run)] == ["1", "2", "3"]
+
+
+def history_rows(run) -> list[dict]:
+    import csv
+
+    with open(run / "history.csv") as f:
+        return list(csv.DictReader(f))
+
+
 def test_a_run_that_fails_before_saving_leaves_no_directory(tmp_path, monkeypatch, dataset):
     import fmnist.train
 

@@ -358,22 +358,38 @@ def _restore_state(ckpt: dict, model, opt, ema, lookahead, cfg: TrainConfig, dev
             "elapsed": history[-1]["elapsed"] if history else 0.0}
 
 
+# last.pt (weights, optimizer, EMA: ~280 MB for best-gpu's wrn) is written when the time since the
+# last write is at least this many times what that write took, and after the final epoch: saving
+# then costs at most about 1/SAVE_COST_RATIO of the run, and a crash loses at most that many
+# save-times of work. On a CPU an epoch outlasts 10 saves, so every epoch is saved; on a GPU,
+# best-gpu's ~2 s epochs would otherwise each spend what one write of it took on the 2-core VM in
+# a dev timing, 0.2-0.7 s (plus the copy off the GPU).
+SAVE_COST_RATIO = 10.0
+
+
+def last_due(epoch: int, epochs: int, since_save: float, save_cost: float) -> bool:
+    """Write last.pt after this epoch? (since_save: seconds since the last write; the first
+    epoch is always written, as there is nothing to resume from before it)."""
+    return epoch == epochs or since_save >= SAVE_COST_RATIO * save_cost
+
+
 def _save_epoch(run_dir: Path, cfg: TrainConfig, mcfg: dict, cfg_dict: dict, model, eval_model, opt, ema,
-                lookahead, va: dict, epoch: int, step: int, history: list, best_acc: float, dist: DistInfo
-                ) -> tuple[bool, float]:
-    """best.pt when validation improved, last.pt (the whole training state) and history.csv,
-    every epoch. -> (is best, best validation accuracy so far)."""
+                lookahead, va: dict, epoch: int, step: int, history: list, best_acc: float, dist: DistInfo,
+                last: bool = True) -> tuple[bool, float]:
+    """best.pt when validation improved, last.pt (the whole training state) when `last`, and
+    history.csv, every epoch. -> (is best, best validation accuracy so far)."""
     meta = dict(metrics={"val_acc": va["acc"], "val_loss": va["loss"], "epoch": epoch},
                 epoch=epoch, train_config=cfg_dict)
     is_best = not (va["acc"] <= best_acc)  # NaN (no validation split) counts as best
     if is_best:
         best_acc = va["acc"]
         checkpoint.save(checkpoint.make(cfg.model, mcfg, eval_model.state_dict(), **meta), run_dir / "best.pt")
-    checkpoint.save(checkpoint.make(
-        cfg.model, mcfg, dist.unwrap(model).state_dict(), **meta,
-        optimizer=opt.state_dict(), step=step, history=history,
-        **({"ema": ema.model.state_dict()} if ema is not None else {}),
-        **({"lookahead": lookahead.state_dict()} if lookahead is not None else {})), run_dir / "last.pt")
+    if last:
+        checkpoint.save(checkpoint.make(
+            cfg.model, mcfg, dist.unwrap(model).state_dict(), **meta,
+            optimizer=opt.state_dict(), step=step, history=history,
+            **({"ema": ema.model.state_dict()} if ema is not None else {}),
+            **({"lookahead": lookahead.state_dict()} if lookahead is not None else {})), run_dir / "last.pt")
     write_history(run_dir, history)
     return is_best, best_acc
 
@@ -436,6 +452,7 @@ def train(cfg: TrainConfig) -> Path | None:
     # already, and atomic writes mean an interrupted save leaves the previous file intact.
     t_start = time.perf_counter() - state["elapsed"]
     saved = state["start_epoch"] - 1  # the epoch last.pt holds: what --resume would continue from
+    t_saved, save_cost = -math.inf, 0.0  # when last.pt was last written, and what that took
     try:
         for epoch in range(state["start_epoch"], cfg.epochs + 1):
             gen = epoch_generators(cfg.seed, epoch, dist.rank, device)
@@ -456,9 +473,13 @@ def train(cfg: TrainConfig) -> Path | None:
                 row["test_acc"] = evaluate_split(eval_model, te_x, te_y, cfg, amp="off")["acc"]
             history.append(row)
             if dist.is_main:
+                t2 = time.perf_counter()
+                last = last_due(epoch, cfg.epochs, t2 - t_saved, save_cost)
                 is_best, best_acc = _save_epoch(run_dir, cfg, mcfg, cfg_dict, model, eval_model, opt, ema,
-                                                lookahead, va, epoch, step, history, best_acc, dist)
-                saved = epoch
+                                                lookahead, va, epoch, step, history, best_acc, dist, last)
+                if last:
+                    t_saved = time.perf_counter()
+                    saved, save_cost = epoch, t_saved - t2
                 log.info(f"epoch {epoch:3d}/{cfg.epochs}  train loss {tr['loss']:.4f} acc {tr['acc']:.4f}  "
                          f"val loss {va['loss']:.4f} acc {va['acc']:.4f}  {train_seconds:5.1f}s"
                          f"{'  *' if is_best else ''}")
