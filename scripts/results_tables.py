@@ -310,6 +310,17 @@ def syncs(sy):
     return f"Host syncs reported by CUDA's sync debug mode in `gpu`'s loop: {counts} ({sy['syncs_per_step']:g} per step)."
 
 
+def final(f):
+    """scripts/gpu_sitting.py's best-gpu: one plain `fmnist train` run, the test set once at its end."""
+    out = ["| preset | seed | epochs | final test acc | best val acc | training s | training + validation s "
+           "| whole call s |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for spec, r in f.items():
+        out.append(f"| `{spec}` | {r['seed']} | {r['epochs']} | {pct(r['final_test_acc'])} | {pct(r['best_val_acc'])} "
+                   f"| {r['train_seconds']:.0f} | {r['wall_seconds']:.0f} = {r['wall_seed_epochs']:.1f}x "
+                   f"| {r['call_seconds']:.0f} |")
+    return "\n".join(out)
+
+
 def epoch_times(a):
     """Per run: its first epoch (start-up, cuDNN's search, any compiling) against the mean of the
     others (the steady rate), from the wall-time curve of `fmnist bench accuracy`."""
@@ -365,6 +376,7 @@ def main(paths):
                 ("Training step per preset (gpu_sitting.py probe)", probe, "probe"),
                 ("Host syncs (gpu_sitting.py syncs)", syncs, "syncs"),
                 ("Time to accuracy", lambda a: accuracy(a, merged.get("reference")), "accuracy"),
+                ("Final accuracy of one `fmnist train` run (gpu_sitting.py best-gpu)", final, "final"),
                 ("Photos", photos, "photos"),
                 ("ONNX", onnx, "onnx"), ("Serving", serve, "serve")]
     for title, fn, key in sections:
