@@ -28,8 +28,8 @@ cut off by its time limit keeps what it finished, and a later call with the same
               compiling pay? (its first epoch includes the compile)
   best-gpu    `best-gpu`, seed 0: final accuracy (issue 13 asks >= 95.5% in <= 10 minutes), by a
               plain `fmnist train` run (no test pass after each epoch: on `wrn` that pass, in
-              fp32, and the checkpoints made sitting 3 of 2026-12-04 overrun its call), then the
-              test set once. If the probe says its epochs do not fit what is left of --budget, it
+              fp32, and the checkpoints are the likely reason, not measured, why sitting 3 of
+              2026-12-04 overran its call), then the test set once. If the probe says its epochs do not fit what is left of --budget, it
               runs a shorter schedule (best-gpu@N, recorded as such) instead of being cut off
 
 The other accuracy parts are `fmnist bench accuracy` runs (test accuracy after every epoch, for
