@@ -23,16 +23,18 @@ def test_default_preset_by_device(device, preset):
 def test_train_picks_gpu_preset_on_cuda_unless_told(monkeypatch):
     """`fmnist train` with no --preset on a machine whose device resolves to CUDA (faked: the
     training itself is stubbed out) trains the gpu recipe; --preset still wins."""
-    import fmnist.runinfo
     import fmnist.train
     from fmnist import cli
 
     seen = []
     monkeypatch.setattr(fmnist.train, "train", lambda cfg: seen.append(cfg))
-    monkeypatch.setattr(fmnist.runinfo, "pick_device", lambda name="auto": torch.device("cuda"))
+    # CUDA faked where the device is read, not by replacing runinfo.pick_device: a module first
+    # imported during this test (cli imports evaluate lazily) would keep a replaced function for
+    # good, and every later test in the worker would then evaluate "on CUDA".
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert cli.main(["train"]) == 0 and (seen[-1].preset, seen[-1].batch_size) == ("gpu", 1024)
     assert cli.main(["train", "--preset", "fast"]) == 0 and seen[-1].preset == "fast"
-    monkeypatch.setattr(fmnist.runinfo, "pick_device", lambda name="auto": torch.device("cpu"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert cli.main(["train"]) == 0 and seen[-1] == config.TrainConfig()
 
 
