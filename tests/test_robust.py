@@ -155,5 +155,21 @@ def test_real_training_images_are_the_dev_split_only():
     assert torch_equal_first(x, dev[0].path)
 
 
+def test_real_training_images_under_three_conversions():
+    """--real-conversions 3: the default conversion's block first (what predict sees), then the
+    looser and the stricter seed threshold's, labels repeated; the blocks differ somewhere."""
+    from fmnist.robust import RobustOptions
+    from fmnist.train import REAL_SEED_K, real_training_images
+
+    x1, y1 = real_training_images(str(REAL))
+    x3, y3 = real_training_images(str(REAL), conversions=3)
+    n = len(x1)
+    assert x3.shape == (3 * n, 28, 28) and y3.tolist() == y1.tolist() * 3 and REAL_SEED_K[0] == RobustOptions().seed_k
+    assert np.array_equal(x3[:n].numpy(), x1.numpy())
+    dev = realphotos.select(realphotos.read_manifest(REAL, verify=False), "dev")
+    assert np.array_equal(x3[n].numpy(), preprocess(dev[0].path, options=RobustOptions(seed_k=0.6)).image)
+    assert not np.array_equal(x3[n:2 * n].numpy(), x1.numpy()) and not np.array_equal(x3[2 * n:].numpy(), x1.numpy())
+
+
 def torch_equal_first(x, path):
     return np.array_equal(x[0].numpy(), preprocess(path).image)

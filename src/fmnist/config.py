@@ -86,6 +86,10 @@ class TrainConfig:
                                          "labelled 'none' are trained towards 'unsure'", metavar="DIR",
                                    shown="default: off")
     real_repeat: int = flag(20, "times each real photo appears per epoch (then augmented)")
+    real_conversions: int = flag(1, "with --real-photos: convert each photo this many ways (the robust "
+                                    "conversion's seed threshold at 1.0, 0.6, 2.0 times the border's spread, "
+                                    "up to 3), each shown real_repeat/N times, so the model sees how the "
+                                    "conversion itself varies")
     outlier_weight: float = flag(0.5, "weight of the uniform-target loss on real photos labelled 'none' "
                                       "(outlier exposure, Hendrycks et al. 2019)")
     distill: str | None = flag(None, "also learn a trained TEACHER's probabilities (a run or an `fmnist ensemble`) "
@@ -230,6 +234,7 @@ def validate(cfg: TrainConfig) -> None:
         (0 <= cfg.ema < 1, f"--ema must be in [0, 1), got {cfg.ema}"),
         (cfg.lookahead >= 0, f"--lookahead must be >= 0 steps (0 = off), got {cfg.lookahead}"),
         (cfg.subset >= 0, f"--subset must be >= 0, got {cfg.subset}"),
+        (1 <= cfg.real_conversions <= 3, f"--real-conversions must be 1, 2 or 3, got {cfg.real_conversions}"),
         (cfg.test_subset >= 0, f"--test-subset must be >= 0 (0 = all test images), got {cfg.test_subset}"),
         (cfg.split_seed >= -1, f"--split-seed must be >= 0, or -1 for the --seed, got {cfg.split_seed}"),
         (0 <= cfg.label_smoothing < 1, f"--label-smoothing must be in [0, 1), got {cfg.label_smoothing}"),

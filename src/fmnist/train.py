@@ -222,19 +222,28 @@ TRAIN_SPLITS = ("dev", "train")   # real-photo splits that may be trained on; "h
 OUTLIER = -1                      # training label of a "none" photo (no clothing)
 
 
-def real_training_images(roots: str) -> tuple[torch.Tensor, torch.Tensor]:
+# --real-conversions: the robust conversion's seed thresholds (multiples of the border's own colour
+# spread) a photo is converted with; the first is the default, the one predict uses.
+REAL_SEED_K = (1.0, 0.6, 2.0)
+
+
+def real_training_images(roots: str, conversions: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """The dev and train splits of real-photo folders (comma-separated), converted as predict
-    does: (N, 28, 28) uint8 and labels. Held-out photos are never read, so they stay a fair test."""
+    does, and with `conversions` > 1 also with the other seed thresholds of REAL_SEED_K, one
+    block per conversion: (N * conversions, 28, 28) uint8 and labels. Held-out photos are never
+    read, so they stay a fair test."""
     from . import realphotos
     from .classes import CLASS_NAMES
     from .preprocess import preprocess
+    from .robust import RobustOptions
 
     photos = [p for p in realphotos.read_manifests(roots) if p.split in TRAIN_SPLITS]
     if not any(p.label in CLASS_NAMES for p in photos):
         raise ValueError(f"{roots}: no dev- or train-split photos of a class to train on")
-    x = torch.from_numpy(np.stack([preprocess(p.path).image for p in photos]))
+    x = torch.from_numpy(np.stack([preprocess(p.path, options=RobustOptions(seed_k=k)).image
+                                   for k in REAL_SEED_K[:conversions] for p in photos]))
     y = torch.tensor([CLASS_NAMES.index(p.label) if p.label in CLASS_NAMES else OUTLIER for p in photos])
-    return x, y
+    return x, y.repeat(conversions)
 
 
 # ---------------------------------------------------------------------------- run directory
@@ -312,12 +321,16 @@ def _splits(cfg: TrainConfig, ds, device: torch.device, dist: DistInfo) -> dict:
         val_idx = val_idx[torch.randperm(len(val_idx), generator=g)[:max(cfg.subset // 5, 100)]]
     tr_x, tr_y = ds.train_images[train_idx].to(device), ds.train_labels[train_idx].to(device)
     if cfg.real_photos:
-        rx, ry = real_training_images(cfg.real_photos)
-        tr_x = torch.cat([tr_x, rx.to(device).repeat(cfg.real_repeat, 1, 1)])
-        tr_y = torch.cat([tr_y, ry.to(device).repeat(cfg.real_repeat)])
+        rx, ry = real_training_images(cfg.real_photos, cfg.real_conversions)
+        # Each conversion real_repeat/N times (at least once), so more conversions do not raise
+        # the real photos' share of an epoch.
+        repeat = max(1, round(cfg.real_repeat / cfg.real_conversions))
+        tr_x = torch.cat([tr_x, rx.to(device).repeat(repeat, 1, 1)])
+        tr_y = torch.cat([tr_y, ry.to(device).repeat(repeat)])
         if dist.is_main:
-            log.info("training with %d real photos (dev/train splits of %s; %d of no clothing) x %d", len(rx),
-                     cfg.real_photos, int((ry == OUTLIER).sum()), cfg.real_repeat)
+            log.info("training with %d real photos (dev/train splits of %s; %d of no clothing) x %d conversion(s)"
+                     " x %d", len(rx) // cfg.real_conversions, cfg.real_photos,
+                     int((ry == OUTLIER).sum()) // cfg.real_conversions, cfg.real_conversions, repeat)
     test = (ds.test_images.to(device), ds.test_labels.to(device)) if cfg.report_test else (None, None)
     return {"train": (tr_x, tr_y), "val": (ds.train_images[val_idx].to(device), ds.train_labels[val_idx].to(device)),
             "test": test, "val_idx": val_idx}
