@@ -155,20 +155,27 @@ def test_real_training_images_are_the_dev_split_only():
     assert torch_equal_first(x, dev[0].path)
 
 
-def test_real_training_images_under_three_conversions():
+def test_real_training_images_under_three_conversions(tmp_path):
     """--real-conversions 3: the default conversion's block first (what predict sees), then the
-    looser and the stricter seed threshold's, labels repeated; the blocks differ somewhere."""
+    looser and the stricter seed threshold's, labels repeated (four dev photos, for time)."""
+    import shutil
+
     from fmnist.robust import RobustOptions
     from fmnist.train import REAL_SEED_K, real_training_images
 
-    x1, y1 = real_training_images(str(REAL))
-    x3, y3 = real_training_images(str(REAL), conversions=3)
-    n = len(x1)
-    assert x3.shape == (3 * n, 28, 28) and y3.tolist() == y1.tolist() * 3 and REAL_SEED_K[0] == RobustOptions().seed_k
-    assert np.array_equal(x3[:n].numpy(), x1.numpy())
-    dev = realphotos.select(realphotos.read_manifest(REAL, verify=False), "dev")
-    assert np.array_equal(x3[n].numpy(), preprocess(dev[0].path, options=RobustOptions(seed_k=0.6)).image)
-    assert not np.array_equal(x3[n:2 * n].numpy(), x1.numpy()) and not np.array_equal(x3[2 * n:].numpy(), x1.numpy())
+    lines = (REAL / "manifest.csv").read_text().splitlines()
+    rows = [line for line in lines[1:] if ",dev," in line][:4]
+    (tmp_path / "manifest.csv").write_text("\n".join([lines[0], *rows]) + "\n")
+    for line in rows:
+        shutil.copy(REAL / line.split(",")[0], tmp_path)
+    x1, y1 = real_training_images(str(tmp_path))
+    x3, y3 = real_training_images(str(tmp_path), conversions=3)
+    assert x3.shape == (12, 28, 28) and y3.tolist() == y1.tolist() * 3 and REAL_SEED_K[0] == RobustOptions().seed_k
+    assert np.array_equal(x3[:4].numpy(), x1.numpy())
+    first = tmp_path / rows[0].split(",")[0]
+    for block, k in ((1, 0.6), (2, 2.0)):
+        assert np.array_equal(x3[4 * block].numpy(), preprocess(first, options=RobustOptions(seed_k=k)).image)
+        assert not np.array_equal(x3[4 * block:4 * block + 4].numpy(), x1.numpy())   # not the default again
 
 
 def torch_equal_first(x, path):
