@@ -30,13 +30,35 @@ def second_seed(tmp_path_factory, tiny_train):
     return run
 
 
+def counting(fn, images: list):
+    """fn (predict_logits), noting how many images each call sends through the model."""
+    def wrapped(model, x, *args, **kwargs):
+        images.append(len(x))
+        return fn(model, x, *args, **kwargs)
+    return wrapped
+
+
 @pytest.fixture(scope="module")
 def made(tmp_path_factory, tiny_run, second_seed, dataset):
+    """`fmnist ensemble` of the two tiny runs, counting the images it sends through the members."""
+    import fmnist.calibrate
+    import fmnist.ensemble
+    import fmnist.evaluate
     from fmnist.cli import main
 
     out = tmp_path_factory.mktemp("ens") / "ensemble"
-    assert main(["ensemble", str(tiny_run), str(second_seed), "--out", str(out)]) == 0
-    return SimpleNamespace(out=out, members=[tiny_run, second_seed])
+    images = []
+    with pytest.MonkeyPatch.context() as mp:
+        for mod in (fmnist.ensemble, fmnist.evaluate, fmnist.calibrate):
+            mp.setattr(mod, "predict_logits", counting(mod.predict_logits, images))
+        assert main(["ensemble", str(tiny_run), str(second_seed), "--out", str(out)]) == 0
+    return SimpleNamespace(out=out, members=[tiny_run, second_seed], images=images)
+
+
+def test_the_ensemble_runs_each_split_through_its_members_once(made, dataset):
+    """val_acc, the report and the calibration share one pass over the validation split and one
+    over the test set (they were two each)."""
+    assert sorted(made.images) == sorted([len(dataset.test_images), 6000])
 
 
 def test_the_ensemble_is_the_mean_of_its_members_log_probabilities(made, dataset):

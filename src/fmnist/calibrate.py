@@ -77,10 +77,13 @@ def choose_threshold(conf: np.ndarray, correct: np.ndarray) -> float:
 
 
 def calibrate(path, dataset=None, device: str = "cpu", val_idx: torch.Tensor | None = None,
-              report_test: bool = True) -> dict:
+              report_test: bool = True, val_logits: torch.Tensor | None = None,
+              test_logits: torch.Tensor | None = None) -> dict:
     """Fit T and the threshold on the checkpoint's own validation split (or the training set
     indices val_idx); write them into the checkpoint and calibration.json beside it. The test
-    set only reports ECE before and after (report_test)."""
+    set only reports ECE before and after (report_test). val_logits / test_logits: the model's
+    fp32 logits on those images where the caller already has them (fmnist ensemble), so they
+    are not computed twice."""
     path = checkpoint.resolve_path(path)
     ckpt = checkpoint.load(path, check_calibration=False)  # refitted here: a damaged one is repaired
     cfg = ckpt.get("train_config") or {}
@@ -97,7 +100,8 @@ def calibrate(path, dataset=None, device: str = "cpu", val_idx: torch.Tensor | N
     def logits_of(images):
         return predict_logits(model, images.to(device), tta_flip=tta, amp="off").cpu()
 
-    v_logits, v_labels = logits_of(ds.train_images[val_idx]), ds.train_labels[val_idx]
+    v_labels = ds.train_labels[val_idx]
+    v_logits = logits_of(ds.train_images[val_idx]) if val_logits is None else val_logits.float().cpu()
     t = fit_temperature(v_logits, v_labels)
     v_probs = torch.softmax(v_logits / t, 1).numpy()
     thr = choose_threshold(v_probs.max(1), v_probs.argmax(1) == v_labels.numpy())
@@ -107,7 +111,8 @@ def calibrate(path, dataset=None, device: str = "cpu", val_idx: torch.Tensor | N
            "val_ece_before": ece(torch.softmax(v_logits, 1).numpy(), v_labels.numpy()),
            "val_ece_after": ece(v_probs, v_labels.numpy())}
     if report_test:
-        te_logits, te_labels = logits_of(ds.test_images), ds.test_labels.numpy()
+        te_labels = ds.test_labels.numpy()
+        te_logits = logits_of(ds.test_images) if test_logits is None else test_logits.float().cpu()
         p1, pt = torch.softmax(te_logits, 1).numpy(), torch.softmax(te_logits / t, 1).numpy()
         sure = pt.max(1) >= thr
         right = pt.argmax(1) == te_labels

@@ -84,14 +84,19 @@ def make(paths: list, out_dir, calibrated: bool = True, dataset=None) -> dict:
     path = out / "best.pt"
     model = checkpoint.build_model(ckpt, source=path)   # the weights fit: refuse before anything is written
     ds = dataset or data.load(tc.get("data_dir"))
+    # Each split goes through the members once (fp32, as calibrate computes them): the report and
+    # the calibration share the test logits, val_acc and the calibration the validation ones.
+    tta = bool(tc.get("tta_flip"))
     if calibrated:
         _, val_idx = data.stratified_split(ds.train_labels, tc.get("val_fraction", 0.1), tc["split_seed"])
-        logits = predict_logits(model, ds.train_images[val_idx], tta_flip=bool(tc.get("tta_flip")))
-        ckpt["metrics"] = {"val_acc": (logits.argmax(1) == ds.train_labels[val_idx]).float().mean().item()}
+        val_logits = predict_logits(model, ds.train_images[val_idx], tta_flip=tta)
+        ckpt["metrics"] = {"val_acc": (val_logits.argmax(1) == ds.train_labels[val_idx]).float().mean().item()}
+    test_logits = predict_logits(model, ds.test_images, tta_flip=tta)
     out.mkdir(parents=True, exist_ok=True)
     checkpoint.save(ckpt, path)
-    m = evaluate_checkpoint(path, device="cpu", dataset=ds, out_dir=out)
-    cal = calibrate(path, dataset=ds) if calibrated else None
+    m = evaluate_checkpoint(path, device="cpu", dataset=ds, out_dir=out, logits=test_logits)
+    cal = (calibrate(path, dataset=ds, val_idx=val_idx, val_logits=val_logits, test_logits=test_logits)
+           if calibrated else None)
     # What scripts/ship_model.py reads beside a run's best.pt: the first member's environment and
     # the members' training time together.
     runs = [p.parent for p, _ in members]
