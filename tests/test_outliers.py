@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from fmnist import realphotos
 from fmnist.config import TrainConfig
-from fmnist.train import OUTLIER, photo_loss, real_training_images
+from fmnist.train import BALANCE_CAP, OUTLIER, balanced_repeats, photo_loss, real_training_images
 
 OUTLIERS = Path(__file__).resolve().parent.parent / "photos" / "outliers"
 
@@ -40,3 +40,18 @@ def test_outlier_folder_trains_its_train_split_as_outliers_and_never_its_heldout
     assert (y[:n_dev] >= 0).all() and (y[n_dev:] == OUTLIER).all()
     with pytest.raises(ValueError, match="no dev- or train-split photos of a class"):
         real_training_images(str(OUTLIERS))   # outliers alone teach nothing to classify
+
+
+def test_balanced_repeats_show_each_class_about_equally_often_and_cap_the_rarest():
+    # 40 coats, 10 sandals, 20 sneakers, 1 ankle boot, 5 outliers ("none")
+    y = torch.tensor([4] * 40 + [5] * 10 + [7] * 20 + [9] + [OUTLIER] * 5)
+    reps = balanced_repeats(y, 20)
+    shown = {c: int(reps[y == c].sum()) for c in (4, 5, 7, 9)}
+    mean = (40 + 10 + 20 + 1) / 4                                   # the target count per class
+    for c, n in ((4, 40), (5, 10), (7, 20)):                         # 355 each (20 * 17.75), up to
+        assert abs(shown[c] - 20 * mean) <= n / 2                     # each photo's rounding
+    assert shown[9] == 20 * BALANCE_CAP                             # one photo, capped at 4x
+    assert (reps[y == OUTLIER] == 20).all()
+    assert reps.min() >= 1
+    # the real photos' share of an epoch stays about the same: only the cap removes some
+    assert abs(int(reps[y >= 0].sum()) - 20 * 71) <= 20 * mean

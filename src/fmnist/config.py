@@ -90,6 +90,9 @@ class TrainConfig:
                                     "conversion's seed threshold at 1.0, 0.6, 2.0 times the border's spread, "
                                     "up to 3), each shown real_repeat/N times, so the model sees how the "
                                     "conversion itself varies")
+    real_balance: bool = flag(False, "with --real-photos: scale each photo's repeats by its class's rarity "
+                                     "among the real photos (at most 4x), so every class's photos are shown "
+                                     "about equally often in all; photos labelled 'none' keep theirs")
     outlier_weight: float = flag(0.5, "weight of the uniform-target loss on real photos labelled 'none' "
                                       "(outlier exposure, Hendrycks et al. 2019)")
     distill: str | None = flag(None, "also learn a trained TEACHER's probabilities (a run or an `fmnist ensemble`) "

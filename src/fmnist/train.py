@@ -246,6 +246,23 @@ def real_training_images(roots: str, conversions: int = 1) -> tuple[torch.Tensor
     return x, y.repeat(conversions)
 
 
+BALANCE_CAP = 4.0  # a class of a handful of photos is not repeated past this many times its share
+
+
+def balanced_repeats(labels: torch.Tensor, repeat: int) -> torch.Tensor:
+    """Per-photo repeats for --real-balance: `repeat` scaled by (mean count over the classes
+    present) / (own class's count), capped at BALANCE_CAP, at least 1; OUTLIER photos keep
+    `repeat`. Every class's photos then appear about equally often in all, and the real photos'
+    share of an epoch stays about what it was."""
+    clothing = labels >= 0
+    counts = torch.bincount(labels[clothing], minlength=10).double()
+    weight = torch.ones(len(labels), dtype=torch.float64)
+    if clothing.any():
+        target = counts[counts > 0].mean()
+        weight[clothing] = (target / counts[labels[clothing]]).clamp(max=BALANCE_CAP)
+    return (weight * repeat).round().clamp(min=1).long()
+
+
 # ---------------------------------------------------------------------------- run directory
 
 HISTORY_FIELDS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds", "eval_seconds",
@@ -325,12 +342,18 @@ def _splits(cfg: TrainConfig, ds, device: torch.device, dist: DistInfo) -> dict:
         # Each conversion real_repeat/N times (at least once), so more conversions do not raise
         # the real photos' share of an epoch.
         repeat = max(1, round(cfg.real_repeat / cfg.real_conversions))
-        tr_x = torch.cat([tr_x, rx.to(device).repeat(repeat, 1, 1)])
-        tr_y = torch.cat([tr_y, ry.to(device).repeat(repeat)])
+        if cfg.real_balance:
+            reps = balanced_repeats(ry, repeat).to(device)
+            tr_x = torch.cat([tr_x, rx.to(device).repeat_interleave(reps, dim=0)])
+            tr_y = torch.cat([tr_y, ry.to(device).repeat_interleave(reps)])
+        else:
+            tr_x = torch.cat([tr_x, rx.to(device).repeat(repeat, 1, 1)])
+            tr_y = torch.cat([tr_y, ry.to(device).repeat(repeat)])
         if dist.is_main:
             log.info("training with %d real photos (dev/train splits of %s; %d of no clothing) x %d conversion(s)"
-                     " x %d", len(rx) // cfg.real_conversions, cfg.real_photos,
-                     int((ry == OUTLIER).sum()) // cfg.real_conversions, cfg.real_conversions, repeat)
+                     " x %d%s", len(rx) // cfg.real_conversions, cfg.real_photos,
+                     int((ry == OUTLIER).sum()) // cfg.real_conversions, cfg.real_conversions, repeat,
+                     " scaled by class rarity (--real-balance)" if cfg.real_balance else "")
     test = (ds.test_images.to(device), ds.test_labels.to(device)) if cfg.report_test else (None, None)
     return {"train": (tr_x, tr_y), "val": (ds.train_images[val_idx].to(device), ds.train_labels[val_idx].to(device)),
             "test": test, "val_idx": val_idx}
