@@ -18,21 +18,14 @@ import argparse
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from fmnist import checkpoint, config, data
 from fmnist.atomic import write_json
 from fmnist.inference import to_input
+from fmnist.models import SHIFTS, shifted
 from fmnist.runinfo import environment
 
 from _records import parse_or_print_table
-
-SHIFTS = ((1, 0), (-1, 0), (0, 1), (0, -1))
-
-
-def shifted(x: torch.Tensor, dx: int, dy: int) -> torch.Tensor:
-    """(N, C, H, W) moved by (dx, dy) pixels, the uncovered edge filled with 0 (the background)."""
-    return torch.roll(F.pad(x, (1, 1, 1, 1)), shifts=(dy, dx), dims=(2, 3))[:, :, 1:-1, 1:-1]
 
 
 @torch.no_grad()

@@ -768,7 +768,8 @@ def onnx_backends(checkpoint_path=None, batch: int = 256, test_n: int | None = N
     y = ds.test_labels[:test_n].numpy()
     model, ckpt = checkpoint.load_model(src)
     tta = checkpoint.trained_with_tta(ckpt)
-    model = (FlipTTA(model) if tta else model).to(memory_format=torch.channels_last)
+    model = (FlipTTA(model, shifts=checkpoint.trained_with_shift_tta(ckpt)) if tta else model
+             ).to(memory_format=torch.channels_last)
 
     @torch.no_grad()
     def torch_logits(x):

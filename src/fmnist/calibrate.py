@@ -94,14 +94,14 @@ def calibrate(path, dataset=None, device: str = "cpu", val_idx: torch.Tensor | N
             raise ValueError(f"{path}: trained without a validation split (--val-fraction 0); "
                              f"nothing to calibrate on")
         _, val_idx = data.stratified_split(ds.train_labels, val_fraction, seed)
-    tta = checkpoint.trained_with_tta(ckpt)
+    tta, shift = checkpoint.trained_with_tta(ckpt), checkpoint.trained_with_shift_tta(ckpt)
     model = None   # built on first use: a caller that passes both splits' logits needs none
 
     def logits_of(images):
         nonlocal model
         if model is None:
             model = checkpoint.build_model(ckpt, device)
-        return predict_logits(model, images.to(device), tta_flip=tta, amp="off").cpu()
+        return predict_logits(model, images.to(device), tta_flip=tta, amp="off", tta_shift=shift).cpu()
 
     v_labels = ds.train_labels[val_idx]
     v_logits = logits_of(ds.train_images[val_idx]) if val_logits is None else val_logits.float().cpu()

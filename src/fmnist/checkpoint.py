@@ -204,6 +204,12 @@ def trained_with_tta(ckpt: dict) -> bool:
     return bool(ckpt.get("train_config", {}).get("tta_flip", False))
 
 
+def trained_with_shift_tta(ckpt: dict) -> bool:
+    """Whether the recipe also averages one-pixel shifts of each view (config.tta_shift)."""
+    tc = ckpt.get("train_config", {})
+    return bool(tc.get("tta_flip", False) and tc.get("tta_shift", False))
+
+
 def load_model(path: str | Path, device="cpu") -> tuple[torch.nn.Module, dict]:
     ckpt = load(path)
     return build_model(ckpt, device, source=resolve_path(path)), ckpt

@@ -174,7 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default: auto)")
     p.add_argument("--out", default=None, help="directory for the report (default: the checkpoint's directory)")
     p.add_argument("--tta-flip", action=argparse.BooleanOptionalAction, default=None,
-                   help="flip test-time augmentation (default: as the model was trained)")
+                   help="flip test-time augmentation, and the one-pixel shifts where the model was trained "
+                        "with --tta-shift (default: as the model was trained; --no-tta-flip drops both)")
     _add_data_dir(p)
 
     # ---- calibrate
@@ -282,8 +283,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="training images used to calibrate int8 (default: 1024)")
     p.add_argument("--out", default=None, help="output file (default: beside the checkpoint, .onnx / .int8.onnx)")
     p.add_argument("--tta-flip", action=argparse.BooleanOptionalAction, default=None,
-                   help="average each image with its mirror inside the graph, as the model is evaluated in "
-                        "PyTorch (default: as the model was trained; --no-tta-flip halves the compute)")
+                   help="average each image with its mirror inside the graph (and their one-pixel shifts where "
+                        "the model was trained with --tta-shift), as the model is evaluated in PyTorch "
+                        "(default: as the model was trained; --no-tta-flip drops both and halves the compute)")
 
     # ---- bench
     p = sub.add_parser("bench", help="measure throughput, hardware efficiency and time-to-accuracy",

@@ -52,7 +52,8 @@ def check_members(members: list[tuple[Path, dict]], calibrated: bool = True) -> 
         for what, a, b in (("architecture", c0["model"], c["model"]),
                            ("model_config", c0["model_config"], c["model_config"]),
                            ("class names", c0["class_names"], c["class_names"]),
-                           ("flip TTA", bool(t0.get("tta_flip")), bool(t.get("tta_flip")))):
+                           ("flip TTA", bool(t0.get("tta_flip")), bool(t.get("tta_flip"))),
+                           ("shift TTA", checkpoint.trained_with_shift_tta(c0), checkpoint.trained_with_shift_tta(c))):
             if a != b:
                 raise EnsembleError(f"{p}: its {what} ({b}) differs from {p0}'s ({a}); "
                                     f"an ensemble's members are runs of one recipe")
@@ -86,12 +87,12 @@ def make(paths: list, out_dir, calibrated: bool = True, dataset=None) -> dict:
     ds = dataset or data.load(tc.get("data_dir"))
     # Each split goes through the members once (fp32, as calibrate computes them): the report and
     # the calibration share the test logits, val_acc and the calibration the validation ones.
-    tta = bool(tc.get("tta_flip"))
+    tta, shift = bool(tc.get("tta_flip")), checkpoint.trained_with_shift_tta(ckpt)
     if calibrated:
         _, val_idx = data.stratified_split(ds.train_labels, tc.get("val_fraction", 0.1), tc["split_seed"])
-        val_logits = predict_logits(model, ds.train_images[val_idx], tta_flip=tta)
+        val_logits = predict_logits(model, ds.train_images[val_idx], tta_flip=tta, tta_shift=shift)
         ckpt["metrics"] = {"val_acc": (val_logits.argmax(1) == ds.train_labels[val_idx]).float().mean().item()}
-    test_logits = predict_logits(model, ds.test_images, tta_flip=tta)
+    test_logits = predict_logits(model, ds.test_images, tta_flip=tta, tta_shift=shift)
     out.mkdir(parents=True, exist_ok=True)
     checkpoint.save(ckpt, path)
     m = evaluate_checkpoint(path, device="cpu", dataset=ds, out_dir=out, logits=test_logits)

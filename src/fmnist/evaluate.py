@@ -73,14 +73,16 @@ def evaluate_checkpoint(path, device="auto", dataset=None, out_dir=None, tta_fli
         ckpt = checkpoint.load(ckpt_path)
     cfg = ckpt.get("train_config", {})
     tta = cfg.get("tta_flip", False) if tta_flip is None else tta_flip
+    shift = bool(tta and checkpoint.trained_with_shift_tta(ckpt))
     if logits is None:
         channels_last = cfg.get("channels_last", True)
         if channels_last:  # weights in the inputs' layout: 1.5x faster on CPU than mixing the two
             model = model.to(memory_format=torch.channels_last)
-        logits = predict_logits(model, ds.test_images.to(device), tta_flip=tta, channels_last=channels_last)
+        logits = predict_logits(model, ds.test_images.to(device), tta_flip=tta, channels_last=channels_last,
+                                tta_shift=shift)
     m = compute_metrics(logits, y)
     m.update({"checkpoint": str(ckpt_path), "model": ckpt["model"], "epoch": ckpt.get("epoch"),
-              "tta_flip": tta, "val_acc": ckpt.get("metrics", {}).get("val_acc")})
+              "tta_flip": tta, "tta_shift": shift, "val_acc": ckpt.get("metrics", {}).get("val_acc")})
     out = Path(out_dir) if out_dir else ckpt_path.parent
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "metrics.json", m)

@@ -31,7 +31,7 @@ def require(module: str):
         raise ImportError(f"{module} is not installed. {INSTALL_HINT}") from None
 
 
-def metadata(ckpt: dict, quantized: str, tta_flip: bool) -> dict[str, str]:
+def metadata(ckpt: dict, quantized: str, tta_flip: bool, tta_shift: bool = False) -> dict[str, str]:
     from . import __version__
 
     m = ckpt.get("metrics", {})
@@ -50,6 +50,7 @@ def metadata(ckpt: dict, quantized: str, tta_flip: bool) -> dict[str, str]:
         "quantization": quantized,
         # test_acc/val_acc were measured with flip TTA when the model was trained with it
         "tta_flip": "true" if tta_flip else "false",
+        "tta_shift": "true" if tta_shift else "false",
         # temperature and unsure threshold fitted on validation (calibrate.py); logits stay raw
         "calibration": json.dumps(ckpt.get("calibration")),
     }
@@ -126,8 +127,9 @@ def export(ckpt_path, out: str | Path | None = None, int8: bool = False, calib_n
     model = checkpoint.build_model(ckpt, source=checkpoint.resolve_path(ckpt_path))
     if tta_flip is None:
         tta_flip = checkpoint.trained_with_tta(ckpt)
+    shift = bool(tta_flip and checkpoint.trained_with_shift_tta(ckpt))
     if tta_flip:
-        model = FlipTTA(model)
+        model = FlipTTA(model, shifts=shift)
     src = checkpoint.resolve_path(ckpt_path)
     out = Path(out) if out else src.with_suffix(".int8.onnx" if int8 else ".onnx")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -137,12 +139,12 @@ def export(ckpt_path, out: str | Path | None = None, int8: bool = False, calib_n
         quantize_int8(fp32, out, calibration_images(calib_n))
         fp32.unlink(missing_ok=True)
     proto = onnx.load(str(out))
-    meta = metadata(ckpt, "int8-static-qdq" if int8 else "none", tta_flip)
+    meta = metadata(ckpt, "int8-static-qdq" if int8 else "none", tta_flip, shift)
     meta["parameters"] = str(count_parameters(model))  # /v1/model and the page show it
     _set_metadata(proto, meta)
     onnx.checker.check_model(proto)
     with atomic_path(out) as tmp:
         onnx.save(proto, str(tmp))
     log.info(f"wrote {out} ({out.stat().st_size / 1e6:.2f} MB, {'int8' if int8 else 'fp32'}, opset {OPSET}"
-             f"{', flip TTA in the graph' if tta_flip else ''})")
+             f"{', flip' + (' and shift' if shift else '') + ' TTA in the graph' if tta_flip else ''})")
     return out

@@ -45,12 +45,12 @@ def eval_batch_size(device: torch.device) -> int:
 
 @torch.no_grad()
 def predict_logits(model, images: torch.Tensor, batch_size: int = 0, tta_flip: bool = False,
-                   channels_last: bool = True, amp: str = "off") -> torch.Tensor:
+                   channels_last: bool = True, amp: str = "off", tta_shift: bool = False) -> torch.Tensor:
     """Logits (N, 10) on the images' device for uint8 images (N, 28, 28); batch_size 0 = the
     device's eval_batch_size. amp='off' (fp32) for reported figures; per-epoch validation uses
     the training precision."""
     model.eval()
-    net = FlipTTA(model) if tta_flip else model
+    net = FlipTTA(model, shifts=tta_shift) if tta_flip else model   # shifts come with the flip only
     batch_size = batch_size or eval_batch_size(images.device)
     out = []
     for i in range(0, len(images), batch_size):

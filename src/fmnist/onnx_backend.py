@@ -41,6 +41,7 @@ class OnnxModel:
         self.meta = {"model": props.get("model", path.stem), "class_names": json.loads(props.get("class_names", "null")),
                      "metrics": {k: float(props[k]) for k in ("test_acc", "val_acc") if props.get(k)},
                      "quantization": props.get("quantization"), "tta_flip": props.get("tta_flip") == "true",
+                     "tta_shift": props.get("tta_shift") == "true",
                      "checkpoint": str(path),
                      "calibration": json.loads(props.get("calibration", "null")),
                      # files exported before fmnist wrote the count have none

@@ -75,7 +75,7 @@ class Predictor:
             from .onnx_backend import OnnxModel
             self.model = OnnxModel(checkpoint_path, threads=threads)
             self.meta = self.model.meta
-            self.tta_flip = False
+            self.tta_flip = self.tta_shift = False   # in the graph where it was exported with them
         elif backend == "torch":
             path = checkpoint_path or default_checkpoint()
             self.model, ckpt = checkpoint.load_model(path, device)
@@ -85,6 +85,7 @@ class Predictor:
                          "metrics": ckpt.get("metrics", {}), "checkpoint": str(checkpoint.resolve_path(path)),
                          "parameters": sum(p.numel() for p in self.model.parameters())}
             self.tta_flip = checkpoint.trained_with_tta(ckpt)
+            self.tta_shift = checkpoint.trained_with_shift_tta(ckpt)
         else:
             raise ValueError(f"unknown backend {backend!r}; use 'torch' or 'onnx'")
         self.meta["description"] = describe(self.meta.get("model"), ckpt.get("model_config") if backend == "torch"
@@ -120,7 +121,8 @@ class Predictor:
         # The training code's own inference path (fp32, channels-last, flip TTA as trained), so
         # served predictions are the ones the reported test accuracy was measured with.
         x = torch.from_numpy(np.array(images, dtype=np.uint8, copy=True)).to(self.device)
-        logits = predict_logits(self.model, x, tta_flip=self.tta_flip, channels_last=True, amp="off")
+        logits = predict_logits(self.model, x, tta_flip=self.tta_flip, channels_last=True, amp="off",
+                                tta_shift=self.tta_shift)
         return torch.softmax(logits / self.temperature, 1).cpu().numpy()
 
     def prepare(self, item) -> Preprocessed:

@@ -136,9 +136,9 @@ class Lookahead:
         torch._foreach_copy_(self.slow, [t.to(s.device) for s, t in zip(self.slow, slow)])
 
 
-def evaluate_split(model, images, labels, cfg: TrainConfig, amp: str | None = None) -> dict:
+def evaluate_split(model, images, labels, cfg: TrainConfig, amp: str | None = None, shift: bool = False) -> dict:
     logits = predict_logits(model, images, cfg.eval_batch_size, cfg.tta_flip, cfg.channels_last,
-                            cfg.amp if amp is None else amp)
+                            cfg.amp if amp is None else amp, tta_shift=shift and cfg.tta_shift)
     return {"loss": F.cross_entropy(logits, labels).item(),
             "acc": (logits.argmax(1) == labels).float().mean().item()}
 
@@ -506,7 +506,10 @@ def train(cfg: TrainConfig) -> Path | None:
                    "val_acc": va["acc"], "lr": lr_at(step - 1, total_steps, cfg), "seconds": train_seconds,
                    "eval_seconds": time.perf_counter() - t1, "elapsed": time.perf_counter() - t_start}
             if cfg.report_test and dist.is_main:  # reporting only: nothing is chosen on the test set
-                row["test_acc"] = evaluate_split(eval_model, te_x, te_y, cfg, amp="off")["acc"]
+                # The last epoch's figure is the final model's as predict serves it (--tta-shift's
+                # 5x views: too dear for every epoch, like validation).
+                row["test_acc"] = evaluate_split(eval_model, te_x, te_y, cfg, amp="off",
+                                                 shift=epoch == cfg.epochs)["acc"]
             history.append(row)
             if dist.is_main:
                 t2 = time.perf_counter()
