@@ -6,15 +6,18 @@ for reporting.
     PYTHONPATH=src python scripts/tta_check.py RUN/best.pt [RUN/best.pt ...] --out bench/cpu/tta_check.json
     python scripts/tta_check.py --table --out bench/cpu/tta_check.json    # docs/RESULTS.md's table
 
-Views (logits summed): "flip" = the image and its mirror (what the package does); "flip + 4
-shifts" adds each of the two shifted by one pixel left, right, up and down (10 views, 5x the
-inference). Each model is judged on its own run's validation split (the seed in its config).
-One sitting is appended to OUT per call.
+Views (logits summed): "flip" = the image and its mirror (what the package does by default);
+"flip + 4 shifts" adds each of the two shifted by one pixel left, right, up and down (10 views,
+5x the inference; what a recipe with `--tta-shift` does). Each model is judged on its own run's
+validation split (the seed in its config); each split's row also records the seconds its 10
+views took (fp32, batches of 1000, the torch threads of the process). One sitting is appended to
+OUT per call.
 """
 
 from __future__ import annotations
 
 import argparse
+import time
 from pathlib import Path
 
 import torch
@@ -46,7 +49,10 @@ def check(path: str, ds) -> dict:
            "model_config": cfg.get("model_config"), "lookahead": cfg.get("lookahead")}
     for split, (xs, ys) in {"val": (ds.train_images[val_idx], ds.train_labels[val_idx]),
                             "test": (ds.test_images, ds.test_labels)}.items():
-        for name, logits in view_logits(model, xs).items():
+        t0 = time.perf_counter()
+        views = view_logits(model, xs)
+        row[f"{split} seconds"] = time.perf_counter() - t0   # the 10 views of every image, fp32
+        for name, logits in views.items():
             row[f"{split} {name}"] = (logits.argmax(1) == ys).float().mean().item()
     return row
 
