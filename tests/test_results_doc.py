@@ -37,12 +37,14 @@ def test_real_photo_tables_match_the_committed_json():
 
 @pytest.mark.parametrize("folder, rows", [("cpu", 10), ("cpu-accuracy-2", 4), ("cpu-accuracy-3", 4),
                                           ("cpu-accuracy-4", 8), ("cpu-accuracy-5", 4),
-                                          ("cpu-accuracy-6", 2)])
+                                          ("cpu-accuracy-6", 2), ("cpu-accuracy-7", 2),
+                                          ("cpu-accuracy-8", 2)])
 def test_time_to_accuracy_tables_match_the_committed_json(folder, rows):
     """bench/cpu/bench.json predates the 95 % threshold and the seed-epoch reference, and
     bench/cpu-accuracy-2 is a later sitting with both, bench/cpu-accuracy-3 a rejected candidate,
     bench/cpu-accuracy-4 fast with issue 13's round 3, bench/cpu-accuracy-5 best-cpu with it (rejected),
-    bench/cpu-accuracy-6 the pinned best-cpu on the same day:
+    bench/cpu-accuracy-6 the pinned best-cpu on the same day, bench/cpu-accuracy-7 the same again
+    (bit-identical) and bench/cpu-accuracy-8 its seeds 3-5 for the shift-TTA check:
     each renders to the tables docs/RESULTS.md shows."""
     rendered = [line for line in render("results_tables.py", ROOT / "bench" / folder / "bench.json")
                 if line.startswith("| `")]
