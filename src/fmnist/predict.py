@@ -118,7 +118,7 @@ class Predictor:
             return np.zeros((0, len(self.class_names)), np.float32)
         if self.backend == "onnx":
             return self.model.probabilities(images, self.temperature)
-        # The training code's own inference path (fp32, channels-last, flip TTA as trained), so
+        # The training code's own inference path (fp32, channels-last, flip and shift TTA as trained), so
         # served predictions are the ones the reported test accuracy was measured with.
         x = torch.from_numpy(np.array(images, dtype=np.uint8, copy=True)).to(self.device)
         logits = predict_logits(self.model, x, tta_flip=self.tta_flip, channels_last=True, amp="off",
