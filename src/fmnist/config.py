@@ -84,10 +84,10 @@ class TrainConfig:
     resume: str | None = flag(None, "continue RUN_DIR from its last complete epoch, to the end of its own "
                                     "schedule; --epochs may only extend a constant-lr run", metavar="RUN_DIR",
                               shown="default: start a new run")
-    real_photos: str | None = flag(None, "also train on the dev and train splits of folders of real labelled "
-                                         "photos, comma-separated (e.g. photos/real,photos/train,photos/outliers), "
+    real_photos: str | None = flag(None, "also train on the dev and train splits of real labelled photos: "
+                                         "photo sets or folders, comma-separated (e.g. real,train,outliers), "
                                          "converted as predict does; held-out photos are never read; photos "
-                                         "labelled 'none' are trained towards 'unsure'", metavar="DIR",
+                                         "labelled 'none' are trained towards 'unsure'", metavar="SETS",
                                    shown="default: off")
     real_repeat: int = flag(20, "times each real photo appears per epoch (then augmented)")
     real_conversions: int = flag(1, "with --real-photos: convert each photo this many ways (the robust "
@@ -128,7 +128,7 @@ PRESETS: dict[str, dict] = {
     # whitened stem, Lookahead and batch 128 (sitting 10): 383 and 364 photos right against 361 and
     # 372 for seeds 0 and 1, short of the rule set before it ran, so photo stays PINNED.
     # The shipped model is an ensemble of seeds 0-2 of it with --real-photos
-    # photos/real,photos/train,photos/outliers --split-seed 0 (`fmnist ensemble`; docs/RESULTS.md,
+    # real,train,outliers --split-seed 0 (`fmnist ensemble`; docs/RESULTS.md,
     # section 3): 376 pool photos against 361-372 for its members (photo_cv sittings 12-13).
     "photo": dict(PINNED, epochs=18, augment=dict(photo=0.2, pairs=0.2)),
     # best-cpu: 4x the width of fast and a longer schedule with stronger augmentation and a
