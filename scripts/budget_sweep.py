@@ -14,14 +14,14 @@ import json
 import time
 from pathlib import Path
 
-from fmnist import config
-from fmnist.atomic import write_json
-from fmnist.bench import wall_curve
-from fmnist.runinfo import environment
-from fmnist.train import train
+from fmnist.training import config
+from fmnist.utils.atomic import write_json
+from fmnist.bench.runner import wall_curve
+from fmnist.utils.runinfo import environment
+from fmnist.training.train import train
 
 CANDIDATES = [
-    # name, model_config overrides, epochs[, other recipe overrides]: sized from `fmnist.bench.time_train_steps` (bf16, batch
+    # name, model_config overrides, epochs[, other recipe overrides]: sized from `fmnist.bench.runner.time_train_steps` (bf16, batch
     # 256) so that each run takes ~110-120 s on the 2-core AMD EPYC: fast 2,187 img/s; space-to-depth
     # stem 2,372; widths 48/96 2,503; both with stem 24 3,271, with stem 32 3,437
     ("fast@4 (reference)", {}, 4),

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from fmnist import robust
-from fmnist.preprocess import load_rgb
+from fmnist.photos import robust
+from fmnist.photos.preprocess import load_rgb
 
 ROOT = Path(__file__).resolve().parents[1]
 FOLDERS = ("real", "train", "nonclothing", "outliers")

@@ -25,9 +25,10 @@ import numpy as np
 import torch
 
 import fmnist
-from fmnist import loadtest, robust
-from fmnist.bench import scaled_jpegs
-from fmnist.preprocess import load_rgb, preprocess
+from fmnist.bench import loadtest
+from fmnist.photos import robust
+from fmnist.bench.runner import scaled_jpegs
+from fmnist.photos.preprocess import load_rgb, preprocess
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from check_conversion_identical import load_reference  # noqa: E402
@@ -36,13 +37,13 @@ REAL = Path(__file__).resolve().parents[1] / "photos" / "real"
 
 
 def with_robust(mod, fn, *a):
-    """Call fn with `mod` standing in for fmnist.robust (preprocess imports it per call)."""
-    saved = sys.modules["fmnist.robust"]
-    sys.modules["fmnist.robust"], fmnist.robust = mod, mod
+    """Call fn with `mod` standing in for fmnist.photos.robust (preprocess imports it per call)."""
+    saved = sys.modules["fmnist.photos.robust"]
+    sys.modules["fmnist.photos.robust"], fmnist.photos.robust = mod, mod
     try:
         return fn(*a)
     finally:
-        sys.modules["fmnist.robust"], fmnist.robust = saved, saved
+        sys.modules["fmnist.photos.robust"], fmnist.photos.robust = saved, saved
 
 
 def time_pair(calls_old, calls_new, reps: int) -> tuple[list[float], list[float]]:
@@ -95,8 +96,8 @@ def main() -> None:
                          "old_median_ms": float(np.median(t_old)), "old_p90_ms": float(np.percentile(t_old, 90)),
                          "new_median_ms": float(np.median(t_new)), "new_p90_ms": float(np.percentile(t_new, 90))})
     if args.out:
-        from fmnist.atomic import append_sitting
-        from fmnist.runinfo import environment
+        from fmnist.utils.atomic import append_sitting
+        from fmnist.utils.runinfo import environment
 
         path = Path(args.out) / "conversion_before_after.json"
         ref = subprocess.run(["git", "rev-parse", args.ref], capture_output=True, text=True).stdout.strip()

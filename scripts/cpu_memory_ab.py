@@ -1,5 +1,5 @@
 """CPU training and evaluation with and without commit 09f2cc0's two changes, in one sitting:
-glibc's malloc keeping freed memory (fmnist.malloc) and evaluation at batch 128 on CPU
+glibc's malloc keeping freed memory (fmnist.utils.malloc) and evaluation at batch 128 on CPU
 (inference.eval_batch_size) instead of 1024.
 
     python scripts/cpu_memory_ab.py --out bench/cpu --reps 3
@@ -28,18 +28,19 @@ CHILD = r"""
 import json, resource, sys, time
 sys.path.insert(0, sys.argv[1])
 variant, subset, epochs, out = sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
-from fmnist import config, malloc
-from fmnist.evaluate import evaluate_run
-from fmnist.train import train
-import fmnist.evaluate, fmnist.inference
+from fmnist.training import config
+from fmnist.utils import malloc
+from fmnist.evaluation.evaluate import evaluate_run
+from fmnist.training.train import train
+import fmnist.evaluation.evaluate, fmnist.inference.forward
 import logging; logging.getLogger("fmnist").setLevel(logging.WARNING)  # no progress lines
 if variant == "after":
     malloc.keep_freed_memory()
     eval_batch = 0                       # by device: 128 on CPU
 else:
     eval_batch = 1024                    # the size before
-    orig = fmnist.inference.predict_logits
-    fmnist.evaluate.predict_logits = lambda m, x, batch_size=0, **k: orig(m, x, 1024, **k)
+    orig = fmnist.inference.forward.predict_logits
+    fmnist.evaluation.evaluate.predict_logits = lambda m, x, batch_size=0, **k: orig(m, x, 1024, **k)
 cfg = config.resolve("fast", {"subset": subset, "epochs": epochs, "out_dir": out, "eval_batch_size": eval_batch})
 t0 = time.perf_counter()
 run = train(cfg)
@@ -73,8 +74,8 @@ def main() -> int:
     ap.add_argument("--epochs", type=int, default=2, help="epochs per run (default: 2)")
     args = ap.parse_args()
     sys.path.insert(0, str(ROOT / "src"))
-    from fmnist.atomic import append_sitting
-    from fmnist.runinfo import environment
+    from fmnist.utils.atomic import append_sitting
+    from fmnist.utils.runinfo import environment
 
     runs = []
     for rep in range(args.reps):

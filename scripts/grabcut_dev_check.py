@@ -23,10 +23,11 @@ from pathlib import Path
 
 import numpy as np
 
-from fmnist import realphotos, robust
+from fmnist.photos import realphotos
+from fmnist.photos import robust
 from fmnist.classes import CLASS_NAMES
-from fmnist.predict import Predictor
-from fmnist.preprocess import load_rgb
+from fmnist.inference.predict import Predictor
+from fmnist.photos.preprocess import load_rgb
 
 SETTINGS = ((2, 64), (1, 64), (3, 64), (2, 48))   # (iterations, SEG)
 
@@ -75,8 +76,8 @@ def main() -> None:
                   + ", ".join(f"{k} {v:.1%}" for k, v in per_kind.items()) + ")")
         models.append({**run_info(ckpt), "settings": rows})
     if args.out:
-        from fmnist.atomic import append_sitting
-        from fmnist.runinfo import environment
+        from fmnist.utils.atomic import append_sitting
+        from fmnist.utils.runinfo import environment
 
         n = append_sitting(args.out, {"environment": environment("cpu"), "split": args.split,
                                       "photos": len(y), "models": models})

@@ -16,12 +16,12 @@ from __future__ import annotations
 import argparse
 import time
 
-from fmnist import config
-from fmnist.atomic import write_json
-from fmnist.bench import seed_epoch, time_to, wall_curve
-from fmnist.malloc import keep_freed_memory
-from fmnist.runinfo import environment
-from fmnist.train import train
+from fmnist.training import config
+from fmnist.utils.atomic import write_json
+from fmnist.bench.runner import seed_epoch, time_to, wall_curve
+from fmnist.utils.malloc import keep_freed_memory
+from fmnist.utils.runinfo import environment
+from fmnist.training.train import train
 
 from _records import parse_or_print_table
 

@@ -25,11 +25,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 
-from fmnist import loadtest  # noqa: E402
-from fmnist.atomic import append_sitting  # noqa: E402
-from fmnist.export import export  # noqa: E402
-from fmnist.predict import default_checkpoint  # noqa: E402
-from fmnist.runinfo import environment  # noqa: E402
+from fmnist.bench import loadtest
+from fmnist.utils.atomic import append_sitting  # noqa: E402
+from fmnist.inference.export import export  # noqa: E402
+from fmnist.inference.predict import default_checkpoint  # noqa: E402
+from fmnist.utils.runinfo import environment  # noqa: E402
 from profile_serve import before_env, wait_for_quiet  # noqa: E402
 
 
