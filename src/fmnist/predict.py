@@ -16,7 +16,7 @@ import torch
 
 from . import checkpoint
 from .classes import CLASS_NAMES
-from .preprocess import PreprocessError, Preprocessed, is_dataset_style, open_image, preprocess, to_uint8
+from .preprocess import PreprocessError, Preprocessed, dataset_image, open_image, preprocess
 from .inference import predict_logits
 from .models import ENSEMBLE
 
@@ -132,8 +132,8 @@ class Predictor:
             # Opened here, as the server opens uploads, so that a 28x28 Fashion-MNIST-style file
             # is recognised below as what it is, not converted as a photo of one.
             item = open_image(item, draft=self.draft_size())
-        if is_dataset_style(item):
-            a = to_uint8(np.asarray(item)).reshape(28, 28)
+        a = dataset_image(item)   # the one test the CLI, the API and the server share
+        if a is not None:
             return Preprocessed(a, "dark", (0, 0, 28, 28), "dataset")
         try:
             return preprocess(item, pipeline=self.pipeline, options=self.robust_options)
