@@ -13,7 +13,6 @@ import torch
 
 from . import checkpoint
 from .atomic import atomic_path
-from .classes import MEAN, STD
 from .models import FlipTTA, count_parameters
 
 log = logging.getLogger(__name__)
@@ -42,7 +41,7 @@ def metadata(ckpt: dict, quantized: str, tta_flip: bool, tta_shift: bool = False
         "model_config": json.dumps(ckpt["model_config"]),
         "class_names": json.dumps(ckpt["class_names"]),
         "input": "images: float32 (N, 1, 28, 28) in [0, 1], light object on black; normalised inside the graph",
-        "normalization": json.dumps({"mean": MEAN, "std": STD}),
+        "normalization": json.dumps(dict(zip(("mean", "std"), checkpoint.normalization(ckpt)))),  # in the graph
         "output": "logits: float32 (N, 10)",
         "test_acc": "" if m.get("test_acc") is None else f"{m['test_acc']:.6f}",
         "val_acc": "" if m.get("val_acc") is None else f"{m['val_acc']:.6f}",

@@ -27,6 +27,7 @@ from tqdm import tqdm
 from . import augment as aug
 from . import checkpoint, data
 from .atomic import write_json, write_text
+from .classes import MEAN, STD
 from .config import TrainConfig, from_dict, split_seed, validate
 from .distributed import DistInfo
 from .inference import autocast, predict_logits, to_input
@@ -314,6 +315,12 @@ def _resume_config(cfg: TrainConfig) -> tuple[TrainConfig, dict | None, Path | N
     ckpt = checkpoint.load(run_dir / "last.pt")
     if "optimizer" not in ckpt:
         raise checkpoint.CheckpointError(f"{run_dir / 'last.pt'}: holds no training state to resume")
+    mean, std = checkpoint.normalization(ckpt)
+    if (mean, std) != (MEAN, STD):   # the rest of the run would see other inputs than its start
+        raise checkpoint.CheckpointError(
+            f"{run_dir / 'last.pt'}: trained on inputs normalised with mean {mean:g} and std {std:g}, where this "
+            f"version of fmnist uses {MEAN:g} and {STD:g}; finish it with the version of fmnist that started it, "
+            f"or start a new run")
     # A run saved before Lookahead existed ran without it (today's default would resume it with).
     saved = from_dict({"lookahead": 0, **ckpt["train_config"]})
     # Everything comes from the run being continued, which ends where it was planned to.
