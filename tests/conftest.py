@@ -41,6 +41,24 @@ def idx_bytes(arr: np.ndarray, kind: str) -> bytes:
     return struct.pack(">I", magic) + struct.pack(">" + "I" * arr.ndim, *arr.shape) + arr.astype(np.uint8).tobytes()
 
 
+def grey_pngs(a: np.ndarray) -> dict[str, bytes]:
+    """A (28, 28) uint8 image as the PNGs different tools write of one grey picture: mode L, RGB
+    (torchvision's save_image), RGBA with opaque alpha (matplotlib's imsave) and palette (P)."""
+    import io
+
+    from PIL import Image
+
+    grey = Image.fromarray(a, "L")
+    images = {"L": grey, "RGB": grey.convert("RGB"), "RGBA": grey.convert("RGBA"), "P": grey.convert("P")}
+    out = {}
+    for mode, img in images.items():
+        buf = io.BytesIO()
+        img.save(buf, format="PNG")
+        out[mode] = buf.getvalue()
+        assert Image.open(io.BytesIO(out[mode])).mode == mode
+    return out
+
+
 def write_idx(path: Path, arr: np.ndarray, kind: str, gz: bool = True) -> Path:
     data = idx_bytes(arr, kind)
     path.write_bytes(gzip.compress(data) if gz else data)

@@ -198,3 +198,47 @@ def test_commands_refuse_damaged_class_names_and_calibration(tmp_path, argv, cha
     assert r.returncode == 1 and "Traceback" not in r.stderr and "nan%" not in r.stdout, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and all(w in r.stderr for w in words), r.stderr
     assert not (tmp_path / "x.onnx").exists()
+
+
+def test_a_model_is_normalised_as_its_checkpoint_says(tmp_path, caplog, tiny_run, dataset):
+    """A checkpoint from a version of fmnist with other normalisation constants: the model sees
+    its inputs as it did in training (they were once normalised with today's constants, unsaid)."""
+    from fmnist.classes import MEAN, STD
+
+    ck = checkpoint.load(tiny_run / "best.pt")
+    model = checkpoint.build_model(ck)
+    ck["normalization"] = {**ck["normalization"], "mean": 0.5, "std": 0.25}
+    torch.save(ck, tmp_path / "other.pt")
+    with caplog.at_level("WARNING", logger="fmnist.models.checkpoint"):
+        other, _ = checkpoint.load_model(tmp_path / "other.pt")
+    assert "normalised with mean 0.5 and std 0.25" in caplog.text and f"uses {MEAN:g} and {STD:g}" in caplog.text
+    x = dataset.test_images[:64].unsqueeze(1).float() / 255
+    # What today's model must see to normalise x as the checkpoint's constants do: ((x - .5) / .25) * STD + MEAN.
+    with torch.no_grad():
+        assert torch.allclose(other(x), model((x - 0.5) / 0.25 * STD + MEAN), atol=1e-5)
+        assert not torch.allclose(other(x), model(x), atol=1e-2)
+
+
+@pytest.mark.parametrize("norm, expect", [
+    ({"mean": 0.3, "std": 0.0}, "normalization std 0.0 is not > 0"),
+    ({"mean": float("nan"), "std": 0.35}, "normalization mean nan"),
+    ({"mean": "0.3", "std": 0.35}, "normalization mean '0.3'"),
+    ([0.3, 0.35], "'normalization' is list"),
+])
+def test_a_damaged_normalization_is_refused(tmp_path, norm, expect):
+    p = _save(tmp_path, normalization=norm)
+    with pytest.raises(CheckpointError) as e:
+        checkpoint.load(p)
+    assert str(e.value).startswith(f"{p}: damaged") and expect in str(e.value)
+
+
+def test_resume_refuses_a_run_normalised_otherwise(tmp_path, tiny_run, cli):
+    import shutil
+
+    run = shutil.copytree(tiny_run, tmp_path / "run")
+    ck = checkpoint.load(run / "last.pt")
+    ck["normalization"]["std"] = 0.3
+    torch.save(ck, run / "last.pt")
+    r = cli("train", "--resume", run)
+    assert r.returncode == 1 and "normalised with mean 0.286 and std 0.3" in r.stderr, r.stderr
+    assert "finish it with the version of fmnist that started it" in r.stderr

@@ -131,6 +131,17 @@ def test_members_on_different_validation_splits_are_refused_for_calibration(tiny
     check_members([(tiny_run / "a.pt", a), (tiny_run / "b.pt", b)], calibrated=False)   # accuracy only
 
 
+def test_members_normalised_otherwise_are_refused(tiny_run):
+    """The ensemble normalises once for all its members (models.Normalize in each, set from the
+    one checkpoint): members trained on differently normalised inputs cannot share it."""
+    from fmnist.training.ensemble import EnsembleError, check_members
+
+    a = checkpoint.load(tiny_run / "best.pt")
+    b = {**a, "normalization": {**a["normalization"], "mean": 0.3}}
+    with pytest.raises(EnsembleError, match=r"its normalisation \(mean 0.3, std 0.353\)"):
+        check_members([(tiny_run / "a.pt", a), (tiny_run / "b.pt", b)], calibrated=False)
+
+
 def test_split_seed_picks_the_validation_split():
     from fmnist.data import split_seed
 

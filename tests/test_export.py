@@ -46,13 +46,41 @@ def test_int8_accuracy_change_is_bounded(exported, dataset):
     assert abs(acc8 - acc32) < 0.01  # the same images: the difference is int8's alone
 
 
-def test_export_without_tta_is_the_bare_model(dataset, tmp_path):
-    model, _ = checkpoint.load_model(default_checkpoint())
-    x = dataset.test_images[:500]
-    m = OnnxModel(export(default_checkpoint(), tmp_path / "bare.onnx", tta_flip=False))
+def test_export_without_tta_is_the_bare_model_with_its_own_figures(fast_run, dataset, tmp_path, cli):
+    """--no-tta-flip on a model trained with flip TTA: the graph is the bare model, and the
+    metadata holds the bare model's own validation accuracy and calibration. The model's were
+    fitted to averaged logits: the ONNX backend applied that temperature and unsure threshold to
+    un-averaged ones, and /v1/model reported an accuracy the file did not have."""
+    import torch
+
+    from fmnist.evaluation.calibrate import fit, validation_indices
+
+    ck = checkpoint.load(fast_run.run / "best.pt")
+    assert checkpoint.trained_with_tta(ck) and ck["calibration"] and "test_acc" not in ck["metrics"]
+    # A validation split of 1,200 images, not 6,000: the export measures on the split the checkpoint
+    # names, whichever it is, and this test need not wait for the larger one twice.
+    ck["train_config"]["val_fraction"] = 0.02
+    src = tmp_path / "best.pt"
+    torch.save(ck, src)
+    r = cli("export", src, "--out", tmp_path / "bare.onnx", "--no-tta-flip")
+    assert r.returncode == 0, r.stderr
+    m = OnnxModel(tmp_path / "bare.onnx")
     assert not m.meta["tta_flip"]
+    model, _ = checkpoint.load_model(src)
+    x = dataset.test_images[:300]
     ref = predict_logits(model, x, tta_flip=False, channels_last=False).numpy()
     assert np.abs(ref - m.logits(x[:, None].numpy().astype(np.float32) / 255)).max() < 1e-3
+    # What the file itself does on the validation split the model's calibration was fitted on.
+    idx = validation_indices(ck, dataset.train_labels, src)
+    y = dataset.train_labels[idx]
+    logits = torch.from_numpy(m.logits(dataset.train_images[idx][:, None].numpy().astype(np.float32) / 255))
+    want = fit(logits, y)
+    cal = m.meta["calibration"]
+    assert cal["temperature"] == pytest.approx(want["temperature"], rel=1e-3) != ck["calibration"]["temperature"]
+    assert cal["threshold"] == pytest.approx(want["threshold"], abs=0.01)
+    assert cal["fitted_on"] == f"validation split ({len(idx)} images)"
+    assert m.meta["metrics"] == {"val_acc": pytest.approx((logits.argmax(1) == y).float().mean().item(), abs=1e-3)}
+    assert "evaluated and calibrated with flip TTA and is exported without TTA" in r.stderr, r.stderr
 
 
 def test_export_traces_without_tracer_warnings(tmp_path):
@@ -97,19 +125,20 @@ def test_predict_cli_onnx_backend(exported, dataset, tmp_path, cli):
 
 
 def test_export_command(tmp_path, cli, dataset):
-    out = tmp_path / "sub" / "bare.onnx"
+    out = tmp_path / "sub" / "m.onnx"
     # As some onnxruntime modules do on import: a root handler, which must not print our lines twice.
     root_handler = logging.StreamHandler(sys.stderr)
     logging.getLogger().addHandler(root_handler)
     try:
-        r = cli("export", default_checkpoint(), "--out", out, "--no-tta-flip")
+        r = cli("export", default_checkpoint(), "--out", out, "--tta-flip")   # as trained: its own figures
     finally:
         logging.getLogger().removeHandler(root_handler)
     assert r.returncode == 0, r.stderr
     assert r.stdout == "" and f"wrote {out}" in r.stderr and "fp32" in r.stderr  # a note, not a result
     assert r.stderr.count(f"wrote {out}") == 1, r.stderr
     m = OnnxModel(out)
-    assert not m.meta["tta_flip"] and m.meta["quantization"] == "none"
+    assert m.meta["tta_flip"] and m.meta["quantization"] == "none"
+    assert m.meta["calibration"] == checkpoint.load(default_checkpoint())["calibration"]
     x = dataset.test_images[:200].numpy()
     assert (m.probabilities(x).argmax(1) == dataset.test_labels[:200].numpy()).mean() > 0.85
 

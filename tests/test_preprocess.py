@@ -221,4 +221,45 @@ def test_28x28_dataset_style_only_when_background_is_dark():
     assert is_dataset_style(Image.fromarray(garment))
     # The same garment as a 28x28 thumbnail on white must be converted, not used as is.
     assert not is_dataset_style(255 - garment) and not is_dataset_style(Image.fromarray(255 - garment))
-    assert not is_dataset_style(np.zeros((28, 28, 3), np.uint8))
+    coloured = np.stack([garment, garment, garment], -1)
+    coloured[10, 10] = (200, 0, 0)
+    assert not is_dataset_style(coloured)
+
+
+def test_a_grey_28x28_image_in_colour_modes_is_dataset_style_only_if_grey_and_opaque():
+    """A grey 28x28 picture is used as is however it was saved (RGB, RGBA, palette, LA, or an
+    array of 3 or 4 equal channels); one coloured pixel, or one that is not fully opaque, makes it
+    a picture to convert as a photo."""
+    from conftest import grey_pngs
+
+    garment = np.zeros((28, 28), np.uint8)
+    garment[6:22, 8:20] = np.arange(12, dtype=np.uint8) * 20 + 10
+    for mode, data in grey_pngs(garment).items():
+        assert np.array_equal(pp.dataset_image(pp.open_image(data)), garment), mode
+    la = Image.fromarray(np.stack([garment, np.full_like(garment, 255)], -1), "LA")
+    assert np.array_equal(pp.dataset_image(la), garment)
+    rgb = np.stack([garment] * 3, -1)
+    for a in (rgb, np.dstack([rgb, np.full_like(garment, 255)]), rgb / 255.0, garment[..., None]):
+        assert np.array_equal(pp.dataset_image(a), garment)
+
+    tinted = rgb.copy()
+    tinted[12, 12, 2] += 1
+    holed = np.dstack([rgb, np.full_like(garment, 255)])
+    holed[0, 5, 3] = 254
+    palette = Image.fromarray(garment, "L").convert("P")
+    pal = palette.getpalette()
+    used = int(np.asarray(palette)[10, 10])
+    pal[3 * used:3 * used + 3] = [pal[3 * used], pal[3 * used] + 1, pal[3 * used]]
+    palette.putpalette(pal)
+    keyed = Image.fromarray(garment, "L")
+    keyed.info["transparency"] = 0   # a grey PNG's transparency key: its black background is see-through
+    for img in (tinted, Image.fromarray(tinted), holed, Image.fromarray(holed, "RGBA"), palette, keyed,
+                Image.fromarray(np.stack([garment, np.full_like(garment, 128)], -1), "LA")):
+        assert pp.dataset_image(img) is None
+    # A palette whose unused entries are coloured is still grey in every pixel.
+    spare = Image.fromarray(garment, "L").convert("P")
+    pal = spare.getpalette()
+    unused = next(i for i in range(256) if i not in set(np.asarray(spare).ravel()))
+    pal[3 * unused:3 * unused + 3] = [255, 0, 0]
+    spare.putpalette(pal)
+    assert np.array_equal(pp.dataset_image(spare), garment)

@@ -88,6 +88,24 @@ def test_predict_test_images_and_photos(server, dataset):
     assert preds[0]["preprocessed"].startswith("data:image/png;base64,")
 
 
+def test_a_28x28_dataset_image_in_colour_modes_is_used_as_is(server, dataset):
+    """RGB, RGBA and palette PNGs of Fashion-MNIST images are what their L PNGs are: the model
+    sees the image itself, not a photo conversion of it."""
+    import base64
+
+    from conftest import grey_pngs
+
+    x = dataset.test_images[:4].numpy()
+    files = [("files", (f"{i}-{mode}.png", data, "image/png")) for i, a in enumerate(x)
+             for mode, data in grey_pngs(a).items()]
+    r = httpx.post(server + "/v1/predict", files=files, params={"include_image": True})
+    assert r.status_code == 200, r.text
+    preds = r.json()["predictions"]
+    seen = [np.asarray(Image.open(io.BytesIO(base64.b64decode(p["preprocessed"].split(",", 1)[1])))) for p in preds]
+    assert all(np.array_equal(s, x[i // 4]) for i, s in enumerate(seen)), [p["filename"] for p in preds]
+    assert all(p["top"] == preds[i - i % 4]["top"] for i, p in enumerate(preds))
+
+
 def test_raw_body_is_the_image(server, dataset):
     """Content-Type image/*: the body is the image, no multipart, same answer as multipart."""
     rng = np.random.default_rng(1)

@@ -332,7 +332,9 @@ def test_last_checkpoint_is_due_by_its_own_cost():
 def test_a_lagging_last_checkpoint_is_what_a_stopped_run_offers_and_resumes(tmp_path, monkeypatch, cli, dataset):
     """With saves too dear to repeat (a big model on a fast GPU), last.pt holds epoch 1 while
     best.pt and history.csv go on: a run stopped in epoch 3 says 1 epoch is saved, and --resume
-    continues from there to the end."""
+    continues from there to the end. best.pt, ahead of last.pt, is replaced only by an epoch
+    better than the one it holds: on a GPU the replayed epoch 2 is not bit-identical, and one a
+    little worse than the first epoch 2 once overwrote it (beating only last.pt's history)."""
     import fmnist.training.train
 
     monkeypatch.setattr(fmnist.training.train, "SAVE_COST_RATIO", 1e9)
@@ -341,10 +343,19 @@ def test_a_lagging_last_checkpoint_is_what_a_stopped_run_offers_and_resumes(tmp_
     (run,) = (tmp_path / "runs").iterdir()
     assert r.returncode == 130 and "1 complete epoch(s) saved" in r.stderr, r.stderr
     assert checkpoint.load(run / "last.pt")["epoch"] == 1 and len(history_rows(run)) == 2
+    best = checkpoint.load(run / "best.pt")
+    assert best["epoch"] == 2   # epoch 2 beat epoch 1, so the replayed epoch 2 beats last.pt's history too
+    # As if epoch 2 had scored more the first time than a replay of it does (on a GPU, replays
+    # differ in the last bits): the replay beats last.pt's history but not best.pt.
+    best["metrics"]["val_acc"] = 1.0
+    checkpoint.save(best, run / "best.pt")
     monkeypatch.undo()
     r = cli("train", "--resume", run)
     assert r.returncode == 0, r.stderr
     assert checkpoint.load(run / "last.pt")["epoch"] == 3 and [h["epoch"] for h in history_rows(run)] == ["1", "2", "3"]
+    after = checkpoint.load(run / "best.pt")
+    assert (after["epoch"], after["metrics"]["val_acc"]) == (2, 1.0)   # neither replayed epoch was better
+    assert "above last.pt's best" in r.stderr, r.stderr
 
 
 def history_rows(run) -> list[dict]:

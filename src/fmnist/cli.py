@@ -314,7 +314,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tta-flip", action=argparse.BooleanOptionalAction, default=None,
                    help="average each image with its mirror inside the graph (and their one-pixel shifts where "
                         "the model was trained with --tta-shift), as the model is evaluated in PyTorch "
-                        "(default: as the model was trained; --no-tta-flip drops both and halves the compute)")
+                        "(default: as the model was trained; --no-tta-flip drops both and halves the compute, and "
+                        "the file's accuracy and calibration are then measured for it on the dataset)")
 
     # ---- bench
     p = sub.add_parser("bench", help="measure throughput, hardware efficiency and time-to-accuracy",

@@ -77,6 +77,29 @@ def choose_threshold(conf: np.ndarray, correct: np.ndarray) -> float:
     return float(c[low[-1] + w // 2])                           # the window's middle
 
 
+def validation_indices(ckpt: dict, labels: torch.Tensor, path) -> torch.Tensor:
+    """The checkpoint's own validation split of the training set (`labels`: its labels)."""
+    cfg = ckpt.get("train_config") or {}
+    val_fraction, seed = cfg.get("val_fraction", 0.1), split_seed(cfg)
+    if not val_fraction:
+        raise ValueError(f"{path}: trained without a validation split (--val-fraction 0); "
+                         f"nothing to calibrate on")
+    return data.stratified_split(labels, val_fraction, seed)[1]
+
+
+def fit(v_logits: torch.Tensor, v_labels: torch.Tensor) -> dict:
+    """Temperature and unsure threshold for these validation logits, with the NLL and ECE
+    before and after."""
+    t = fit_temperature(v_logits, v_labels)
+    v_probs = torch.softmax(v_logits / t, 1).numpy()
+    thr = choose_threshold(v_probs.max(1), v_probs.argmax(1) == v_labels.numpy())
+    return {"temperature": t, "threshold": thr, "fitted_on": f"validation split ({len(v_labels)} images)",
+            "val_nll_before": F.cross_entropy(v_logits, v_labels).item(),
+            "val_nll_after": F.cross_entropy(v_logits / t, v_labels).item(),
+            "val_ece_before": ece(torch.softmax(v_logits, 1).numpy(), v_labels.numpy()),
+            "val_ece_after": ece(v_probs, v_labels.numpy())}
+
+
 def calibrate(path, dataset=None, device: str = "cpu", val_idx: torch.Tensor | None = None,
               report_test: bool = True, val_logits: torch.Tensor | None = None,
               test_logits: torch.Tensor | None = None) -> dict:
@@ -87,14 +110,9 @@ def calibrate(path, dataset=None, device: str = "cpu", val_idx: torch.Tensor | N
     are not computed twice."""
     path = checkpoint.resolve_path(path)
     ckpt = checkpoint.load(path, check_calibration=False)  # refitted here: a damaged one is repaired
-    cfg = ckpt.get("train_config") or {}
-    ds = dataset or data.load(cfg.get("data_dir"))
+    ds = dataset or data.load((ckpt.get("train_config") or {}).get("data_dir"))
     if val_idx is None:
-        val_fraction, seed = cfg.get("val_fraction", 0.1), split_seed(cfg)
-        if not val_fraction:
-            raise ValueError(f"{path}: trained without a validation split (--val-fraction 0); "
-                             f"nothing to calibrate on")
-        _, val_idx = data.stratified_split(ds.train_labels, val_fraction, seed)
+        val_idx = validation_indices(ckpt, ds.train_labels, path)
     tta, shift = checkpoint.trained_with_tta(ckpt), checkpoint.trained_with_shift_tta(ckpt)
     model = None   # built on first use: a caller that passes both splits' logits needs none
 
@@ -106,14 +124,8 @@ def calibrate(path, dataset=None, device: str = "cpu", val_idx: torch.Tensor | N
 
     v_labels = ds.train_labels[val_idx]
     v_logits = logits_of(ds.train_images[val_idx]) if val_logits is None else val_logits.float().cpu()
-    t = fit_temperature(v_logits, v_labels)
-    v_probs = torch.softmax(v_logits / t, 1).numpy()
-    thr = choose_threshold(v_probs.max(1), v_probs.argmax(1) == v_labels.numpy())
-    res = {"temperature": t, "threshold": thr, "fitted_on": f"validation split ({len(val_idx)} images)",
-           "val_nll_before": F.cross_entropy(v_logits, v_labels).item(),
-           "val_nll_after": F.cross_entropy(v_logits / t, v_labels).item(),
-           "val_ece_before": ece(torch.softmax(v_logits, 1).numpy(), v_labels.numpy()),
-           "val_ece_after": ece(v_probs, v_labels.numpy())}
+    res = fit(v_logits, v_labels)
+    t, thr = res["temperature"], res["threshold"]
     if report_test:
         te_labels = ds.test_labels.numpy()
         te_logits = logits_of(ds.test_images) if test_logits is None else test_logits.float().cpu()

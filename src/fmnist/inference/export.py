@@ -13,7 +13,6 @@ import torch
 
 from fmnist.models import checkpoint
 from fmnist.utils.atomic import atomic_path
-from fmnist.classes import MEAN, STD
 from fmnist.models.networks import FlipTTA, count_parameters
 
 log = logging.getLogger(__name__)
@@ -42,13 +41,13 @@ def metadata(ckpt: dict, quantized: str, tta_flip: bool, tta_shift: bool = False
         "model_config": json.dumps(ckpt["model_config"]),
         "class_names": json.dumps(ckpt["class_names"]),
         "input": "images: float32 (N, 1, 28, 28) in [0, 1], light object on black; normalised inside the graph",
-        "normalization": json.dumps({"mean": MEAN, "std": STD}),
+        "normalization": json.dumps(dict(zip(("mean", "std"), checkpoint.normalization(ckpt)))),  # in the graph
         "output": "logits: float32 (N, 10)",
         "test_acc": "" if m.get("test_acc") is None else f"{m['test_acc']:.6f}",
         "val_acc": "" if m.get("val_acc") is None else f"{m['val_acc']:.6f}",
         "epoch": str(ckpt.get("epoch", "")),
         "quantization": quantized,
-        # test_acc/val_acc were measured with flip TTA when the model was trained with it
+        # the views the graph averages, which test_acc, val_acc and the calibration were measured with
         "tta_flip": "true" if tta_flip else "false",
         "tta_shift": "true" if tta_shift else "false",
         # temperature and unsure threshold fitted on validation (calibrate.py); logits stay raw
@@ -115,22 +114,65 @@ def quantize_int8(fp32_path: Path, out_path: Path, calib: np.ndarray) -> None:
     out_path.with_suffix(".pre.onnx").unlink(missing_ok=True)
 
 
+def views_figures(ckpt: dict, model: torch.nn.Module, tta_flip: bool, shift: bool, source,
+                  dataset=None) -> tuple[dict, dict | None]:
+    """(metrics, calibration) of `model` evaluated with views other than the checkpoint's: its
+    recorded accuracy and calibration were measured on the averaged logits of its own views, and
+    a temperature and unsure threshold fitted to those are wrong for another view's logits. The
+    calibration is refitted on the validation split as `fmnist calibrate` fits it; val_acc and
+    test_acc (on the test images the checkpoint's figure was measured on) are measured anew.
+    Only what the checkpoint records is redone (in fp32, an int8 file's figures are its model's)."""
+    from fmnist import data
+    from fmnist.evaluation.calibrate import fit, validation_indices
+    from fmnist.inference.forward import predict_logits
+
+    old, tc = ckpt.get("metrics") or {}, ckpt.get("train_config") or {}
+    ds = dataset or data.load(tc.get("data_dir"))
+
+    def logits(images):
+        return predict_logits(model, images, tta_flip=tta_flip, tta_shift=shift, amp="off")
+
+    metrics, cal = {}, None
+    if ckpt.get("calibration") is not None or old.get("val_acc") is not None:
+        idx = validation_indices(ckpt, ds.train_labels, source)
+        v_logits, v_labels = logits(ds.train_images[idx]), ds.train_labels[idx]
+        metrics["val_acc"] = (v_logits.argmax(1) == v_labels).float().mean().item()
+        if ckpt.get("calibration") is not None:
+            cal = fit(v_logits, v_labels)
+    if old.get("test_acc") is not None:
+        n = tc.get("test_subset") or len(ds.test_labels)   # as evaluate_run measured it
+        metrics["test_acc"] = (logits(ds.test_images[:n]).argmax(1) == ds.test_labels[:n]).float().mean().item()
+    return metrics, cal
+
+
+def _views(flip: bool, shift: bool) -> str:
+    return "with flip and shift TTA" if shift else "with flip TTA" if flip else "without TTA"
+
+
 def export(ckpt_path, out: str | Path | None = None, int8: bool = False, calib_n: int = 1024,
-           tta_flip: bool | None = None) -> Path:
+           tta_flip: bool | None = None, dataset=None) -> Path:
     """tta_flip: put the mirror average (models.FlipTTA) in the graph; None = as the model was
     trained and evaluated, so ONNX Runtime gives the same predictions as PyTorch and the accuracy
-    in the metadata describes the file (at 2x the compute)."""
+    in the metadata describes the file (at 2x the compute). With other views than the model's
+    own, the metadata's accuracy and calibration are measured for them (views_figures, on
+    `dataset` or the one the model trained on)."""
     if int8 and calib_n < 1:  # onnxruntime's own words for 0 are "No data is collected."
         raise ValueError(f"int8 calibration images must be >= 1, got {calib_n} (default: 1024)")
     onnx = require("onnx")
     ckpt = checkpoint.load(ckpt_path)
-    model = checkpoint.build_model(ckpt, source=checkpoint.resolve_path(ckpt_path))
+    src = checkpoint.resolve_path(ckpt_path)
+    model = checkpoint.build_model(ckpt, source=src)
+    own_views = (checkpoint.trained_with_tta(ckpt), checkpoint.trained_with_shift_tta(ckpt))
     if tta_flip is None:
-        tta_flip = checkpoint.trained_with_tta(ckpt)
-    shift = bool(tta_flip and checkpoint.trained_with_shift_tta(ckpt))
+        tta_flip = own_views[0]
+    shift = bool(tta_flip and own_views[1])
+    if (tta_flip, shift) != own_views:
+        log.info(f"{src} was evaluated and calibrated {_views(*own_views)} and is exported "
+                 f"{_views(tta_flip, shift)}: its accuracy and calibration are measured anew for that")
+        metrics, cal = views_figures(ckpt, model, tta_flip, shift, src, dataset)
+        ckpt = {**ckpt, "metrics": metrics, "calibration": cal}
     if tta_flip:
         model = FlipTTA(model, shifts=shift)
-    src = checkpoint.resolve_path(ckpt_path)
     out = Path(out) if out else src.with_suffix(".int8.onnx" if int8 else ".onnx")
     out.parent.mkdir(parents=True, exist_ok=True)
     fp32 = out if not int8 else out.with_name(out.stem.replace(".int8", "") + ".fp32-tmp.onnx")

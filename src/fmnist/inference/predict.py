@@ -16,8 +16,8 @@ import torch
 
 from fmnist.models import checkpoint
 from fmnist.classes import CLASS_NAMES
-from fmnist.photos.preprocess import (PreprocessError, Preprocessed, is_dataset_style, is_file_object, open_image,
-                                      preprocess, to_uint8)
+from fmnist.photos.preprocess import (PreprocessError, Preprocessed, dataset_image, is_file_object, open_image,
+                                      preprocess)
 from fmnist.inference.forward import predict_logits
 from fmnist.models.networks import ENSEMBLE
 
@@ -133,8 +133,8 @@ class Predictor:
             # Opened here, as the server opens uploads, so that a 28x28 Fashion-MNIST-style file
             # is recognised below as what it is, not converted as a photo of one.
             item = open_image(item, draft=self.draft_size())
-        if is_dataset_style(item):
-            a = to_uint8(np.asarray(item)).reshape(28, 28)
+        a = dataset_image(item)   # the one test the CLI, the API and the server share
+        if a is not None:
             return Preprocessed(a, "dark", (0, 0, 28, 28), "dataset")
         try:
             return preprocess(item, pipeline=self.pipeline, options=self.robust_options)

@@ -9,6 +9,7 @@ torch.load(weights_only=True) (no pickled code runs). Keys:
 
 from __future__ import annotations
 
+import logging
 import math
 import pickle
 import re
@@ -20,7 +21,9 @@ import torch
 
 from fmnist.utils.atomic import torch_save
 from fmnist.classes import CLASS_NAMES, MEAN, NUM_CLASSES, STD
-from fmnist.models.networks import create_model
+from fmnist.models.networks import create_model, set_normalization
+
+log = logging.getLogger(__name__)
 
 FORMAT = "fmnist.checkpoint.v1"
 
@@ -112,6 +115,29 @@ def calibration_problem(cal) -> str:
     return ""
 
 
+def normalization_problem(norm) -> str:
+    """'' if a checkpoint's "normalization" is usable or absent, else what is wrong: the model
+    subtracts the mean from its [0, 1] inputs and divides by the std."""
+    if norm is None:
+        return ""
+    if not isinstance(norm, dict):
+        return f"'normalization' is {type(norm).__name__}, expected dict"
+    for key in ("mean", "std"):
+        v = norm.get(key)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            return f"normalization {key} {v!r} is not a finite number"
+    if norm["std"] <= 0:
+        return f"normalization std {norm['std']!r} is not > 0"
+    return ""
+
+
+def normalization(ckpt: dict) -> tuple[float, float]:
+    """(mean, std) the model's inputs were normalised with in training: the checkpoint's own
+    (one written without them: this version's constants, the only ones there were)."""
+    norm = ckpt.get("normalization") or {}
+    return float(norm.get("mean", MEAN)), float(norm.get("std", STD))
+
+
 def check(ckpt: dict, p: Path, check_calibration: bool = True) -> None:
     """The keys and types every loader relies on; a file with the right format key can still lack them."""
     problems = []
@@ -126,6 +152,8 @@ def check(ckpt: dict, p: Path, check_calibration: bool = True) -> None:
             problems.append(f"state_dict entry {bad[0]!r} is not a tensor")
         if names := class_names_problem(ckpt["class_names"]):
             problems.append(names)
+        if norm := normalization_problem(ckpt.get("normalization")):
+            problems.append(norm)
     if problems:
         raise CheckpointError(f"{p}: damaged fmnist checkpoint: {'; '.join(problems)}; {REMEDY}")
     if check_calibration and (cal := calibration_problem(ckpt.get("calibration"))):
@@ -196,6 +224,13 @@ def build_model(ckpt: dict, device="cpu", source: str | Path | None = None) -> t
         raise CheckpointError(f"{where}weights do not fit model {name!r} as its model_config describes: "
                               f"{mismatch}; {REMEDY}")
     model.load_state_dict(ckpt["state_dict"])
+    # Normalisation is not in the weights (models.Normalize's buffers are not saved): a model
+    # trained by a version of fmnist with other constants gets the inputs it was trained on.
+    mean, std = normalization(ckpt)
+    if (mean, std) != (MEAN, STD):
+        log.warning(f"{where}trained on inputs normalised with mean {mean:g} and std {std:g}, where this "
+                    f"version of fmnist uses {MEAN:g} and {STD:g}: the checkpoint's own values are used")
+        set_normalization(model, mean, std)
     return model.to(device).eval()
 
 

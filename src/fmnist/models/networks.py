@@ -27,6 +27,14 @@ class Normalize(nn.Module):
         return (x - self.mean) / self.std
 
 
+def set_normalization(model: nn.Module, mean: float, std: float) -> None:
+    """Every Normalize in `model` (an ensemble's members too) to this mean and std."""
+    for m in model.modules():
+        if isinstance(m, Normalize):
+            m.mean.fill_(mean)
+            m.std.fill_(std)
+
+
 # ---------------------------------------------------------------------------- seed
 
 @dataclass

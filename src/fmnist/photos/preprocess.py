@@ -340,19 +340,38 @@ def to_uint8(a: np.ndarray) -> np.ndarray:
     return np.clip(np.round(a), 0, 255).astype(np.uint8)
 
 
-def is_dataset_style(x) -> bool:
-    """A 28x28 single-channel image on a dark background is taken to be Fashion-MNIST-style
-    already and used as is; anything else (a 28x28 thumbnail on white included) is converted."""
-    if isinstance(x, np.ndarray):
-        ok = x.shape in ((28, 28), (28, 28, 1))
-    elif isinstance(x, Image.Image):
-        ok = x.size == (28, 28) and x.mode == "L"
+def dataset_image(x) -> np.ndarray | None:
+    """The (28, 28) uint8 image to use as is when `x` is Fashion-MNIST-style already, else None
+    (convert it as a photo). Fashion-MNIST-style: 28x28, grey, fully opaque, on a dark background.
+    Grey however it was saved: one channel, or RGB / RGBA / palette whose channels are equal in
+    every pixel (matplotlib's imsave writes RGBA, torchvision's save_image RGB). Any transparency
+    means compositing, which the conversion does; a 28x28 thumbnail on white is converted too."""
+    if isinstance(x, Image.Image):
+        if x.size != (IMAGE_SIZE, IMAGE_SIZE) or x.mode not in ("L", "LA", "RGB", "RGBA", "P", "PA"):
+            return None
+        if x.mode in ("LA", "RGBA", "P", "PA") or "transparency" in x.info:
+            x = x.convert("RGBA")   # a palette's colours and any transparency key, pixel by pixel
+        a = np.asarray(x)
+    elif isinstance(x, np.ndarray):
+        if x.shape[:2] != (IMAGE_SIZE, IMAGE_SIZE) or x.shape[2:] not in ((), (1,), (3,), (4,)):
+            return None
+        a = to_uint8(x)
     else:
-        return False
-    if not ok:
-        return False
-    a = to_uint8(np.asarray(x)).reshape(28, 28)
-    return float(np.median(a[[0, 0, -1, -1], [0, -1, 0, -1]])) < 128
+        return None
+    if a.ndim == 3:   # (28, 28, C): grey only if every colour channel is the first, opaque only if alpha is 255
+        if a.shape[2] == 4 and (a[..., 3] != 255).any():
+            return None
+        if a.shape[2] >= 3 and not (np.array_equal(a[..., 1], a[..., 0]) and np.array_equal(a[..., 2], a[..., 0])):
+            return None
+        a = a[..., 0]
+    if float(np.median(a[[0, 0, -1, -1], [0, -1, 0, -1]])) >= 128:
+        return None
+    return np.ascontiguousarray(a)
+
+
+def is_dataset_style(x) -> bool:
+    """Whether `x` is used as is (dataset_image), not converted as a photo."""
+    return dataset_image(x) is not None
 
 
 def iter_image_files(paths) -> list[Path]:

@@ -53,6 +53,8 @@ def check_members(members: list[tuple[Path, dict]], calibrated: bool = True) -> 
         for what, a, b in (("architecture", c0["model"], c["model"]),
                            ("model_config", c0["model_config"], c["model_config"]),
                            ("class names", c0["class_names"], c["class_names"]),
+                           ("normalisation", "mean {:g}, std {:g}".format(*checkpoint.normalization(c0)),
+                            "mean {:g}, std {:g}".format(*checkpoint.normalization(c))),
                            ("flip TTA", bool(t0.get("tta_flip")), bool(t.get("tta_flip"))),
                            ("shift TTA", checkpoint.trained_with_shift_tta(c0), checkpoint.trained_with_shift_tta(c))):
             if a != b:
@@ -83,6 +85,7 @@ def make(paths: list, out_dir, calibrated: bool = True, dataset=None) -> dict:
     ckpt = checkpoint.make(ENSEMBLE, {"member": c0["model"], "member_config": c0["model_config"], "n": len(members)},
                            state, metrics={}, epoch=[m["epoch"] for m in info], train_config=tc, members=info)
     ckpt["class_names"] = list(c0["class_names"])
+    ckpt["normalization"] = c0.get("normalization", ckpt["normalization"])   # the members' own, as they were trained
     path = out / "best.pt"
     model = checkpoint.build_model(ckpt, source=path)   # the weights fit: refuse before anything is written
     ds = dataset or data.load(tc.get("data_dir"))

@@ -28,6 +28,7 @@ from fmnist.training import augment as aug
 from fmnist import data
 from fmnist.models import checkpoint
 from fmnist.utils.atomic import write_json, write_text
+from fmnist.classes import MEAN, STD
 from fmnist.data import split_seed
 from fmnist.training.config import TrainConfig, from_dict, validate
 from fmnist.training.distributed import DistInfo
@@ -316,6 +317,12 @@ def _resume_config(cfg: TrainConfig) -> tuple[TrainConfig, dict | None, Path | N
     ckpt = checkpoint.load(run_dir / "last.pt")
     if "optimizer" not in ckpt:
         raise checkpoint.CheckpointError(f"{run_dir / 'last.pt'}: holds no training state to resume")
+    mean, std = checkpoint.normalization(ckpt)
+    if (mean, std) != (MEAN, STD):   # the rest of the run would see other inputs than its start
+        raise checkpoint.CheckpointError(
+            f"{run_dir / 'last.pt'}: trained on inputs normalised with mean {mean:g} and std {std:g}, where this "
+            f"version of fmnist uses {MEAN:g} and {STD:g}; finish it with the version of fmnist that started it, "
+            f"or start a new run")
     # A run saved before Lookahead existed ran without it (today's default would resume it with).
     saved = from_dict({"lookahead": 0, **ckpt["train_config"]})
     # Everything comes from the run being continued, which ends where it was planned to.
@@ -396,6 +403,26 @@ def _restore_state(ckpt: dict, model, opt, ema, lookahead, cfg: TrainConfig, dev
             "elapsed": history[-1]["elapsed"] if history else 0.0}
 
 
+def best_to_beat(run_dir: Path, history_best: float) -> float:
+    """The validation accuracy a resumed run must beat to replace best.pt: the larger of last.pt's
+    history's best and the one best.pt records. On a GPU last.pt is written every few epochs and
+    best.pt at every improvement, so best.pt can hold an epoch after last.pt; its replay is not
+    bit-identical there, and a replayed epoch a little worse must not overwrite the better file."""
+    path = run_dir / "best.pt"
+    if not path.is_file():
+        return history_best
+    try:
+        acc = checkpoint.load(path, check_calibration=False).get("metrics", {}).get("val_acc")
+    except checkpoint.CheckpointError as e:
+        log.warning(f"{e}; it is replaced by the first resumed epoch that beats last.pt's history")
+        return history_best
+    if isinstance(acc, (int, float)) and math.isfinite(acc) and acc > history_best:
+        log.info(f"{path} holds validation accuracy {acc:.4f}, above last.pt's best {history_best:.4f}: "
+                 f"it is replaced only by a better epoch")
+        return float(acc)
+    return history_best
+
+
 # last.pt (weights, optimizer, EMA: ~280 MB for best-gpu's wrn) is written when the time since the
 # last write is at least this many times what that write took, and after the final epoch: saving
 # then costs at most about 1/SAVE_COST_RATIO of the run, and a crash loses at most that many
@@ -471,6 +498,8 @@ def train(cfg: TrainConfig) -> Path | None:
     state = {"history": [], "step": 0, "start_epoch": 1, "best_acc": -1.0, "elapsed": 0.0}
     if resume_ckpt is not None:
         state = _restore_state(resume_ckpt, model, opt, ema, lookahead, cfg, device, dist)
+        if dist.is_main:
+            state["best_acc"] = best_to_beat(run_dir, state["best_acc"])
     elif dist.is_main:
         run_dir = new_run_dir(cfg)
     else:
