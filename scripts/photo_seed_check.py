@@ -2,7 +2,7 @@
 """Seed-to-seed spread of real-photo figures: several checkpoints on one split of photos/real,
 plus how many held-out hats (photos/outliers) and photos of no clothing come back unsure.
 
-    python scripts/photo_seed_check.py --out bench/cpu-photos/seed-check.json \
+    python scripts/photo_seed_check.py --out bench/cpu/photos/members.json \
         --model "NAME=RUN_DIR/best.pt" [--model ...]
 
 One model's figures move by several photos between seeds (122 held-out photos: one photo is
