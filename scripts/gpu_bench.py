@@ -1,39 +1,34 @@
-"""One GPU sitting for issue 13, in one go: what a session lent a GPU should measure.
+"""GPU benchmark in one call: what to measure on a machine with a CUDA GPU for a limited time.
 
-    # here, once: the dataset's four .gz files into a folder git ignores, so the device tool can carry it
-    mkdir -p .data && cp /usr/share/datasets/fashion-mnist/*ubyte* .data/ && echo /.data/ >> .git/info/exclude
-    # the tracked tree travels too and must stay under the device tool's 64 MiB: photos/ (57 MiB)
-    # does not fit beside .data, so untrack it for the call and put it back after:
-    git rm -r -q --cached photos && echo /photos/ >> .git/info/exclude   # after: git reset -q photos, and
-                                                                          # remove that line again
-    # on the GPU machine (device tool: carry [".data"]), from the repository root
-    FMNIST_DATA=.data PYTHONUNBUFFERED=1 PYTHONPATH=src python3 scripts/gpu_sitting.py --out $OUT --budget 480
-    # what 2026-12-04's sittings left open (bench/gpu): best-gpu's 180 epochs, ~7-8 minutes of an H200
-    ... gpu_sitting.py --out $OUT --parts probe,best-gpu --budget 560
+    # on the GPU machine, from the repository root (FMNIST_DATA: where the dataset's files are)
+    PYTHONPATH=src python3 scripts/gpu_bench.py --out bench/gpu --budget 540
+    # best-gpu's full 180-epoch schedule alone (~7-8 minutes of an H200)
+    PYTHONPATH=src python3 scripts/gpu_bench.py --out bench/gpu --parts probe,best-gpu --budget 560
     # here, on CPU at tiny sizes: checks the script itself (nothing it measures means anything)
-    PYTHONPATH=src python3 scripts/gpu_sitting.py --smoke --out /tmp/sitting
+    PYTHONPATH=src python3 scripts/gpu_bench.py --smoke --out /tmp/gpu-bench
 
 Every call first times one training epoch of `seed` (bench.seed_epoch, the yardstick of `fmnist
 bench accuracy`), so its times also read in seed epochs, and times it again at its end. Then the
-parts, in this order (--parts picks some); OUT/sitting.json is rewritten after each, so a call
-cut off by its time limit keeps what it finished, and a later call with the same --out adds to it:
+parts, in this order (--parts picks some); OUT/gpu_bench.json is rewritten after each, so a call
+cut off by its time limit keeps what it finished, and a later call with the same --out adds to it
+(one entry per call under "sittings", see bench/README.md):
 
   probe       ms per training step of fast, gpu and best-gpu (the real loop, eager): the epoch
               time each preset should take, and whether best-gpu fits the budget
   syncs       epochs of 10 and 30 of gpu's steps under torch.cuda.set_sync_debug_mode("warn"): the
               host syncs a step makes (expected 0; an epoch's end reads its figures). CUDA only
   fast        `fast` on the GPU, seed 0, for reference
-  gpu         `gpu`, seeds 0, 1, 2: median time to 94% (issue 13 asks <= 5 s)
+  gpu         `gpu`, seeds 0, 1, 2: median time to 94%
   graphs      `gpu --compile --compile-mode reduce-overhead` (CUDA graphs), seed 0: does
               compiling pay? (its first epoch includes the compile)
-  best-gpu    `best-gpu`, seed 0: final accuracy (issue 13 asks >= 95.5% in <= 10 minutes), by a
-              plain `fmnist train` run (no test pass after each epoch: on `wrn` that pass, in
-              fp32, and the checkpoints are the likely reason, not measured, why sitting 3 of
-              2026-12-04 overran its call), then the test set once. If the probe says its epochs do not fit what is left of --budget, it
-              runs a shorter schedule (best-gpu@N, recorded as such) instead of being cut off
+  best-gpu    `best-gpu`, seed 0: final accuracy, by a plain `fmnist train` run (no test pass
+              after each epoch: on `wrn` that fp32 pass and the checkpoints would cost more than
+              the budget allows), then the test set once. If the probe says its epochs do not fit
+              what is left of --budget, it runs a shorter schedule (best-gpu@N, recorded as such)
+              instead of being cut off
 
 The other accuracy parts are `fmnist bench accuracy` runs (test accuracy after every epoch, for
-reporting only): `python scripts/results_tables.py OUT/sitting.json` renders them as docs/RESULTS.md shows.
+reporting only): `python scripts/results_tables.py OUT/gpu_bench.json` renders them as docs/results.md shows.
 Run directories (checkpoints: best-gpu's last.pt is ~280 MB) go to --runs, not --out.
 """
 
@@ -57,7 +52,7 @@ from fmnist.models import create_model, model_config
 from fmnist.runinfo import environment, pick_device
 from fmnist.train import EMA, epoch_generators, make_optimizer, train_one_epoch
 
-log = logging.getLogger("fmnist.sitting")
+log = logging.getLogger("fmnist.gpu_bench")
 
 PARTS = ("probe", "syncs", "fast", "gpu", "graphs", "best-gpu")
 TRAIN_IMAGES = 54_000  # the training split at --val-fraction 0.1
@@ -134,12 +129,12 @@ def syncs(ovr: dict, ds, device: torch.device, steps=(10, 30)) -> dict:
     return {"syncs_per_epoch_of_steps": counts, "syncs_per_step": per_step, "distinct": sorted(msgs)}
 
 
-class Sitting:
+class Session:
     def __init__(self, args):
         self.args, self.t0 = args, time.perf_counter()
         self.out = Path(args.out)
         self.out.mkdir(parents=True, exist_ok=True)
-        self.path = self.out / "sitting.json"
+        self.path = self.out / "gpu_bench.json"
         self.device = pick_device("cpu" if args.smoke else args.device)
         self.report = json.loads(self.path.read_text()) if self.path.exists() else {}
         self.report.setdefault("sittings", []).append({"environment": environment(self.device),
@@ -160,8 +155,8 @@ class Sitting:
         write_json(self.path, self.report)
 
     def part(self, name: str, fn):
-        """Run one part; a part that raises is recorded as failed and the sitting goes on, since a
-        session is lent the GPU once and the other parts' figures are worth keeping."""
+        """Run one part; a part that raises is recorded as failed and the call goes on, since GPU
+        time is scarce and the other parts' figures are worth keeping."""
         try:
             return fn()
         except Exception as e:  # noqa: BLE001 (recorded, then the next part)
@@ -209,13 +204,13 @@ def final_run(spec: str, ovr: dict, runs: Path) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--out", default="bench/gpu", help="folder for sitting.json (default: bench/gpu)")
-    ap.add_argument("--runs", default="/tmp/fmnist-sitting", help="folder for run directories "
-                    "(default: /tmp/fmnist-sitting)")
+    ap.add_argument("--out", default="bench/gpu", help="folder for gpu_bench.json (default: bench/gpu)")
+    ap.add_argument("--runs", default="/tmp/fmnist-gpu-bench", help="folder for run directories "
+                    "(default: /tmp/fmnist-gpu-bench)")
     ap.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated, of {', '.join(PARTS)} (default: all)")
     ap.add_argument("--budget", type=float, default=540.0,
                     help="seconds this call may take; parts that do not fit are skipped, best-gpu is "
-                         "shortened (default: 540, under the device tool's 600 s per call)")
+                         "shortened (default: 540)")
     ap.add_argument("--device", default="auto", help="default: auto (cuda where there is one)")
     ap.add_argument("--smoke", action="store_true", help="CPU, tiny sizes: checks this script (default: off)")
     args = ap.parse_args(argv)
@@ -225,7 +220,7 @@ def main(argv=None) -> int:
     setup_logging(logging.INFO)
     if args.smoke:
         torch.set_num_threads(1)
-    s = Sitting(args)
+    s = Session(args)
     if s.device.type != "cuda" and not args.smoke:
         log.warning(f"no GPU here ({s.device}): the figures will be this machine's, not a GPU's")
     ds = data.load()  # $FMNIST_DATA when set (and then only there)
@@ -259,8 +254,8 @@ def main(argv=None) -> int:
         spec = "best-gpu"
         per_epoch = s.report.get("probe", {}).get("best-gpu", {}).get("projected_train_seconds_per_epoch")
         epochs = config.resolve("best-gpu", overrides("best-gpu", args.smoke)).epochs
-        # an epoch's wall time beyond its training steps: validation (sitting 1: 2.17 s an epoch of
-        # training and validation against the probe's 1.96 s of training) and last.pt now and
+        # an epoch's wall time beyond its training steps: validation (on an H200: 2.17 s an epoch
+        # of training and validation against the probe's 1.96 s of training) and last.pt now and
         # then; 30 s kept for calibration, the one test pass and the closing reference
         epoch_wall = (per_epoch * 1.25 + (0 if args.smoke else 0.3)) if per_epoch else None
         if epoch_wall and epoch_wall * epochs > s.left() - 30:
