@@ -197,7 +197,7 @@ def serve_profile(entry: dict) -> str:
     photo, png = profiles.get("photo"), profiles.get("png28")
     parts = [x["part"] for x in (photo or png)["parts"]]
     by = {name: {x["part"]: x for x in p["parts"]} for name, p in profiles.items()}
-    lines = [f"{environment(entry['environment'])}.", "",
+    lines = [f"Environment: {environment(entry['environment'])}.", "",
              "| part | photo: CPU ms | share | 28x28 PNG: CPU ms | share |", "|---|---:|---:|---:|---:|"]
     for part in parts:
         cells = []
@@ -220,7 +220,7 @@ def shipped_photos(new: dict, members: dict | None = None) -> str:
     photos and listings, conversion speed; then scripts/photo_seed_check.py's per-model figures."""
     r = new["photos_real"]
     h = r["variants"]["robust"]["heldout"]
-    out = [f"{environment(new['environment'])}.", "",
+    out = [f"Environment: {environment(new['environment'])}.", "",
            f"{r['n_photos']} photos (manifest SHA-256 `{r['manifest_sha256'][:12]}`), robust conversion. "
            f"28x28 test accuracy of the model: {pct(r.get('test_acc_28x28'))}.", "",
            "| held-out photos | right |", "|---|---:|", f"| all | {_cell(h)} |"]
@@ -268,7 +268,7 @@ def seed_check(sc):
 
 def tta(entry: dict) -> str:
     """scripts/tta_check.py's record: each model's accuracy with the flip alone and with the one-pixel shifts."""
-    lines = [f"{environment(entry['environment'])}.", "",
+    lines = [f"Environment: {environment(entry['environment'])}.", "",
              "| model | seed | val: flip | val: + 4 shifts | gain | test: flip | test: + 4 shifts | gain | "
              "10-view test pass |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in entry["rows"]:
@@ -418,19 +418,23 @@ def main(argv=None):
         if args.check and any(stale.values()):
             sys.exit(f"error: generated tables are stale; run: python scripts/results_tables.py --update "
                      f"{' '.join(p for p, b in stale.items() if b)}")
-    elif args.tta:
-        print(tta(_load(args.files[0])["sittings"][-1]))
-    elif args.photos:
-        print(shipped_photos(_load(args.files[0]), _load(args.files[1]) if len(args.files) > 1 else None))
-    elif args.serve:
-        print(serve_record(_load(args.files[0])["sittings"][-1]["settings"]))
-    elif args.serve_profile:
-        print(serve_profile(_load(args.files[0])["sittings"][-1]))
     elif args.epoch_times:
         for p in args.files:
             print(epoch_times(_load(p)["accuracy"]) + "\n")
-    else:
-        print(bench_tables(args.files, args.parts and args.parts.split(","), args.presets and args.presets.split(",")))
+    else:   # each table says which record it comes from
+        source = "From " + " and ".join(f"`{p}`" for p in args.files) + ". "
+        if args.tta:
+            print(source + tta(_load(args.files[0])["sittings"][-1]))
+        elif args.photos:
+            print(source + shipped_photos(_load(args.files[0]), _load(args.files[1]) if len(args.files) > 1 else None))
+        elif args.serve:
+            entry = _load(args.files[0])["sittings"][-1]
+            print(f"{source}Environment: {environment(entry['environment'])}.\n\n{serve_record(entry['settings'])}")
+        elif args.serve_profile:
+            print(source + serve_profile(_load(args.files[0])["sittings"][-1]))
+        else:
+            print(source + bench_tables(args.files, args.parts and args.parts.split(","),
+                                        args.presets and args.presets.split(",")))
 
 
 if __name__ == "__main__":
