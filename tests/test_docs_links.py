@@ -28,3 +28,9 @@ def test_relative_links_resolve():
             elif anchor and dest.suffix == ".md" and anchor not in anchors(dest):
                 broken.append(f"{page.name}: {target} (no such heading)")
     assert not broken, broken
+
+
+def test_every_picture_in_docs_images_is_shown():
+    text = " ".join(p.read_text() for p in PAGES)
+    unused = [p.name for p in (ROOT / "docs" / "images").iterdir() if f"images/{p.name}" not in text]
+    assert not unused, unused
