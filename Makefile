@@ -41,6 +41,14 @@ setup: $(STAMP) dataset
 train: setup
 	$(BIN)/fmnist train
 
+# Photos are data kept outside the tree: the tests read the local copy in ../shared/photos where
+# there is one (else $FMNIST_PHOTOS or the cache; without any, the photo tests skip and say how to
+# fetch them).
+SHARED_PHOTOS := $(abspath ../shared/photos)
+ifneq ($(wildcard $(SHARED_PHOTOS)),)
+export FMNIST_PHOTOS ?= $(SHARED_PHOTOS)
+endif
+
 # FMNIST_REQUIRE_BROWSER: the browser test fails instead of skipping if chromium is missing.
 # -n 2: two pytest-xdist workers (DEVELOPERS.md, Tests).
 test: setup browser wrk

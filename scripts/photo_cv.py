@@ -6,9 +6,9 @@
     python scripts/photo_cv.py --out bench/cpu-photos/photo_cv.json --table
 
 Two models of one `photo` recipe differ by up to 8 points on the 162 dev photos, so one run says
-little about a change. Here a fixed third of photos/train (the fold: SHA-256 of the file name mod
+little about a change. Here a fixed third of the `train` photo set (the fold: SHA-256 of the file name mod
 3 == 0, 345 photos) is kept out of training and scored beside the dev photos: `photo` models
-train on the rest of photos/train and on photos/outliers (never on dev or held-out photos), and
+train on the rest of it and on the `outliers` set (never on dev or held-out photos), and
 each is scored on the pool of dev + fold photos. `--set` gives overrides of the `photo` preset
 (TrainConfig and AugmentConfig fields by name, values as JSON: --set epochs=15 --set photo=0.3).
 Run the same seeds with and without the change, in the same way, and compare pool accuracy per
@@ -39,6 +39,7 @@ from fmnist import config, data, realphotos
 from fmnist.atomic import write_json
 from fmnist.classes import CLASS_NAMES
 from fmnist.malloc import keep_freed_memory
+from fmnist.photos import sets
 from fmnist.predict import Predictor
 from fmnist.preprocess import preprocess
 from fmnist.robust import RobustOptions
@@ -47,8 +48,6 @@ from fmnist.train import train
 
 from _records import parse_or_print_table
 
-ROOT = Path(__file__).resolve().parent.parent
-TRAIN, REAL, OUTLIERS = ROOT / "photos" / "train", ROOT / "photos" / "real", ROOT / "photos" / "outliers"
 FOLDS = 3
 
 
@@ -58,9 +57,10 @@ def in_fold(name: str) -> bool:
 
 
 def train_without_fold(into: Path) -> Path:
-    """photos/train minus the fold, as a folder `--real-photos` reads: the kept rows of its
+    """The `train` photo set minus the fold, as a folder `--real-photos` reads: the kept rows of its
     manifest, and links to their files (the manifest's SHA-256 still checks each one)."""
-    with open(TRAIN / "manifest.csv", newline="") as f:
+    train_dir = sets.resolve("train").folder
+    with open(sets.MANIFESTS / "train" / "manifest.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     kept = [r for r in rows if not in_fold(r["file"])]
     into.mkdir(parents=True, exist_ok=True)
@@ -69,13 +69,13 @@ def train_without_fold(into: Path) -> Path:
         w.writeheader()
         w.writerows(kept)
     for r in kept:
-        (into / r["file"]).symlink_to(TRAIN / r["file"])
+        (into / r["file"]).symlink_to(train_dir / r["file"])
     return into
 
 
 def pool() -> list[realphotos.Photo]:
-    dev = realphotos.select(realphotos.read_manifest(REAL), "dev")
-    fold = [p for p in realphotos.read_manifest(TRAIN) if in_fold(p.path.name) and p.label in CLASS_NAMES]
+    dev = realphotos.select(realphotos.read_manifest("real"), "dev")
+    fold = [p for p in realphotos.read_manifest("train") if in_fold(p.path.name) and p.label in CLASS_NAMES]
     return dev + fold
 
 
@@ -84,7 +84,8 @@ def score(checkpoint: Path, photos: list, images: np.ndarray, test) -> dict:
     predictor = Predictor(checkpoint)
     test_acc = float((predictor.probabilities(test[0]).argmax(1) == test[1]).mean())
     right = predictor.probabilities(images).argmax(1) == np.array([CLASS_NAMES.index(p.label) for p in photos])
-    source = np.array(["dev" if p.path.parent == REAL else "fold" for p in photos])
+    real_dir = sets.resolve("real").folder
+    source = np.array(["dev" if p.path.parent == real_dir else "fold" for p in photos])
     kind = np.array([p.kind for p in photos])
     out = {"test_acc": test_acc, "pool_right": int(right.sum()), "pool_n": len(photos), "pool_acc": float(right.mean())}
     for name, m in (("dev", source == "dev"), ("fold", source == "fold"), ("clean", kind == "clean"),
@@ -182,7 +183,7 @@ def main() -> None:
                   f"28x28 test {row['test_acc']:.2%}", flush=True)
         return
     with tempfile.TemporaryDirectory() as tmp:
-        real = f"{train_without_fold(Path(tmp) / 'train')},{OUTLIERS}"
+        real = f"{train_without_fold(Path(tmp) / 'train')},outliers"
         for seed in [int(s) for s in args.seeds.split(",")]:
             cfg = config.resolve("photo", {**overrides, "seed": seed, "real_photos": real,
                                            "out_dir": str(args.keep or Path(tmp) / "runs")})

@@ -1,18 +1,21 @@
 #!/usr/bin/env python3
 """Extract candidate training photos from clothing-dataset and draw contact sheets to label by eye.
 
-photos/train/ is built in two steps: this script writes candidates (never used for evaluation,
-not near-duplicates of any evaluation photo or of each other), then a person looks at the
-contact sheets, writes the accepted ones into a decisions CSV, and `--accept` copies those into
-photos/train/ with their manifest rows.
+The `train` photo set is built in two steps: this script writes candidates (never used for
+evaluation, not near-duplicates of any evaluation photo or of each other), then a person looks at
+the contact sheets, writes the accepted ones into a decisions CSV, and `--accept` adds their rows
+to the set's manifest (src/fmnist/photos/manifests/SET/manifest.csv: source URL pinned to the
+commit, SHA-256 of source and stored file, recipe, licence) and puts the files into the set's
+folder ($FMNIST_PHOTOS or the cache), as `fmnist photos fetch` would.
 
     python scripts/train_photo_candidates.py --repo CLOTHING_DATASET_GIT --labels T-Shirt,Pants \
         --per-label 150 --out /tmp/cand          # candidates + contact sheets
     python scripts/train_photo_candidates.py --accept /tmp/cand/decisions.csv --out /tmp/cand
 
 The source is https://github.com/alexeygrigorev/clothing-dataset (CC0-1.0) at COMMIT, read from
-a bare git clone with `git show`. Candidates are re-encoded as photos/train/README.md describes
-(EXIF orientation applied, longest side <= 512, JPEG quality 85).
+a bare git clone with `git show`. Candidates are made by the set's RECIPE (EXIF orientation
+applied, longest side <= 512, JPEG quality 85). It needs the photo sets on this machine (`fmnist
+photos fetch`) for the near-duplicate checks.
 """
 import argparse
 import csv
@@ -24,12 +27,14 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageOps
+from PIL import Image, ImageDraw
 
-ROOT = Path(__file__).resolve().parent.parent
+from fmnist.atomic import write_bytes, write_text
+from fmnist.photos import sets
+
 COMMIT = "7ed86a9cc56763b6acb35e41cb35184e43a5d218"
-URL = f"https://github.com/alexeygrigorev/clothing-dataset/blob/{COMMIT}/images/"
-FIELDS = ["file", "label", "kind", "split", "sha256", "source", "licence", "author", "notes"]
+URL = f"https://raw.githubusercontent.com/alexeygrigorev/clothing-dataset/{COMMIT}/images/"
+RECIPE = "jpeg quality=85 max_side=512 resize=thumbnail"
 SLUGS = {"T-shirt/top": "tshirt", "Trouser": "trouser", "Pullover": "pullover", "Dress": "dress",
          "Coat": "coat", "Sandal": "sandal", "Shirt": "shirt", "Sneaker": "sneaker", "Bag": "bag",
          "Ankle boot": "ankleboot"}
@@ -48,16 +53,12 @@ def hamming(a: int, b: int) -> int:
 
 
 def used_sources() -> set[str]:
-    ids = set()
-    for m in ("photos/real/manifest.csv", "photos/nonclothing/manifest.csv", "photos/train/manifest.csv",
-              "photos/outliers/manifest.csv"):
-        for r in csv.DictReader(open(ROOT / m, newline="")):
-            ids.add(r["source"].rsplit("/", 1)[-1].split(".")[0])
-    return ids
+    return {r.source.rsplit("/", 1)[-1].split(".")[0] for name in sets.names() for r in sets.manifest(name)}
 
 
-def folder_hashes(folder: str) -> list[int]:
-    return [dhash(Image.open(p)) for p in sorted((ROOT / folder).glob("*.jpg"))]
+def set_hashes(name: str) -> list[int]:
+    ps = sets.resolve(name)
+    return [dhash(Image.open(ps.path(r))) for r in ps.rows]
 
 
 def extract(args):
@@ -68,8 +69,8 @@ def extract(args):
         ["git", "--git-dir", args.repo, "show", f"{COMMIT}:images.csv"],
         capture_output=True, text=True, check=True).stdout)))
     used = used_sources()
-    eval_h = folder_hashes("photos/real") + folder_hashes("photos/nonclothing")
-    self_h = folder_hashes("photos/train")
+    eval_h = set_hashes("real") + set_hashes("nonclothing")
+    self_h = set_hashes("train")
     rng = random.Random(args.seed)
     rng.shuffle(rows)
     taken: dict[str, int] = {}
@@ -80,20 +81,20 @@ def extract(args):
         blob = subprocess.run(["git", "--git-dir", args.repo, "show", f"{COMMIT}:images/{r['image']}.jpg"],
                               capture_output=True, check=False).stdout
         try:
-            img = ImageOps.exif_transpose(Image.open(io.BytesIO(blob))).convert("RGB")
+            stored = sets.make_stored(blob, RECIPE)
         except Exception:
             continue
-        img.thumbnail((512, 512), Image.LANCZOS)
-        h = dhash(img)
+        h = dhash(Image.open(io.BytesIO(stored)))
         if any(hamming(h, e) <= NEAR_EVAL for e in eval_h) or any(hamming(h, s) <= NEAR_SELF for s in self_h):
             continue
         self_h.append(h)
         taken[r["label"]] = taken.get(r["label"], 0) + 1
         name = f"c{len(cands):04d}.jpg"
-        img.save(out / "img" / name, quality=85)
-        cands.append({"cand": name, "image": r["image"], "sender_id": r["sender_id"], "label": r["label"]})
+        (out / "img" / name).write_bytes(stored)
+        cands.append({"cand": name, "image": r["image"], "sender_id": r["sender_id"], "label": r["label"],
+                      "source_sha256": hashlib.sha256(blob).hexdigest()})
     with open(out / "candidates.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=["cand", "image", "sender_id", "label"])
+        w = csv.DictWriter(f, fieldnames=["cand", "image", "sender_id", "label", "source_sha256"])
         w.writeheader()
         w.writerows(cands)
     for i in range(0, len(cands), 40):
@@ -112,10 +113,9 @@ def extract(args):
 def accept(args):
     out = Path(args.out)
     cands = {c["cand"]: c for c in csv.DictReader(open(out / "candidates.csv", newline=""))}
-    dest = ROOT / args.dest
-    dest.mkdir(parents=True, exist_ok=True)
-    manifest = dest / "manifest.csv"
-    rows = list(csv.DictReader(open(manifest, newline=""))) if manifest.exists() else []
+    manifest = sets.MANIFESTS / args.set / "manifest.csv"
+    rows = [vars(r) for r in sets.read_rows(manifest)] if manifest.exists() else []
+    folder = sets.cache_root() / args.set
     count: dict[str, int] = {}
     for r in rows:
         slug = r["file"].rsplit("-", 1)[0]
@@ -126,21 +126,18 @@ def accept(args):
         count[slug] = count.get(slug, 0) + 1
         name = f"{slug}-{count[slug]:03d}.jpg"
         data = (out / "img" / c["cand"]).read_bytes()
-        tmp = dest / (name + ".tmp")
-        tmp.write_bytes(data)
-        tmp.rename(dest / name)
+        write_bytes(folder / name, data)
         rows.append({"file": name, "label": d["label"], "kind": d["kind"], "split": args.split,
                      "sha256": hashlib.sha256(data).hexdigest(), "source": URL + c["image"] + ".jpg",
-                     "licence": "CC0-1.0",
+                     "source_sha256": c["source_sha256"], "recipe": RECIPE, "licence": "CC0-1.0",
                      "author": f"clothing-dataset contributor (sender_id {c['sender_id']}); dataset by Alexey Grigorev",
                      "notes": f'clothing-dataset label "{c["label"]}"'})
-    tmp = manifest.with_suffix(".tmp")
-    with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=FIELDS)
-        w.writeheader()
-        w.writerows(rows)
-    tmp.rename(manifest)
-    print(f"{args.dest} now has {len(rows)} photos")
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=sets.COLUMNS, lineterminator="\n")
+    w.writeheader()
+    w.writerows(rows)
+    write_text(manifest, buf.getvalue())
+    print(f"{manifest} now lists {len(rows)} photos; the files are in {folder}")
 
 
 def main():
@@ -151,7 +148,7 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", required=True, help="folder for candidates and contact sheets")
     ap.add_argument("--accept", help="decisions CSV (cand,label,kind[,slug]) to copy into --dest")
-    ap.add_argument("--dest", default="photos/train", help="folder (in the repo) that accepted photos join")
+    ap.add_argument("--set", default="train", choices=sets.names(), help="photo set that accepted photos join")
     ap.add_argument("--split", default="train", choices=["train", "heldout"],
                     help="train: may be trained on; heldout: for evaluation only")
     args = ap.parse_args()

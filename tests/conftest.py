@@ -23,6 +23,18 @@ def pytest_configure(config):
         torch.set_num_threads(1)
 
 
+def photo_dir(name: str) -> Path:
+    """The folder of photo set `name`, or skip: photos are data kept outside the tree, found in
+    $FMNIST_PHOTOS (`make test` points it at ../shared/photos) or the cache."""
+    from fmnist.photos import sets
+
+    try:
+        return sets.resolve(name).folder
+    except sets.PhotoSetError:
+        pytest.skip(f"photo set {name!r} is not on this machine: run `fmnist photos fetch {name}` "
+                    f"(or `fmnist photos fetch --from DIR` with a local copy, or set FMNIST_PHOTOS)")
+
+
 def idx_bytes(arr: np.ndarray, kind: str) -> bytes:
     """Encode uint8 images (N, 28, 28) or labels (N,) as an IDX file."""
     magic = 0x803 if kind == "images" else 0x801

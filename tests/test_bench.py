@@ -2,13 +2,12 @@
 what it writes is strict JSON (no Infinity/NaN, which json.dumps would write and JSON forbids)."""
 
 import json
-from pathlib import Path
 
 import pytest
 
+from conftest import photo_dir
 from fmnist.cli import main
 
-REAL = Path(__file__).resolve().parents[1] / "photos" / "real"
 
 
 def _strict(text: str):
@@ -46,7 +45,8 @@ def test_profile(tmp_path, dataset):
 
 
 def test_photos_with_real_photos(tmp_path, dataset):
-    rep = bench(tmp_path, "photos", "--real", str(REAL))
+    photo_dir("real")
+    rep = bench(tmp_path, "photos", "--real", "real")
     p = rep["photos"]
     assert p["n"] == 50 and p["errors"] == 0 and p["acc_28x28"] > 0.85 and p["acc_photos"] > 0.6
     assert (tmp_path / "photo_pipeline.png").stat().st_size > 0

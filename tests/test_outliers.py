@@ -1,16 +1,15 @@
-"""Outlier exposure: photos of no class of ours (photos/outliers) train towards "unsure"."""
+"""Outlier exposure: photos of no class of ours (the `outliers` photo set) train towards "unsure"."""
 import math
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import photo_dir
 from fmnist import realphotos
 from fmnist.config import TrainConfig
 from fmnist.train import BALANCE_CAP, OUTLIER, balanced_repeats, photo_loss, real_training_images
 
-OUTLIERS = Path(__file__).resolve().parent.parent / "photos" / "outliers"
 
 
 def test_outlier_rows_are_pulled_to_uniform_and_class_rows_keep_cross_entropy():
@@ -29,17 +28,17 @@ def test_outlier_rows_are_pulled_to_uniform_and_class_rows_keep_cross_entropy():
 
 
 def test_outlier_folder_trains_its_train_split_as_outliers_and_never_its_heldout_hats():
-    photos = realphotos.read_manifest(OUTLIERS)
+    photo_dir("real"), photo_dir("outliers")
+    photos = realphotos.read_manifest("outliers")
     assert {p.label for p in photos} == {realphotos.NONE}
     assert {p.split for p in photos} == {"train", "heldout"}
-    real = OUTLIERS.parent / "real"
-    n_dev = len(realphotos.select(realphotos.read_manifest(real, verify=False), "dev"))
+    n_dev = len(realphotos.select(realphotos.read_manifest("real", verify=False), "dev"))
     n_train = sum(p.split == "train" for p in photos)
-    x, y = real_training_images(f"{real},{OUTLIERS}")
+    x, y = real_training_images("real,outliers")
     assert x.shape == (n_dev + n_train, 28, 28)
     assert (y[:n_dev] >= 0).all() and (y[n_dev:] == OUTLIER).all()
     with pytest.raises(ValueError, match="no dev- or train-split photos of a class"):
-        real_training_images(str(OUTLIERS))   # outliers alone teach nothing to classify
+        real_training_images("outliers")   # outliers alone teach nothing to classify
 
 
 def test_balanced_repeats_show_each_class_about_equally_often_and_cap_the_rarest():

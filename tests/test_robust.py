@@ -1,17 +1,16 @@
 """The robust photo conversion (robust.py) on made-up scenes and on committed real photos."""
 
 import io
-from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
+from conftest import photo_dir
 from fmnist import realphotos, robust
 from fmnist.preprocess import load_rgb, preprocess
 
-REAL = Path(__file__).resolve().parent.parent / "photos" / "real"
 
 
 def scene(w=400, h=300, bg=(235, 235, 230)):
@@ -99,7 +98,7 @@ def test_each_ablation_switch_runs():
 def test_border_distance_matches_the_broadcast_formula_on_a_real_photo():
     """The plane-by-plane distance is the broadcast (h, w, k, 3) formula it replaced, bit for
     bit (robust's outputs must not move), on a whole image and on a gathered (n, 3) pixel list."""
-    rgb = np.asarray(load_rgb(REAL / "pullover-clean-002.jpg", work=robust.WORK))
+    rgb = np.asarray(load_rgb(photo_dir("real") / "pullover-clean-002.jpg", work=robust.WORK))
     lab8 = cv2.cvtColor(rgb, cv2.COLOR_RGB2LAB)
     lab = lab8.astype(np.float32)
     centres = robust.border_model(lab)
@@ -112,7 +111,8 @@ def test_border_distance_matches_the_broadcast_formula_on_a_real_photo():
 
 
 def test_real_photos_manifest_verifies_and_every_class_is_there():
-    photos = realphotos.read_manifest(REAL)
+    photo_dir("real")
+    photos = realphotos.read_manifest("real")
     assert len(photos) >= 150
     assert {p.label for p in photos} == set(realphotos.CLASS_NAMES)
     assert {p.kind for p in photos} >= {"clean", "casual"} and {p.split for p in photos} == {"dev", "heldout"}
@@ -120,7 +120,8 @@ def test_real_photos_manifest_verifies_and_every_class_is_there():
 
 def test_real_photos_convert_to_an_item_on_black():
     """Real casual photos (a coat on a floor, shoes on tiles): an item is found, its ground is 0."""
-    photos = [p for p in realphotos.read_manifest(REAL, verify=False) if p.kind == "casual"][::25]
+    photo_dir("real")
+    photos = [p for p in realphotos.read_manifest("real", verify=False) if p.kind == "casual"][::25]
     assert len(photos) >= 5
     for p in photos:
         r = preprocess(p.path)
@@ -134,7 +135,7 @@ def test_real_photos_convert_to_an_item_on_black():
 def test_manifest_errors_name_the_problem(tmp_path):
     with pytest.raises(realphotos.PhotoSetError, match="manifest.csv: missing"):
         realphotos.read_manifest(tmp_path)
-    src = realphotos.read_manifest(REAL, verify=False)[0]
+    src = realphotos.read_manifest(photo_dir("real"), verify=False)[0]
     (tmp_path / "a.jpg").write_bytes(src.path.read_bytes() + b"x")
     (tmp_path / "manifest.csv").write_text(f"file,label,kind,split,sha256\na.jpg,Bag,clean,dev,{'0' * 64}\n")
     with pytest.raises(realphotos.PhotoSetError, match="does not match its SHA-256"):
@@ -148,8 +149,9 @@ def test_real_training_images_are_the_dev_split_only():
     """--real-photos trains on the dev split as predict converts it; held-out photos never enter."""
     from fmnist.train import real_training_images
 
-    x, y = real_training_images(str(REAL))
-    dev = realphotos.select(realphotos.read_manifest(REAL, verify=False), "dev")
+    photo_dir("real")
+    x, y = real_training_images("real")
+    dev = realphotos.select(realphotos.read_manifest("real", verify=False), "dev")
     assert x.shape == (len(dev), 28, 28) and x.dtype.is_floating_point is False and len(y) == len(dev)
     assert y.tolist() == [realphotos.CLASS_NAMES.index(p.label) for p in dev]
     assert torch_equal_first(x, dev[0].path)
@@ -163,11 +165,14 @@ def test_real_training_images_under_three_conversions(tmp_path):
     from fmnist.robust import RobustOptions
     from fmnist.train import REAL_SEED_K, real_training_images
 
-    lines = (REAL / "manifest.csv").read_text().splitlines()
+    from fmnist.photos import sets
+
+    real = photo_dir("real")
+    lines = (sets.MANIFESTS / "real" / "manifest.csv").read_text().splitlines()
     rows = [line for line in lines[1:] if ",dev," in line][:4]
     (tmp_path / "manifest.csv").write_text("\n".join([lines[0], *rows]) + "\n")
     for line in rows:
-        shutil.copy(REAL / line.split(",")[0], tmp_path)
+        shutil.copy(real / line.split(",")[0], tmp_path)
     x1, y1 = real_training_images(str(tmp_path))
     x3, y3 = real_training_images(str(tmp_path), conversions=3)
     assert x3.shape == (12, 28, 28) and y3.tolist() == y1.tolist() * 3 and REAL_SEED_K[0] == RobustOptions().seed_k

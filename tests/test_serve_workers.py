@@ -12,9 +12,9 @@ from pathlib import Path
 import httpx
 import pytest
 
+from conftest import photo_dir
 from fmnist import loadtest
 
-PHOTO = Path(__file__).resolve().parent.parent / "photos" / "real" / "pullover-clean-002.jpg"
 
 
 def workers(pid: int) -> list[int]:
@@ -48,7 +48,7 @@ def test_two_workers_share_the_connections_and_stop_together(server):
     pids = workers(proc.pid)
     assert len(pids) == 2, pids
     for _ in range(20):
-        r = fresh(port, "POST", "/v1/predict", content=PHOTO.read_bytes(), headers={"content-type": "image/jpeg"})
+        r = fresh(port, "POST", "/v1/predict", content=(photo_dir("real") / "pullover-clean-002.jpg").read_bytes(), headers={"content-type": "image/jpeg"})
         assert r.status_code == 200 and r.json()["predictions"][0]["label"], r.text
     seen = {}
     for _ in range(60):

@@ -653,14 +653,16 @@ def photos_real(root, checkpoint_path=None, out: Path | None = None, ablation: b
     import hashlib
 
     from . import realphotos
+    from .photos import sets
     from .predict import Predictor
     from .robust import RobustOptions
 
     photos_ = realphotos.read_manifest(root)
+    manifest = sets.resolve(str(root)).manifest
     variants = {"paper": ("paper", None)}
     for name, kw in (ABLATION if ablation else {"robust": {}}).items():
         variants[name] = ("robust", RobustOptions(**kw))
-    res = {"root": str(root), "manifest_sha256": hashlib.sha256((Path(root) / "manifest.csv").read_bytes()).hexdigest(),
+    res = {"root": str(root), "manifest_sha256": hashlib.sha256(manifest.read_bytes()).hexdigest(),
            "n_photos": len(photos_), "variants": {}}
     for name, (pipeline, opts) in variants.items():
         pred = Predictor(checkpoint_path, pipeline=pipeline, robust_options=opts)
@@ -697,7 +699,7 @@ def photos_real(root, checkpoint_path=None, out: Path | None = None, ablation: b
 
 
 def scaled_jpegs(root, n: int = 12, megapixels: float = 1.0) -> list[bytes]:
-    """Every len//n-th real photo of the folder `root`, scaled (bicubic) to `megapixels` and
+    """Every len//n-th real photo of the set `root`, scaled (bicubic) to `megapixels` and
     re-encoded at JPEG quality 90: the inputs conversion timings are quoted for."""
     import io
 

@@ -148,6 +148,35 @@ def build_parser() -> argparse.ArgumentParser:
                    help="download into the cache (~/.cache/fmnist) even if a copy exists elsewhere; files "
                         "already in the cache that do not verify are downloaded again (default: off)")
 
+    # ---- photos
+    p = sub.add_parser("photos", help="the real-photo sets: list, fetch (download or copy) and verify them",
+                       description="Real labelled photos live outside the package: each set (real, train, outliers, "
+                                   "nonclothing) is a manifest of source URLs pinned to a commit, licences and "
+                                   "SHA-256s; its files are fetched into $FMNIST_PHOTOS or ~/.cache/fmnist/photos "
+                                   "and verified on every use.")
+    psub = p.add_subparsers(dest="photos_command", metavar="ACTION", required=True)
+    q = psub.add_parser("list", help="the sets, their counts per class, kind, split and licence, and whether "
+                                     "this machine has them")
+    q.add_argument("sets", nargs="*", metavar="SET", help="sets to list (default: all)")
+    q = psub.add_parser("fetch", help="download sets by their manifests (or copy them --from a local copy), "
+                                      "verifying every file",
+                        description="Bring photo sets onto this machine. Files already there and verified are "
+                                    "kept (a second fetch downloads nothing); a file that cannot be had is "
+                                    "named and the rest are kept. Exit status 1 if any file is missing.")
+    q.add_argument("sets", nargs="*", metavar="SET", help="sets to fetch (default: all)")
+    q.add_argument("--from", dest="local", metavar="DIR", default=None,
+                   help="copy from a local copy (DIR/<set>/ or DIR itself) and verify it instead of downloading, "
+                        "e.g. ../shared/photos (default: download from each row's source)")
+    q.add_argument("--to", metavar="DIR", default=None,
+                   help="where the sets go, DIR/<set>/ (default: $FMNIST_PHOTOS, else ~/.cache/fmnist/photos)")
+    q.add_argument("--workers", type=int, default=8, help="downloads at once (default: 8)")
+    q = psub.add_parser("verify", help="check that a folder holds every file of the sets, each matching its SHA-256",
+                        description="Check the files of photo sets against their manifests: lists the missing "
+                                    "and the damaged ones. Exit status 1 if any is.")
+    q.add_argument("sets", nargs="*", metavar="SET", help="sets to check (default: all)")
+    q.add_argument("--from", dest="local", metavar="DIR", default=None,
+                   help="check DIR/<set>/ (default: where the set is found: $FMNIST_PHOTOS, else the cache)")
+
     # ---- train
     p = sub.add_parser("train", help="train a model (default preset: gpu on CUDA, else fast)",
                        description="Train a preset recipe. Flags left out take the preset's value. Results go to "
@@ -302,14 +331,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "adds an entry to OUT/serve.json) (default: throughput accuracy)")
     p.add_argument("--checkpoint", default=None,
                    help="model for the photos/onnx/serve parts (default: the shipped model)")
-    p.add_argument("--real", metavar="DIR", default=None,
-                   help="photos part: also score a folder of real labelled photos with a manifest.csv (e.g. "
-                        "photos/real): paper vs robust conversion, per split (dev / heldout), kind and class, "
+    p.add_argument("--real", metavar="SET", default=None,
+                   help="photos part: also score a photo set of real labelled photos (a name such as real, or "
+                        "a folder with a manifest.csv): paper vs robust conversion, per split (dev / heldout), kind and class, "
                         "confusion matrices (default: off)")
-    p.add_argument("--nonclothing", metavar="DIR", default=None,
+    p.add_argument("--nonclothing", metavar="SETS", default=None,
                    help="with --real: also count how many photos of no clothing (manifest label 'none'), "
-                        "per split and kind, come back unsure; folders comma-separated, e.g. "
-                        "photos/nonclothing,photos/outliers (default: off)")
+                        "per split and kind, come back unsure; sets or folders comma-separated, e.g. "
+                        "nonclothing,outliers (default: off)")
     p.add_argument("--ablation", action="store_true",
                    help="with --real: also run the robust conversion with each step dropped (default: off)")
     p.add_argument("--presets", default="seed,fast,best-cpu",
@@ -449,6 +478,42 @@ def cmd_ensemble(args) -> int:
     return 0
 
 
+def cmd_photos(args) -> int:
+    from .photos import sets
+
+    chosen = args.sets or sets.names()
+    for name in chosen:
+        sets.manifest(name)  # an unknown name fails here, before any work
+    if args.photos_command == "list":
+        print(sets.describe(chosen))
+        return 0
+    if args.photos_command == "fetch":
+        dest = Path(args.to).expanduser() if args.to else None
+        local = Path(args.local).expanduser() if args.local else None
+        failed = 0
+        for name in chosen:
+            r = sets.fetch(name, dest=dest, local=local, workers=args.workers)
+            print(f"{name}: {r.had + r.got} of {r.had + r.got + len(r.failed)} photos in {r.folder} "
+                  f"({r.got} {'copied' if local else 'downloaded'}, {r.had} already there)")
+            for why in r.failed.values():
+                print(f"  missing: {why}")
+            failed += len(r.failed)
+        return 1 if failed else 0
+    bad = 0
+    for name in chosen:
+        folder = (Path(args.local).expanduser() / name) if args.local else sets.resolve(name).folder
+        c = sets.check(sets.manifest(name), folder)
+        print(f"{name}: {len(c.ok)} of {len(c.ok) + len(c.missing) + len(c.bad)} photos verified in {folder}")
+        for f in c.missing:
+            print(f"  missing: {f}")
+        for f in c.bad:
+            print(f"  does not match its SHA-256: {f}")
+        bad += len(c.missing) + len(c.bad)
+    if bad:
+        print(f"{bad} photo(s) missing or damaged; {sets.fetch_hint()}", file=sys.stderr)
+    return 1 if bad else 0
+
+
 def cmd_data(args) -> int:
     from . import data
     from .classes import CLASS_NAMES
@@ -538,9 +603,9 @@ def main(argv=None) -> int:
     setup_logging(_log_level(args))
     from .checkpoint import CheckpointError
     from .data import DataError
-    from .realphotos import PhotoSetError
+    from .photos.sets import PhotoSetError
 
-    handlers = {"data": cmd_data, "calibrate": cmd_calibrate, "ensemble": cmd_ensemble, "train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict,
+    handlers = {"data": cmd_data, "photos": cmd_photos, "calibrate": cmd_calibrate, "ensemble": cmd_ensemble, "train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict,
                 "bench": cmd_bench, "serve": cmd_serve,
                 "export": cmd_export}
     try:

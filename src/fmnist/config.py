@@ -84,10 +84,10 @@ class TrainConfig:
     resume: str | None = flag(None, "continue RUN_DIR from its last complete epoch, to the end of its own "
                                     "schedule; --epochs may only extend a constant-lr run", metavar="RUN_DIR",
                               shown="default: start a new run")
-    real_photos: str | None = flag(None, "also train on the dev and train splits of folders of real labelled "
-                                         "photos, comma-separated (e.g. photos/real,photos/train,photos/outliers), "
+    real_photos: str | None = flag(None, "also train on the dev and train splits of real labelled photos: "
+                                         "photo sets or folders, comma-separated (e.g. real,train,outliers), "
                                          "converted as predict does; held-out photos are never read; photos "
-                                         "labelled 'none' are trained towards 'unsure'", metavar="DIR",
+                                         "labelled 'none' are trained towards 'unsure'", metavar="SETS",
                                    shown="default: off")
     real_repeat: int = flag(20, "times each real photo appears per epoch (then augmented)")
     real_conversions: int = flag(1, "with --real-photos: convert each photo this many ways (the robust "

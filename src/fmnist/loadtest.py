@@ -32,7 +32,7 @@ _log = logging.getLogger(__name__).info   # progress lines; the CLI's handler sh
 
 HOST = "127.0.0.1"  # never anything but loopback
 BOUNDARY = "fmnistloadtestboundary"
-PHOTO = "pullover-clean-002.jpg"  # a clean product photo in photos/real, 400x534
+PHOTO = "pullover-clean-002.jpg"  # a clean product photo of the `real` photo set, 400x534
 PHOTO_BYTES = 12_800              # re-encoded to about the size of a product photo on a web page
 
 
@@ -67,7 +67,7 @@ def sample_png() -> bytes:
 
 
 def bench_photo(root: Path) -> tuple[bytes, str]:
-    """photos/real/PHOTO re-encoded at the JPEG quality that lands closest to PHOTO_BYTES."""
+    """PHOTO of the `real` photo set re-encoded at the JPEG quality that lands closest to PHOTO_BYTES."""
     from PIL import Image
 
     im = Image.open(root / PHOTO).convert("RGB")
@@ -85,13 +85,20 @@ def bench_photo(root: Path) -> tuple[bytes, str]:
 def payloads(photo_root: Path | None, log=_log) -> list[Payload]:
     png = sample_png()
     out = [multipart("png28", png, "x.png", "image/png", f"28x28 PNG test image ({len(png)} bytes), multipart")]
-    root = photo_root or Path(__file__).resolve().parents[2] / "photos" / "real"
+    root = photo_root
+    if root is None:
+        from .photos import sets
+
+        try:
+            root = sets.resolve("real").folder
+        except sets.PhotoSetError:
+            root = Path("real")
     if (root / PHOTO).is_file():
         photo, about = bench_photo(root)
         out += [multipart("photo", photo, "photo.jpg", "image/jpeg", about + ", multipart"),
                 raw("photo-raw", photo, "image/jpeg", about + ", raw body (Content-Type: image/jpeg)")]
     else:
-        log(f"skipping the photo payloads: {root / PHOTO} not found (a checkout of the repo has it)")
+        log(f"skipping the photo payloads: {root / PHOTO} not found (`fmnist photos fetch real` brings it)")
     return out
 
 

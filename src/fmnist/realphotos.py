@@ -1,6 +1,7 @@
-"""A folder of real labelled photos and how a model does on it (`fmnist bench photos --real`).
+"""Real labelled photos and how a model does on them (`fmnist bench photos --real`).
 
-The folder holds the photos and a manifest.csv with at least the columns
+A set is named (`real`, see fmnist.photos.sets) or a folder of photos with a manifest.csv with
+at least the columns
   file, label, kind, split, sha256
 label: a class name; kind: clean (item alone on a plain ground) or casual (at home: a bed,
 a floor, a hanger); split: dev (tune on it) or heldout (report only). Every file is checked
@@ -9,21 +10,19 @@ against its SHA-256, so a figure always names exactly the photos it was measured
 
 from __future__ import annotations
 
-import csv
-import hashlib
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from .classes import CLASS_NAMES
+from .photos import sets
+from .photos.sets import PhotoSetError
 
-REQUIRED = ("file", "label", "kind", "split", "sha256")
+log = logging.getLogger(__name__)
+
 NONE = "none"   # label of a photo that shows no clothing: the right answer is "unsure"
-
-
-class PhotoSetError(Exception):
-    """A real-photo folder that cannot be used; the message says what to fix."""
 
 
 @dataclass
@@ -34,35 +33,38 @@ class Photo:
     split: str
 
 
-def read_manifest(root: str | Path, verify: bool = True) -> list[Photo]:
-    root = Path(root)
-    man = root / "manifest.csv"
-    if not man.is_file():
-        raise PhotoSetError(f"{man}: missing; a real-photo folder needs a manifest.csv with columns "
-                            f"{', '.join(REQUIRED)} (see photos/real/README.md)")
-    with man.open(newline="", encoding="utf-8") as f:
-        rows = list(csv.DictReader(f))
-    missing = [c for c in REQUIRED if rows and c not in rows[0]]
-    if not rows or missing:
-        raise PhotoSetError(f"{man}: " + (f"lacks column(s) {', '.join(missing)}" if rows else "has no rows"))
-    out = []
-    for i, r in enumerate(rows, start=2):
-        where = f"{man}, line {i}"
-        if r["label"] not in CLASS_NAMES and r["label"] != NONE:
-            raise PhotoSetError(f"{where}: label {r['label']!r} is not a class ({', '.join(CLASS_NAMES)}) "
+def read_manifest(spec: str | Path, verify: bool = True, allow_missing: bool = False) -> list[Photo]:
+    """The photos of one set: a name (`real`, found in $FMNIST_PHOTOS or the cache) or a folder
+    with its own manifest.csv. Every file is checked against its SHA-256; a missing file is an
+    error naming it and the fetch command, unless allow_missing (then it is left out, logged)."""
+    ps = sets.resolve(str(spec))
+    out, absent = [], []
+    for r in ps.rows:
+        if r.label not in CLASS_NAMES and r.label != NONE:
+            raise PhotoSetError(f"{ps.name}: {r.file}: label {r.label!r} is not a class ({', '.join(CLASS_NAMES)}) "
                                 f"nor {NONE!r} (a photo of no clothing)")
-        p = root / r["file"]
+        p = ps.path(r)
         if not p.is_file():
-            raise PhotoSetError(f"{where}: {p} is missing")
-        if verify and hashlib.sha256(p.read_bytes()).hexdigest() != r["sha256"].strip().lower():
-            raise PhotoSetError(f"{where}: {p} does not match its SHA-256; restore the file or fix the manifest")
-        out.append(Photo(p, r["label"], r["kind"], r["split"]))
+            absent.append(r.file)
+            continue
+        if verify and sets.sha256_file(p) != r.sha256.lower():
+            raise PhotoSetError(f"{p} does not match its SHA-256 in the manifest; "
+                                + ("restore the file or fix the manifest" if sets.is_path(str(spec))
+                                   else sets.fetch_hint(ps.name)))
+        out.append(Photo(p, r.label, r.kind, r.split))
+    if absent:
+        what = f"{len(absent)} of {len(ps.rows)} photos of {ps.name!r} are missing from {ps.folder} ({', '.join(absent[:3])}" \
+               + (", ..." if len(absent) > 3 else "") + ")"
+        if not allow_missing:
+            raise PhotoSetError(what + "; " + sets.fetch_hint(ps.name))
+        log.warning("%s; using the %d that are there", what, len(out))
     return out
 
 
-def read_manifests(roots: str | Path) -> list[Photo]:
-    """Several folders, comma-separated (as --real-photos and --nonclothing take them)."""
-    return [p for root in str(roots).split(",") for p in read_manifest(root.strip())]
+def read_manifests(specs: str | Path, allow_missing: bool = False) -> list[Photo]:
+    """Several sets, comma-separated (as --real-photos and --nonclothing take them)."""
+    return [p for spec in str(specs).split(",") if spec.strip()
+            for p in read_manifest(spec.strip(), allow_missing=allow_missing)]
 
 
 def select(photos: list[Photo], split: str) -> list[Photo]:
