@@ -8,7 +8,7 @@ import argparse
 from pathlib import Path
 from typing import Callable
 
-from fmnist.atomic import read_record
+from fmnist.utils.atomic import read_record
 
 
 def parse_or_print_table(ap: argparse.ArgumentParser, table: Callable[[dict], str]) -> tuple[argparse.Namespace, Path, dict]:

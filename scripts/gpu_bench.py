@@ -44,13 +44,15 @@ from pathlib import Path
 
 import torch
 
-from fmnist import bench, config, data
-from fmnist.atomic import write_json
-from fmnist.logsetup import setup_logging
-from fmnist.distributed import DistInfo
-from fmnist.models import create_model, model_config
-from fmnist.runinfo import environment, pick_device
-from fmnist.train import EMA, epoch_generators, make_optimizer, train_one_epoch
+from fmnist import data
+from fmnist.bench import runner as bench
+from fmnist.training import config
+from fmnist.utils.atomic import write_json
+from fmnist.utils.logsetup import setup_logging
+from fmnist.training.distributed import DistInfo
+from fmnist.models.networks import create_model, model_config
+from fmnist.utils.runinfo import environment, pick_device
+from fmnist.training.train import EMA, epoch_generators, make_optimizer, train_one_epoch
 
 log = logging.getLogger("fmnist.gpu_bench")
 
@@ -80,7 +82,7 @@ def _loop_parts(preset: str, ovr: dict, device: torch.device):
 
 
 def _epoch(cfg, model, opt, ema, x, y, device):
-    with bench._quiet("fmnist.train"):
+    with bench._quiet("fmnist.training.train"):
         return train_one_epoch(model, opt, ema, x, y, cfg, epoch=1, step=0, total_steps=10 ** 6,
                                gen=epoch_generators(0, 1, 0, device), dist=DistInfo())
 
@@ -180,14 +182,14 @@ def final_run(spec: str, ovr: dict, runs: Path) -> dict:
     """One seed-0 run of `spec` (PRESET or PRESET@EPOCHS) as `fmnist train` makes it, then its
     best.pt on the test set: final accuracy, seconds of training and of training + validation
     (as bench accuracy counts wall time), and the whole call's seconds (checkpoints, calibration)."""
-    from fmnist.evaluate import evaluate_run
-    from fmnist.train import train
+    from fmnist.evaluation.evaluate import evaluate_run
+    from fmnist.training.train import train
 
     preset, _, epochs = spec.partition("@")
     cfg = config.resolve(preset, {**ovr, **({"epochs": int(epochs)} if epochs else {}), "seed": 0,
                                   "out_dir": str(runs)})
     t = time.perf_counter()
-    with bench._quiet("fmnist.train"):
+    with bench._quiet("fmnist.training.train"):
         run_dir = train(cfg)
     call = time.perf_counter() - t
     hist = bench.read_history(run_dir / "history.csv")

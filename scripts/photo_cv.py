@@ -35,16 +35,18 @@ from pathlib import Path
 
 import numpy as np
 
-from fmnist import config, data, realphotos
-from fmnist.atomic import write_json
+from fmnist import data
+from fmnist.training import config
+from fmnist.photos import realphotos
+from fmnist.utils.atomic import write_json
 from fmnist.classes import CLASS_NAMES
-from fmnist.malloc import keep_freed_memory
+from fmnist.utils.malloc import keep_freed_memory
 from fmnist.photos import sets
-from fmnist.predict import Predictor
-from fmnist.preprocess import preprocess
-from fmnist.robust import RobustOptions
-from fmnist.runinfo import environment
-from fmnist.train import train
+from fmnist.inference.predict import Predictor
+from fmnist.photos.preprocess import preprocess
+from fmnist.photos.robust import RobustOptions
+from fmnist.utils.runinfo import environment
+from fmnist.training.train import train
 
 from _records import parse_or_print_table
 
@@ -162,7 +164,7 @@ def main() -> None:
     doc["sittings"].append(sitting)
     write_json(out, doc)
     if args.ensemble:
-        from fmnist.ensemble import make
+        from fmnist.training.ensemble import make
 
         with tempfile.TemporaryDirectory() as tmp:
             made = make(args.ensemble, tmp, calibrated=False, dataset=ds)

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import numpy as np
 
-from fmnist import realphotos
-from fmnist.plots import _plt, _save
-from fmnist.predict import Predictor
+from fmnist.photos import realphotos
+from fmnist.evaluation.plots import _plt, _save
+from fmnist.inference.predict import Predictor
 
 ROOT = Path(__file__).resolve().parents[1]
 

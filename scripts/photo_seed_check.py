@@ -15,9 +15,9 @@ import json
 from datetime import datetime, timezone
 from pathlib import Path
 
-from fmnist import realphotos
-from fmnist.predict import Predictor
-from fmnist.runinfo import environment
+from fmnist.photos import realphotos
+from fmnist.inference.predict import Predictor
+from fmnist.utils.runinfo import environment
 
 
 

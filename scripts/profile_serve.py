@@ -33,9 +33,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 
-from fmnist import loadtest  # noqa: E402
-from fmnist.atomic import append_sitting, write_text  # noqa: E402
-from fmnist.runinfo import environment  # noqa: E402
+from fmnist.bench import loadtest
+from fmnist.utils.atomic import append_sitting, write_text  # noqa: E402
+from fmnist.utils.runinfo import environment  # noqa: E402
 
 # (part, substrings of a frame's "function (file:line)"): the first rule that matches the
 # innermost frame wins, else the next frame out is tried.

@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from test_browser import ARGS  # noqa: E402
 from test_serve import start_server  # noqa: E402
 
-from fmnist import data  # noqa: E402
+from fmnist import data
 from fmnist.photos import render_product_photo  # noqa: E402
 
 OUT = Path(__file__).resolve().parents[1] / "docs" / "images" / "web-page.png"

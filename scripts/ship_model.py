@@ -11,9 +11,9 @@ import argparse
 import json
 from pathlib import Path
 
-from fmnist import checkpoint
-from fmnist.atomic import write_text
-from fmnist.models import ENSEMBLE
+from fmnist.models import checkpoint
+from fmnist.utils.atomic import write_text
+from fmnist.models.networks import ENSEMBLE
 
 ASSETS = Path(__file__).resolve().parents[1] / "src" / "fmnist" / "assets"
 
@@ -36,7 +36,7 @@ def main():
     checkpoint.save(ckpt, assets / "default.pt")
     # Temperature and unsure threshold: fitted on the run's validation split (as `fmnist train`
     # did), now also reporting the test ECE before and after for the card.
-    from fmnist.calibrate import calibrate
+    from fmnist.evaluation.calibrate import calibrate
 
     cal = calibrate(assets / "default.pt")
     rep = m["classification_report"]

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from fmnist.atomic import write_bytes, write_text
+from fmnist.utils.atomic import write_bytes, write_text
 from fmnist.photos import sets
 
 COMMIT = "7ed86a9cc56763b6acb35e41cb35184e43a5d218"

@@ -21,11 +21,13 @@ from pathlib import Path
 
 import torch
 
-from fmnist import checkpoint, config, data
-from fmnist.atomic import write_json
-from fmnist.inference import to_input
-from fmnist.models import SHIFTS, shifted
-from fmnist.runinfo import environment
+from fmnist import data
+from fmnist.models import checkpoint
+from fmnist.training import config
+from fmnist.utils.atomic import write_json
+from fmnist.inference.forward import to_input
+from fmnist.models.networks import SHIFTS, shifted
+from fmnist.utils.runinfo import environment
 
 from _records import parse_or_print_table
 
@@ -43,7 +45,7 @@ def check(path: str, ds) -> dict:
     model, ckpt = checkpoint.load_model(path)
     model = model.to(memory_format=torch.channels_last).eval()
     cfg = ckpt.get("train_config", {})
-    _, val_idx = data.stratified_split(ds.train_labels, cfg.get("val_fraction", 0.1), config.split_seed(cfg))
+    _, val_idx = data.stratified_split(ds.train_labels, cfg.get("val_fraction", 0.1), data.split_seed(cfg))
     row = {"checkpoint": str(path), "preset": cfg.get("preset"), "seed": cfg.get("seed"), "epochs": cfg.get("epochs"),
            "model_config": cfg.get("model_config"), "lookahead": cfg.get("lookahead")}
     for split, (xs, ys) in {"val": (ds.train_images[val_idx], ds.train_labels[val_idx]),

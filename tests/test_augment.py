@@ -3,8 +3,8 @@ reproducibly from its generator. (Photo artefacts and shoe pairs: test_calibrate
 
 import torch
 
-from fmnist import augment
-from fmnist.config import AugmentConfig
+from fmnist.training import augment
+from fmnist.training.config import AugmentConfig
 
 
 def gen(seed: int = 0) -> torch.Generator:

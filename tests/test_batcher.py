@@ -7,7 +7,7 @@ import threading
 import numpy as np
 import pytest
 
-from fmnist.batcher import BatcherUnavailable, DynamicBatcher
+from fmnist.serving.batcher import BatcherUnavailable, DynamicBatcher
 
 
 def one_hot_of_first_pixel(x: np.ndarray) -> np.ndarray:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fmnist import bench
+from fmnist.bench import runner as bench
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -42,7 +42,7 @@ def test_a_call_cut_off_mid_preset_keeps_the_seeds_it_finished(tmp_path, dataset
                                                                     caplog):
     """A cut-off (Ctrl-C, a session's end) during a preset's second seed: the first seed's run is
     already on disk in accuracy_partial.json, so a long preset loses one run at most."""
-    from fmnist import train as train_mod
+    from fmnist.training import train as train_mod
     real_train, calls = train_mod.train, []
 
     def train_then_cut_off(cfg):

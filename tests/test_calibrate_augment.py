@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from fmnist import augment, calibrate
-from fmnist.predict import Predictor
+from fmnist.training import augment
+from fmnist.evaluation import calibrate
+from fmnist.inference.predict import Predictor
 
 
 def test_fit_temperature_recovers_a_known_temperature():
@@ -82,7 +83,7 @@ def test_photo_trained_run_learns_and_is_calibrated(fast_run):
 def test_blank_image_is_unsure_with_a_reason():
     from PIL import Image
 
-    from fmnist.predict import PHOTO_TIP
+    from fmnist.inference.predict import PHOTO_TIP
 
     p = Predictor()
     r = p.predict([Image.new("RGB", (300, 200), (240, 240, 240))])[0]

@@ -9,9 +9,9 @@ import pytest
 import torch
 from PIL import Image
 
-from fmnist import checkpoint
-from fmnist.checkpoint import CheckpointError
-from fmnist.models import create_model, model_config
+from fmnist.models import checkpoint
+from fmnist.models.checkpoint import CheckpointError
+from fmnist.models.networks import create_model, model_config
 
 
 

@@ -111,7 +111,8 @@ def test_serve_log_level_is_a_choice(cli):
 
 
 def test_serve_max_header_kb_reaches_the_server():
-    from fmnist import cli, serve
+    from fmnist import cli
+    from fmnist.serving import app as serve
 
     args = cli.build_parser().parse_args(["serve", "--max-header-kb", "16"])
     assert serve._config(args).max_head_bytes == 16 << 10
@@ -149,10 +150,10 @@ def test_closed_stdout_pipe_exits_quietly(dataset):
 
 def _train_cfg(monkeypatch, cli, *argv):
     """(result, the TrainConfig `fmnist train ARGV` would train with): training itself stubbed out."""
-    import fmnist.train
+    import fmnist.training.train
 
     seen = []
-    monkeypatch.setattr(fmnist.train, "train", lambda cfg: seen.append(cfg))
+    monkeypatch.setattr(fmnist.training.train, "train", lambda cfg: seen.append(cfg))
     r = cli("train", *argv)
     return r, (seen[0] if seen else None)
 
@@ -162,7 +163,8 @@ def test_train_flags_are_the_config_fields():
     field that declares help has a flag, and every flag's help states its default."""
     from dataclasses import fields
 
-    from fmnist import cli, config
+    from fmnist import cli
+    from fmnist.training import config
 
     ap = cli.build_parser()
     train_p = ap._subparsers._group_actions[0].choices["train"]

@@ -12,9 +12,9 @@ import torch
 import torch.nn.functional as F
 
 from conftest import shared_dir
-from fmnist import checkpoint
-from fmnist.inference import predict_logits
-from fmnist.predict import Predictor
+from fmnist.models import checkpoint
+from fmnist.inference.forward import predict_logits
+from fmnist.inference.predict import Predictor
 
 
 @pytest.fixture(scope="session")
@@ -41,15 +41,15 @@ def counting(fn, images: list):
 @pytest.fixture(scope="module")
 def made(tmp_path_factory, tiny_run, second_seed, dataset):
     """`fmnist ensemble` of the two tiny runs, counting the images it sends through the members."""
-    import fmnist.calibrate
-    import fmnist.ensemble
-    import fmnist.evaluate
+    import fmnist.evaluation.calibrate
+    import fmnist.training.ensemble
+    import fmnist.evaluation.evaluate
     from fmnist.cli import main
 
     out = tmp_path_factory.mktemp("ens") / "ensemble"
     images = []
     with pytest.MonkeyPatch.context() as mp:
-        for mod in (fmnist.ensemble, fmnist.evaluate, fmnist.calibrate):
+        for mod in (fmnist.training.ensemble, fmnist.evaluation.evaluate, fmnist.evaluation.calibrate):
             mp.setattr(mod, "predict_logits", counting(mod.predict_logits, images))
         assert main(["ensemble", str(tiny_run), str(second_seed), "--out", str(out)]) == 0
     return SimpleNamespace(out=out, members=[tiny_run, second_seed], images=images)
@@ -99,7 +99,7 @@ def test_predict_takes_the_ensemble(made, dataset, tmp_path, cli):
 
 def test_export_holds_the_whole_ensemble(made, dataset, tmp_path):
     pytest.importorskip("onnxruntime")
-    from fmnist.export import export
+    from fmnist.inference.export import export
 
     path = export(made.out / "best.pt", tmp_path / "e.onnx")
     x = dataset.test_images[:200].numpy()
@@ -122,7 +122,7 @@ def test_members_that_do_not_fit_are_refused(tiny_run, second_seed, fast_run, tm
 
 
 def test_members_on_different_validation_splits_are_refused_for_calibration(tiny_run):
-    from fmnist.ensemble import EnsembleError, check_members
+    from fmnist.training.ensemble import EnsembleError, check_members
 
     a = checkpoint.load(tiny_run / "best.pt")
     b = {**a, "train_config": {**a["train_config"], "seed": 1, "split_seed": -1}}   # seed 1's own split
@@ -132,7 +132,7 @@ def test_members_on_different_validation_splits_are_refused_for_calibration(tiny
 
 
 def test_split_seed_picks_the_validation_split():
-    from fmnist.config import split_seed
+    from fmnist.data import split_seed
 
     assert split_seed({"seed": 3}) == 3                       # saved before split_seed existed
     assert split_seed({"seed": 3, "split_seed": -1}) == 3
@@ -151,7 +151,7 @@ def test_a_network_distilled_from_the_ensemble_learns(made, tmp_path, cli):
 
 
 def test_distill_loss_is_zero_when_student_and_teacher_agree_and_pulls_towards_the_teacher():
-    from fmnist.train import distill_loss
+    from fmnist.training.train import distill_loss
 
     g = torch.Generator().manual_seed(0)
     teacher = torch.randn(8, 10, generator=g)

@@ -8,11 +8,11 @@ import pytest
 
 pytest.importorskip("onnxruntime")  # the optional extra; `make test` installs it
 
-from fmnist import checkpoint  # noqa: E402
-from fmnist.export import export  # noqa: E402
-from fmnist.onnx_backend import OnnxModel  # noqa: E402
-from fmnist.predict import Predictor, default_checkpoint  # noqa: E402
-from fmnist.inference import predict_logits  # noqa: E402
+from fmnist.models import checkpoint
+from fmnist.inference.export import export  # noqa: E402
+from fmnist.inference.onnx_backend import OnnxModel  # noqa: E402
+from fmnist.inference.predict import Predictor, default_checkpoint  # noqa: E402
+from fmnist.inference.forward import predict_logits  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -144,7 +144,7 @@ def test_an_onnx_file_without_backend_onnx_says_what_to_pass(exported, tmp_path,
     Predictor) now name the flag, and the converse names the file it needs."""
     from PIL import Image
 
-    from fmnist.checkpoint import CheckpointError
+    from fmnist.models.checkpoint import CheckpointError
 
     img = tmp_path / "shirt.png"
     Image.new("L", (40, 40), 255).save(img)

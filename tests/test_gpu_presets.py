@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
-from fmnist import config
-from fmnist.train import train
+from fmnist.training import config
+from fmnist.training.train import train
 
 # wrn at full width costs 11.7 GFLOP per training image, minutes on 2 cores: the same network
 # family (three stages, the first at 28x28, two residual convs each) at a tiny width.
@@ -23,11 +23,11 @@ def test_default_preset_by_device(device, preset):
 def test_train_picks_gpu_preset_on_cuda_unless_told(monkeypatch):
     """`fmnist train` with no --preset on a machine whose device resolves to CUDA (faked: the
     training itself is stubbed out) trains the gpu recipe; --preset still wins."""
-    import fmnist.train
+    import fmnist.training.train
     from fmnist import cli
 
     seen = []
-    monkeypatch.setattr(fmnist.train, "train", lambda cfg: seen.append(cfg))
+    monkeypatch.setattr(fmnist.training.train, "train", lambda cfg: seen.append(cfg))
     # CUDA faked where the device is read, not by replacing runinfo.pick_device: a module first
     # imported during this test (cli imports evaluate lazily) would keep a replaced function for
     # good, and every later test in the worker would then evaluate "on CUDA".

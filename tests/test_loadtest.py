@@ -7,8 +7,8 @@ import shutil
 
 import pytest
 
-from fmnist import loadtest
-from fmnist.atomic import append_sitting
+from fmnist.bench import loadtest
+from fmnist.utils.atomic import append_sitting
 
 # wrk 4.1's output with the fmnist script (a real run, 2 connections for 1 s).
 WRK_OUTPUT = """Running 1s test @ http://127.0.0.1:37045/v1/predict

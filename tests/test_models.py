@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from fmnist.models import REGISTRY, count_parameters, create_model, model_config
+from fmnist.models.networks import REGISTRY, count_parameters, create_model, model_config
 
 
 @pytest.mark.parametrize("name", list(REGISTRY))
@@ -62,7 +62,7 @@ def test_unknown_model_and_config_keys_rejected():
 def test_flip_tta_gives_the_same_answer_for_one_image_as_in_a_batch():
     """Small batches run image and mirror as one batch of 2N (FlipTTA.JOINT_BELOW): the same
     function as the two calls larger batches make, image by image."""
-    from fmnist.models import FlipTTA
+    from fmnist.models.networks import FlipTTA
 
     torch.manual_seed(0)
     net = FlipTTA(create_model("fast").eval())
@@ -78,7 +78,7 @@ def test_flip_tta_gives_the_same_answer_for_one_image_as_in_a_batch():
 
 
 def test_bench_summary_medians_and_unreached_thresholds():
-    from fmnist.bench import _summarise
+    from fmnist.bench.runner import _summarise
 
     runs = [{"final_test_acc": a, "wall_seconds": w, "time_to": {"0.92": t92, "0.93": t93, "0.94": None}}
             for a, w, t92, t93 in [(0.931, 100, 50, 90), (0.935, 110, 40, None), (0.933, 105, 45, 95)]]
@@ -89,7 +89,7 @@ def test_bench_summary_medians_and_unreached_thresholds():
 
 
 def test_bench_seeds_parse_and_append_merges_by_preset_and_seed():
-    from fmnist.bench import merge_accuracy, parse_seeds
+    from fmnist.bench.runner import merge_accuracy, parse_seeds
 
     assert parse_seeds("3") == [0, 1, 2] and parse_seeds("1,2") == [1, 2]
     for bad in ("0", "x", "1,1", "-1,2"):

@@ -6,9 +6,9 @@ import torch
 import torch.nn.functional as F
 
 from conftest import photo_dir
-from fmnist import realphotos
-from fmnist.config import TrainConfig
-from fmnist.train import BALANCE_CAP, OUTLIER, balanced_repeats, photo_loss, real_training_images
+from fmnist.photos import realphotos
+from fmnist.training.config import TrainConfig
+from fmnist.training.train import BALANCE_CAP, OUTLIER, balanced_repeats, photo_loss, real_training_images
 
 
 

@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from fmnist.photos import render_listing, render_product_photo
-from fmnist.predict import Predictor, default_checkpoint
+from fmnist.inference.predict import Predictor, default_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -130,3 +130,24 @@ def test_cli_no_images_and_bad_checkpoint(tmp_path, cli):
     (tmp_path / "x.png").write_bytes(b"")
     r = cli("predict", tmp_path / "x.png", "--checkpoint", tmp_path / "nope.pt")
     assert r.returncode == 1 and "no such checkpoint" in r.stderr
+
+
+def test_predict_takes_file_objects_as_it_takes_bytes(tmp_path):
+    """A BytesIO, an open file and a list of them: the same answers as the bytes themselves."""
+    from fmnist import Predictor
+
+    from importlib import resources
+
+    with resources.files("fmnist").joinpath("assets/samples.npz").open("rb") as f:
+        img = np.load(f)["images"][0]
+    photo = render_product_photo(img, np.random.default_rng(0))
+    p = Predictor()
+    want = p.predict(photo)[0]
+    (tmp_path / "shoe.jpg").write_bytes(photo)
+    with open(tmp_path / "shoe.jpg", "rb") as f:
+        got = p.predict([io.BytesIO(photo), f])
+    assert [g.top for g in got] == [want.top, want.top] and not any(g.error for g in got)
+    assert got[1].source.endswith("shoe.jpg")
+    assert p.predict(io.BytesIO(photo))[0].top == want.top          # one file object alone
+    bad = p.predict(io.StringIO("not bytes"))[0]
+    assert "binary mode" in bad.error

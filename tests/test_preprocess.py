@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fmnist import preprocess as pp
-from fmnist.preprocess import PreprocessError, preprocess
+from fmnist.photos import preprocess as pp
+from fmnist.photos.preprocess import PreprocessError, preprocess
 
 
 def photo(w=300, h=200, bg=(250, 250, 250), box=(100, 50, 160, 170), fg=(30, 30, 30)):
@@ -213,7 +213,7 @@ def test_tiny_and_blank_images_come_back_without_an_item(size, pipeline):
 
 
 def test_28x28_dataset_style_only_when_background_is_dark():
-    from fmnist.preprocess import is_dataset_style
+    from fmnist.photos.preprocess import is_dataset_style
 
     garment = np.zeros((28, 28), np.uint8)
     garment[6:22, 8:20] = 200

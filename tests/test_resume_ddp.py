@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fmnist import checkpoint
+from fmnist.models import checkpoint
 
 def train_cmd(args, out, *extra):
     return [sys.executable, "-m", "fmnist", "train", *args, "--out-dir", str(out), *extra]
@@ -75,8 +75,8 @@ def test_kill_mid_epoch_then_resume_matches_uninterrupted(tmp_path, fast_run, cl
 
 def test_resume_with_more_epochs_extends_a_constant_lr_run(tmp_path, tiny_run, dataset):
     """A constant learning rate does not depend on the run's length, so --epochs may extend it."""
-    from fmnist.config import TrainConfig
-    from fmnist.train import train
+    from fmnist.training.config import TrainConfig
+    from fmnist.training.train import train
 
     run = shutil.copytree(tiny_run, tmp_path / "run")
     before = checkpoint.load(run / "last.pt")
@@ -133,8 +133,8 @@ def test_ddp_two_processes_match_one(tmp_path, fast_run):
 def test_a_run_saved_before_lookahead_existed_resumes_without_it(tmp_path, tiny_run):
     """Its last.pt has no Lookahead state and its config no `lookahead`: today's default (5)
     must not be read into it."""
-    from fmnist.config import TrainConfig
-    from fmnist.train import _resume_config
+    from fmnist.training.config import TrainConfig
+    from fmnist.training.train import _resume_config
 
     run = shutil.copytree(tiny_run, tmp_path / "run")
     ckpt = checkpoint.load(run / "last.pt")

@@ -8,8 +8,9 @@ import pytest
 from PIL import Image, ImageDraw
 
 from conftest import photo_dir
-from fmnist import realphotos, robust
-from fmnist.preprocess import load_rgb, preprocess
+from fmnist.photos import realphotos
+from fmnist.photos import robust
+from fmnist.photos.preprocess import load_rgb, preprocess
 
 
 
@@ -147,7 +148,7 @@ def test_manifest_errors_name_the_problem(tmp_path):
 
 def test_real_training_images_are_the_dev_split_only():
     """--real-photos trains on the dev split as predict converts it; held-out photos never enter."""
-    from fmnist.train import real_training_images
+    from fmnist.training.train import real_training_images
 
     photo_dir("real")
     x, y = real_training_images("real")
@@ -162,8 +163,8 @@ def test_real_training_images_under_three_conversions(tmp_path):
     looser and the stricter seed threshold's, labels repeated (four dev photos, for time)."""
     import shutil
 
-    from fmnist.robust import RobustOptions
-    from fmnist.train import REAL_SEED_K, real_training_images
+    from fmnist.photos.robust import RobustOptions
+    from fmnist.training.train import REAL_SEED_K, real_training_images
 
     from fmnist.photos import sets
 

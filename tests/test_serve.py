@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fmnist import checkpoint
+from fmnist.models import checkpoint
 from fmnist.classes import CLASS_NAMES
 from fmnist.photos import render_product_photo
-from fmnist.predict import default_checkpoint
+from fmnist.inference.predict import default_checkpoint
 
 
 def free_port() -> int:

@@ -157,7 +157,7 @@ def test_eps_upload_never_reaches_ghostscript(server, fake_ghostscript):
 
 def test_open_image_tries_only_accepted_formats(fake_ghostscript, monkeypatch):
     """The same for the CLI and Python API, which open files through preprocess.open_image."""
-    from fmnist.preprocess import PreprocessError, open_image
+    from fmnist.photos.preprocess import PreprocessError, open_image
 
     monkeypatch.setenv("PATH", f"{fake_ghostscript[0]}{os.pathsep}{os.environ['PATH']}")
     with pytest.raises(PreprocessError, match="accepted format"):
@@ -170,7 +170,7 @@ def inprocess_server():
     """The app on a real uvicorn server in a thread, so a test can reach into its batcher."""
     import uvicorn
 
-    from fmnist.serve import create_app
+    from fmnist.serving.app import create_app
 
     app = create_app()
     port = free_port()
@@ -289,7 +289,7 @@ def test_oversized_pipelined_head_is_refused(server):
 @pytest.mark.parametrize("split", [1, 2, 3])
 def test_head_count_stops_at_a_blank_line_split_across_reads(ending, split):
     """The blank line that ends a head may arrive in two reads; the body after it is not counted."""
-    from fmnist.httpserver import HeadDeadline
+    from fmnist.serving.httpserver import HeadDeadline
 
     class Counter(HeadDeadline):
         cycle, max_head_bytes = None, 1024

@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from conftest import photo_dir
-from fmnist import loadtest
+from fmnist.bench import loadtest
 
 
 
@@ -99,7 +99,7 @@ def test_workers_elsewhere_than_linux_say_why(cli, monkeypatch):
 def test_a_worker_that_cannot_load_the_model_says_why(tmp_path, capsys):
     """What a worker process runs (serve._worker), here in the test's process: one error line,
     exit code 1, which the parent then reports (test above)."""
-    from fmnist import serve
+    from fmnist.serving import app as serve
     from fmnist.cli import build_parser
 
     bad = tmp_path / "model.pt"

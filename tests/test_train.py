@@ -3,9 +3,10 @@ import json
 import pytest
 import torch
 
-from fmnist import checkpoint, config
-from fmnist.inference import predict_logits
-from fmnist.train import lr_at
+from fmnist.models import checkpoint
+from fmnist.training import config
+from fmnist.inference.forward import predict_logits
+from fmnist.training.train import lr_at
 
 
 def test_short_run_learns(tiny_run):
@@ -87,8 +88,8 @@ def test_cosine_schedule_warms_up_from_zero_then_anneals_to_zero():
 
 
 def test_ema_averages_weights_after_a_warm_up_and_copies_buffers():
-    from fmnist.models import create_model
-    from fmnist.train import EMA
+    from fmnist.models.networks import create_model
+    from fmnist.training.train import EMA
 
     torch.manual_seed(0)
     model = create_model("fast")  # BatchNorm: running statistics are buffers
@@ -112,7 +113,7 @@ def test_ema_averages_weights_after_a_warm_up_and_copies_buffers():
 
 
 def test_lookahead_pulls_the_weights_halfway_back_every_k_steps():
-    from fmnist.train import Lookahead
+    from fmnist.training.train import Lookahead
 
     model = torch.nn.Linear(3, 1, bias=False)
     torch.nn.init.zeros_(model.weight)
@@ -129,7 +130,7 @@ def test_lookahead_pulls_the_weights_halfway_back_every_k_steps():
 
 
 def test_patch_whitening_decorrelates_the_patches_it_is_fitted_on(dataset):
-    from fmnist.models import PatchWhiten
+    from fmnist.models.networks import PatchWhiten
 
     x = dataset.train_images[:300].unsqueeze(1).float() / 255
     w = PatchWhiten()
@@ -145,9 +146,9 @@ def test_patch_whitening_decorrelates_the_patches_it_is_fitted_on(dataset):
 def test_whitened_stem_is_fitted_from_the_data_then_frozen(dataset):
     """fit_whitening fills the stem's frozen filters (zeros until then: an unfitted stem would
     feed the net nothing); a training step moves the learned filters and never these."""
-    from fmnist.distributed import DistInfo
-    from fmnist.models import create_model, fit_whitening
-    from fmnist.train import epoch_generators, make_optimizer, train_one_epoch
+    from fmnist.training.distributed import DistInfo
+    from fmnist.models.networks import create_model, fit_whitening
+    from fmnist.training.train import epoch_generators, make_optimizer, train_one_epoch
 
     torch.manual_seed(0)
     model = create_model("fast", {"whiten": True})
@@ -167,7 +168,7 @@ def test_whitened_stem_is_fitted_from_the_data_then_frozen(dataset):
 
 
 def test_flip_tta_and_bf16_inference(dataset):
-    from fmnist.predict import default_checkpoint
+    from fmnist.inference.predict import default_checkpoint
 
     model, _ = checkpoint.load_model(default_checkpoint())
     x = dataset.test_images[:512]
@@ -182,7 +183,7 @@ def test_flip_tta_and_bf16_inference(dataset):
 
 
 def _train_compiled(tmp_path):
-    from fmnist.train import train
+    from fmnist.training.train import train
 
     cfg = config.resolve("fast", {"compile": True, "epochs": 1, "subset": 2000, "batch_size": 64, "out_dir": str(tmp_path),
                                   "tta_flip": False})
@@ -212,7 +213,7 @@ def test_compile_with_inductor(tmp_path, dataset):
     _train_compiled(tmp_path)
 
 def test_fused_optimizer_on_cuda_only():
-    from fmnist.train import make_optimizer, optimizer_options
+    from fmnist.training.train import make_optimizer, optimizer_options
 
     adamw, sgd = config.resolve("fast", {}), config.resolve("fast", {"optimizer": "sgd"})
     assert optimizer_options(adamw, torch.device("cuda")) == {"fused": True}
@@ -225,7 +226,7 @@ def test_fused_optimizer_on_cuda_only():
 def test_compile_mode_reaches_torch_compile(tmp_path, monkeypatch, dataset):
     """--compile --compile-mode X compiles the model with mode X (torch.compile faked: compiling
     for real costs a minute here; what it does on a GPU is measured there)."""
-    from fmnist.train import train
+    from fmnist.training.train import train
 
     asked = []
     monkeypatch.setattr(torch, "compile", lambda model, **kw: asked.append(kw) or model)
@@ -243,9 +244,9 @@ def test_training_step_never_waits_for_the_device():
     many steps it has. On a GPU each such read would stall the host until the queue drains."""
     import sys
 
-    from fmnist.distributed import DistInfo
-    from fmnist.models import create_model, model_config
-    from fmnist.train import EMA, epoch_generators, train_one_epoch
+    from fmnist.training.distributed import DistInfo
+    from fmnist.models.networks import create_model, model_config
+    from fmnist.training.train import EMA, epoch_generators, train_one_epoch
 
     torch.manual_seed(0)
     cfg = config.resolve("fast", {"batch_size": 16, "ema": 0.999, "erase": 0.5, "translate": 2,
@@ -279,23 +280,23 @@ def test_training_step_never_waits_for_the_device():
 
 
 def test_training_commands_keep_freed_memory(tmp_path, tiny_run):
-    """`fmnist train` tunes glibc's malloc (fmnist.malloc) and its run records that it did."""
+    """`fmnist train` tunes glibc's malloc (fmnist.utils.malloc) and its run records that it did."""
     env = json.loads((tiny_run / "environment.json").read_text())
     assert env["malloc_keeps_freed_memory"] is True
 
 
 def _interrupt_epoch(monkeypatch, n: int):
     """Ctrl-C during epoch n (earlier epochs train as usual)."""
-    import fmnist.train
+    import fmnist.training.train
 
-    real, calls = fmnist.train.train_one_epoch, []
+    real, calls = fmnist.training.train.train_one_epoch, []
 
     def epoch(*a, **kw):
         calls.append(1)
         if len(calls) == n:
             raise KeyboardInterrupt
         return real(*a, **kw)
-    monkeypatch.setattr(fmnist.train, "train_one_epoch", epoch)
+    monkeypatch.setattr(fmnist.training.train, "train_one_epoch", epoch)
 
 
 TINY = ["--preset", "seed", "--subset", "500", "--test-subset", "500", "--threads", "1", "--quiet"]
@@ -320,7 +321,7 @@ def test_stopped_after_an_epoch_offers_resume(tmp_path, monkeypatch, cli, datase
 
 
 def test_last_checkpoint_is_due_by_its_own_cost():
-    from fmnist.train import SAVE_COST_RATIO, last_due
+    from fmnist.training.train import SAVE_COST_RATIO, last_due
 
     assert last_due(1, 9, float("inf"), 0.0)                       # the first epoch: nothing to resume before it
     assert last_due(9, 9, 0.0, 5.0)                                # the final epoch, whatever it costs
@@ -332,9 +333,9 @@ def test_a_lagging_last_checkpoint_is_what_a_stopped_run_offers_and_resumes(tmp_
     """With saves too dear to repeat (a big model on a fast GPU), last.pt holds epoch 1 while
     best.pt and history.csv go on: a run stopped in epoch 3 says 1 epoch is saved, and --resume
     continues from there to the end."""
-    import fmnist.train
+    import fmnist.training.train
 
-    monkeypatch.setattr(fmnist.train, "SAVE_COST_RATIO", 1e9)
+    monkeypatch.setattr(fmnist.training.train, "SAVE_COST_RATIO", 1e9)
     _interrupt_epoch(monkeypatch, 3)
     r = cli("train", *TINY, "--epochs", "3", "--out-dir", tmp_path / "runs")
     (run,) = (tmp_path / "runs").iterdir()
@@ -354,12 +355,12 @@ def history_rows(run) -> list[dict]:
 
 
 def test_a_run_that_fails_before_saving_leaves_no_directory(tmp_path, monkeypatch, dataset):
-    import fmnist.train
+    import fmnist.training.train
 
     def boom(*a, **kw):
         raise RuntimeError("out of memory")
-    monkeypatch.setattr(fmnist.train, "train_one_epoch", boom)
+    monkeypatch.setattr(fmnist.training.train, "train_one_epoch", boom)
     cfg = config.resolve("seed", {"subset": 500, "epochs": 1, "threads": 1, "out_dir": str(tmp_path / "runs")})
     with pytest.raises(RuntimeError, match="out of memory"):
-        fmnist.train.train(cfg)
+        fmnist.training.train.train(cfg)
     assert list((tmp_path / "runs").iterdir()) == []

@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from fmnist import checkpoint, config
-from fmnist.inference import predict_logits
-from fmnist.models import FlipTTA, SHIFTS, shifted
-from fmnist.predict import Predictor
+from fmnist.models import checkpoint
+from fmnist.training import config
+from fmnist.inference.forward import predict_logits
+from fmnist.models.networks import FlipTTA, SHIFTS, shifted
+from fmnist.inference.predict import Predictor
 
 
 def moved(x: torch.Tensor, dx: int, dy: int) -> torch.Tensor:
@@ -56,7 +57,7 @@ def test_flip_tta_with_shifts_is_the_mean_of_ten_views(tiny_run, dataset):
 
 
 def test_a_model_trained_with_shift_tta_is_served_and_evaluated_with_it(shift_ckpt, dataset, tmp_path):
-    from fmnist.evaluate import evaluate_checkpoint
+    from fmnist.evaluation.evaluate import evaluate_checkpoint
 
     model, ckpt = checkpoint.load_model(shift_ckpt)
     assert checkpoint.trained_with_shift_tta(ckpt)
@@ -76,8 +77,8 @@ def test_a_model_trained_with_shift_tta_is_served_and_evaluated_with_it(shift_ck
 
 def test_export_puts_the_shifts_in_the_graph(shift_ckpt, dataset, tmp_path):
     pytest.importorskip("onnxruntime")
-    from fmnist.export import export
-    from fmnist.onnx_backend import OnnxModel
+    from fmnist.inference.export import export
+    from fmnist.inference.onnx_backend import OnnxModel
 
     out = export(shift_ckpt, tmp_path / "m.onnx")
     onnx_model = OnnxModel(out)
@@ -98,12 +99,12 @@ def test_a_run_trained_with_tta_shift_reports_its_final_test_figure_with_it(tmp_
     """The last epoch's test figure (what `fmnist bench accuracy` reports as final) uses the 10
     views, and the run is calibrated with them. The real images, 300 of the test set (a full
     pass of 10 views at 1 thread would cost more than the training)."""
-    import fmnist.train
-    from fmnist.bench import read_history
-    from fmnist.train import train
+    import fmnist.training.train
+    from fmnist.bench.runner import read_history
+    from fmnist.training.train import train
 
     small = dataclasses.replace(dataset, test_images=dataset.test_images[:300], test_labels=dataset.test_labels[:300])
-    monkeypatch.setattr(fmnist.train.data, "load", lambda *a, **k: small)
+    monkeypatch.setattr(fmnist.training.train.data, "load", lambda *a, **k: small)
     cfg = config.resolve("fast", {"epochs": 1, "subset": 600, "batch_size": 64, "threads": 1,
                                   "tta_shift": True, "report_test": True, "out_dir": str(tmp_path)})
     run = train(cfg)

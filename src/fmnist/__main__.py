@@ -1,5 +1,7 @@
+"""`python -m fmnist`: the command line (fmnist.cli)."""
+
 import sys
 
-from .cli import main
+from fmnist.cli import main
 
 sys.exit(main())

@@ -14,9 +14,9 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
-from .config import AUGMENT_KEYS, PRESETS, AugmentConfig, TrainConfig
-from .logsetup import setup_logging
-from .malloc import keep_freed_memory
+from fmnist.training.config import AUGMENT_KEYS, PRESETS, AugmentConfig, TrainConfig
+from fmnist.utils.logsetup import setup_logging
+from fmnist.utils.malloc import keep_freed_memory
 
 log = logging.getLogger("fmnist.cli")
 
@@ -380,13 +380,13 @@ SERVE_MODULES = ("fastapi", "uvicorn", "multipart", "httptools", "swagger_ui_bun
 
 def cmd_serve(args) -> int:
     need_extra("serve", "fmnist serve", *SERVE_MODULES)
-    from .serve import main as serve_main
+    from fmnist.serving.app import main as serve_main
 
     return serve_main(args)
 
 
 def cmd_export(args) -> int:
-    from .export import export
+    from fmnist.inference.export import export
 
     _check_file_arg("--out", args.out)
     export(args.checkpoint, args.out, int8=args.int8, calib_n=args.calibration_images, tta_flip=args.tta_flip)
@@ -394,7 +394,7 @@ def cmd_export(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from .bench import run
+    from fmnist.bench.runner import run
 
     args.parts = args.parts or ["throughput", "accuracy"]
     bad = set(args.parts) - {"throughput", "accuracy", "profile", "photos", "onnx", "serve"}
@@ -415,9 +415,9 @@ def cmd_predict(args) -> int:
 
     from PIL import Image
 
-    from .atomic import atomic_path
-    from .predict import Predictor, format_table
-    from .preprocess import IMAGE_EXTENSIONS, iter_image_files
+    from fmnist.utils.atomic import atomic_path
+    from fmnist.inference.predict import Predictor, format_table
+    from fmnist.photos.preprocess import IMAGE_EXTENSIONS, iter_image_files
 
     if args.top_k < 1:
         raise ValueError(f"--top-k must be >= 1, got {args.top_k}")
@@ -449,11 +449,11 @@ def cmd_predict(args) -> int:
 
 
 def cmd_calibrate(args) -> int:
-    from .calibrate import calibrate
+    from fmnist.evaluation.calibrate import calibrate
 
     ds = None
     if args.data_dir:
-        from . import data
+        from fmnist import data
         ds = data.load(args.data_dir)
     r = calibrate(args.checkpoint, dataset=ds, device=args.device)
     print(f"temperature {r['temperature']:.3f}; unsure below {r['threshold']:.1%} top probability\n"
@@ -465,8 +465,8 @@ def cmd_calibrate(args) -> int:
 
 
 def cmd_ensemble(args) -> int:
-    from . import data
-    from .ensemble import make
+    from fmnist import data
+    from fmnist.training.ensemble import make
 
     r = make(args.runs, args.out, dataset=data.load(args.data_dir) if args.data_dir else None)
     members = ", ".join(f"{m['val_acc']:.2%}" for m in r["members"] if m["val_acc"] is not None)
@@ -479,7 +479,7 @@ def cmd_ensemble(args) -> int:
 
 
 def cmd_photos(args) -> int:
-    from .photos import sets
+    from fmnist.photos import sets
 
     chosen = args.sets or sets.names()
     for name in chosen:
@@ -515,8 +515,8 @@ def cmd_photos(args) -> int:
 
 
 def cmd_data(args) -> int:
-    from . import data
-    from .classes import CLASS_NAMES
+    from fmnist import data
+    from fmnist.classes import CLASS_NAMES
 
     if args.download:
         root = data.fetch_all(data.cache_dir(), refetch_bad=True)
@@ -537,8 +537,8 @@ def cmd_data(args) -> int:
 
 def _default_preset(device_flag: str | None) -> str:
     """The preset for the device training will run on, when --preset is not given."""
-    from . import config
-    from .runinfo import pick_device
+    from fmnist.training import config
+    from fmnist.utils.runinfo import pick_device
 
     device = str(pick_device(device_flag or "auto"))
     preset = config.default_preset(device)
@@ -548,9 +548,9 @@ def _default_preset(device_flag: str | None) -> str:
 
 
 def cmd_train(args) -> int:
-    from . import config
-    from .evaluate import evaluate_run, summary_text
-    from .train import train
+    from fmnist.training import config
+    from fmnist.evaluation.evaluate import evaluate_run, summary_text
+    from fmnist.training.train import train
 
     _check_dir_arg("--out-dir", args.out_dir)
     keep_freed_memory()
@@ -581,13 +581,13 @@ def cmd_train(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from .evaluate import evaluate_checkpoint, summary_text
+    from fmnist.evaluation.evaluate import evaluate_checkpoint, summary_text
 
     _check_dir_arg("--out", args.out)
     keep_freed_memory()
     ds = None
     if args.data_dir:
-        from . import data
+        from fmnist import data
         ds = data.load(args.data_dir)
     m = evaluate_checkpoint(args.checkpoint, device=args.device, dataset=ds, out_dir=args.out, tta_flip=args.tta_flip)
     print(summary_text(m))
@@ -601,9 +601,9 @@ def main(argv=None) -> int:
         ap.print_help()
         return EXIT_USAGE
     setup_logging(_log_level(args))
-    from .checkpoint import CheckpointError
-    from .data import DataError
-    from .photos.sets import PhotoSetError
+    from fmnist.models.checkpoint import CheckpointError
+    from fmnist.data import DataError
+    from fmnist.photos.sets import PhotoSetError
 
     handlers = {"data": cmd_data, "photos": cmd_photos, "calibrate": cmd_calibrate, "ensemble": cmd_ensemble, "train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict,
                 "bench": cmd_bench, "serve": cmd_serve,

@@ -25,8 +25,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .atomic import atomic_path
-from .classes import CLASS_NAMES, IMAGE_SIZE
+from fmnist.utils.atomic import atomic_path
+from fmnist.classes import CLASS_NAMES, IMAGE_SIZE
 
 log = logging.getLogger(__name__)
 
@@ -317,6 +317,14 @@ def load(data_dir: str | Path | None = None, download: bool = True) -> FashionMN
     t = lambda x: torch.from_numpy(x.copy())  # noqa: E731 - frombuffer arrays are read-only
     return FashionMNIST(t(a["train-images"]), t(a["train-labels"]).long(),
                         t(a["t10k-images"]), t(a["t10k-labels"]).long(), root)
+
+
+def split_seed(cfg) -> int:
+    """The seed of a run's validation split (cfg: a TrainConfig or its saved dict): split_seed,
+    or the run's seed where that is -1 (and in configs saved before split_seed existed)."""
+    get = cfg.get if isinstance(cfg, dict) else lambda k, d: getattr(cfg, k, d)
+    s = get("split_seed", -1)
+    return get("seed", 0) if s is None or s < 0 else s
 
 
 def stratified_split(labels: torch.Tensor, val_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

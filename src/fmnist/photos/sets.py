@@ -49,7 +49,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from ..atomic import write_bytes
+from fmnist.utils.atomic import write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -158,7 +158,8 @@ def resolve(spec: str) -> PhotoSet:
     if is_path(spec):
         folder = Path(spec).expanduser()
         if not folder.is_dir():
-            raise PhotoSetError(f"{folder}: no such folder of photos")
+            raise PhotoSetError(f"{folder}: no such folder; give a folder of photos with a manifest.csv, "
+                                f"or a photo set by name ({', '.join(names())})")
         return PhotoSet(folder.name, folder, read_rows(folder / "manifest.csv"), folder / "manifest.csv")
     rows = manifest(spec)
     looked = []

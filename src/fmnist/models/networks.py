@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .classes import MEAN, NUM_CLASSES, STD
+from fmnist.classes import MEAN, NUM_CLASSES, STD
 
 
 class Normalize(nn.Module):

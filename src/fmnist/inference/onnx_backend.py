@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .export import INSTALL_HINT
+from fmnist.inference.export import INSTALL_HINT
 
 
 class OnnxModel:

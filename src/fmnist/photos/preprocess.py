@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFile, ImageFilter, ImageOps, UnidentifiedImageError, features
 
-from .classes import IMAGE_SIZE
+from fmnist.classes import IMAGE_SIZE
 
 MAX_PIXELS = 40_000_000   # ~ a 7,700 x 5,200 photo; larger files are refused, not resampled
 MAX_FILE_BYTES = 256 * 2**20   # a 40 MP PNG can reach ~120 MB; a larger file is refused before it is read
@@ -80,7 +80,8 @@ class Preprocessed:
 
 def open_image(src, max_pixels: int = MAX_PIXELS, draft: int | None = None,
                formats: tuple[str, ...] = OPEN_FORMATS) -> Image.Image:
-    """Open a path, bytes or PIL image: first frame, EXIF orientation applied, fully decoded.
+    """Open a path, bytes, a binary file object (io.BytesIO, an upload's .file) or a PIL image:
+    first frame, EXIF orientation applied, fully decoded.
     draft: JPEGs decode at the smallest DCT scale (1/2, 1/4, 1/8) that keeps the longest side
     >= draft px, which saves most of the cost of a large photo. formats: the Pillow plugins
     tried (some of OPEN_FORMATS), which the error for anything else names."""
@@ -88,7 +89,8 @@ def open_image(src, max_pixels: int = MAX_PIXELS, draft: int | None = None,
     if isinstance(src, Image.Image):
         img = src
     else:
-        data = read_file(src) if isinstance(src, (str, Path)) else bytes(src)
+        data = read_file(src) if isinstance(src, (str, Path)) else read_stream(src) if is_file_object(src) \
+            else bytes(src)
         if not data:
             raise PreprocessError(f"{name}: empty file (0 bytes)")
         try:
@@ -128,6 +130,21 @@ def open_image(src, max_pixels: int = MAX_PIXELS, draft: int | None = None,
     except (OSError, SyntaxError, ValueError) as e:
         raise PreprocessError(f"{name}: truncated or corrupt image data ({e})") from None
     return img
+
+
+def is_file_object(src) -> bool:
+    return callable(getattr(src, "read", None))
+
+
+def read_stream(f) -> bytes:
+    """A binary file object's bytes from where it stands, at most MAX_FILE_BYTES."""
+    data = f.read(MAX_FILE_BYTES + 1)
+    if isinstance(data, str):
+        raise PreprocessError("image: a text stream; open the file in binary mode ('rb')")
+    if len(data) > MAX_FILE_BYTES:
+        raise PreprocessError(f"image: over the limit of {MAX_FILE_BYTES / 2**20:,.0f} MiB for one image; "
+                              "resize or recompress it")
+    return data
 
 
 def read_file(path) -> bytes:
@@ -236,7 +253,7 @@ def preprocess(src, max_pixels: int = MAX_PIXELS, pipeline: str = "robust", opti
         src = array_to_image(src)
     if pipeline == "paper":
         return convert_paper(load_rgb(src, max_pixels))
-    from . import robust  # OpenCV loads only when a photo is converted this way
+    from fmnist.photos import robust
 
     img = load_rgb(src, max_pixels, work=robust.WORK)
     scale = max(img.info["orig_size"]) / max(img.size)

@@ -58,7 +58,7 @@ def raw(name: str, image: bytes, image_type: str, about: str) -> Payload:
 def sample_png() -> bytes:
     from PIL import Image
 
-    from .serve import load_samples
+    from fmnist.serving.app import load_samples
 
     imgs, _ = load_samples()
     buf = io.BytesIO()
@@ -87,7 +87,7 @@ def payloads(photo_root: Path | None, log=_log) -> list[Payload]:
     out = [multipart("png28", png, "x.png", "image/png", f"28x28 PNG test image ({len(png)} bytes), multipart")]
     root = photo_root
     if root is None:
-        from .photos import sets
+        from fmnist.photos import sets
 
         try:
             root = sets.resolve("real").folder
@@ -363,8 +363,8 @@ def run_all(checkpoint=None, photo_root: Path | None = None, levels=(1, 32), sec
         settings = [("torch", ck, soak)]
         if onnx:
             try:
-                from .export import export
-                from .predict import default_checkpoint
+                from fmnist.inference.export import export
+                from fmnist.inference.predict import default_checkpoint
 
                 src = checkpoint or default_checkpoint()
                 fp32 = export(src, f"{tmp}/model.onnx")

@@ -16,10 +16,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import checkpoint, data
-from .atomic import write_json
-from .config import split_seed
-from .inference import predict_logits
+from fmnist import data
+from fmnist.models import checkpoint
+from fmnist.utils.atomic import write_json
+from fmnist.data import split_seed
+from fmnist.inference.forward import predict_logits
 
 log = logging.getLogger(__name__)
 

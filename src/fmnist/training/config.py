@@ -37,7 +37,7 @@ class AugmentConfig:
 @dataclass
 class TrainConfig:
     preset: str = "fast"              # the recipe these settings started from (PRESETS)
-    model: str = flag("fast", "architecture, a name in fmnist.models.REGISTRY", flag="--arch", metavar="NAME")
+    model: str = flag("fast", "architecture, a name in fmnist.models.networks.REGISTRY", flag="--arch", metavar="NAME")
     # overrides of the architecture's config; the fast recipe's stem starts as patch whitening
     model_config: dict = field(default_factory=lambda: {"whiten": True})
     epochs: int = flag(9, "epochs")
@@ -210,23 +210,24 @@ def resolve(preset: str, overrides: dict) -> TrainConfig:
     return cfg
 
 
+def preset(name: str = "fast", **overrides) -> TrainConfig:
+    """The TrainConfig of a preset with keyword overrides, checked: preset("fast", epochs=5, seed=1)."""
+    known = {f.name for f in fields(TrainConfig)} | set(AUGMENT_KEYS)
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise ValueError(f"unknown setting(s) {', '.join(unknown)}; see `fmnist train --help`")
+    return resolve(name, overrides)
+
+
 # The devices `fmnist train` accepts (runinfo.pick_device then checks that one is present).
 DEVICE_RE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
-
-
-def split_seed(cfg: TrainConfig | dict) -> int:
-    """The seed of a run's validation split: split_seed, or the run's seed where that is -1 (and
-    in configs saved before split_seed existed)."""
-    get = cfg.get if isinstance(cfg, dict) else lambda k, d: getattr(cfg, k, d)
-    s = get("split_seed", -1)
-    return get("seed", 0) if s is None or s < 0 else s
 
 
 def validate(cfg: TrainConfig) -> None:
     """Every setting at once, before a run directory exists or data is read, so a bad flag is a
     one-line error rather than a traceback mid-run or a run that trains on NaNs. inf and nan
     parse as floats, so each float check is also a finiteness check."""
-    from .models import ENSEMBLE, REGISTRY, model_config  # torch, for the registry: only when a config is checked
+    from fmnist.models.networks import ENSEMBLE, REGISTRY, model_config  # torch, for the registry: only when a config is checked
 
     aug = cfg.augment
     checks = [

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .classes import CLASS_NAMES
-from .photos import sets
-from .photos.sets import PhotoSetError
+from fmnist.classes import CLASS_NAMES
+from fmnist.photos import sets
+from fmnist.photos.sets import PhotoSetError
 
 log = logging.getLogger(__name__)
 

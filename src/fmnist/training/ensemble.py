@@ -15,13 +15,14 @@ import json
 import logging
 from pathlib import Path
 
-from . import checkpoint, data
-from .atomic import write_json
-from .calibrate import calibrate
-from .config import split_seed
-from .evaluate import evaluate_checkpoint
-from .inference import predict_logits
-from .models import ENSEMBLE
+from fmnist import data
+from fmnist.models import checkpoint
+from fmnist.utils.atomic import write_json
+from fmnist.evaluation.calibrate import calibrate
+from fmnist.data import split_seed
+from fmnist.evaluation.evaluate import evaluate_checkpoint
+from fmnist.inference.forward import predict_logits
+from fmnist.models.networks import ENSEMBLE
 
 log = logging.getLogger(__name__)
 

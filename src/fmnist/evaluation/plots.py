@@ -7,8 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .atomic import atomic_path
-from .classes import CLASS_NAMES
+from fmnist.utils.atomic import atomic_path
+from fmnist.classes import CLASS_NAMES
 
 
 def _plt():

@@ -25,9 +25,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .atomic import write_json
-from .models import REGISTRY, count_parameters, create_model
-from .runinfo import environment
+from fmnist.utils.atomic import write_json
+from fmnist.models.networks import REGISTRY, count_parameters, create_model
+from fmnist.utils.runinfo import environment
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +87,7 @@ def train_flops_per_image(model, batch: int = 64) -> tuple[float, float]:
 
 def time_train_steps(model, batch: int, steps: int = 12, warmup: int = 3, channels_last: bool = True,
                      amp: str = "off") -> float:
-    from .inference import autocast
+    from fmnist.inference.forward import autocast
 
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
@@ -109,7 +109,7 @@ def time_train_steps(model, batch: int, steps: int = 12, warmup: int = 3, channe
 @torch.no_grad()
 def time_inference(model, batch: int, steps: int = 20, warmup: int = 3, channels_last: bool = True,
                    amp: str = "off") -> float:
-    from .inference import autocast
+    from fmnist.inference.forward import autocast
 
     model.eval()
     x = torch.rand(batch, 1, 28, 28)
@@ -125,7 +125,7 @@ def time_inference(model, batch: int, steps: int = 20, warmup: int = 3, channels
 
 def throughput(models=None, batch: int = 256, compile_check: bool = True, matmul_n: int = 2048,
                steps: int = 12) -> dict:
-    from .inference import bf16_fast
+    from fmnist.inference.forward import bf16_fast
 
     peaks = {"fp32": matmul_peak(matmul_n)}
     conv_peaks = {"fp32": conv_peak(batch=batch)}
@@ -195,11 +195,12 @@ def seed_epoch(device: str = "auto", subset: int = 0, warmup_steps: int = 20, ds
     """Time the reference workload on `device`: one epoch of `seed` over the 54,000 images a seed
     run trains on (the first `subset` of them, for tests), through the real training loop; `ds`:
     the dataset if loaded already. Returns {"workload", "seconds", "images", "device", "threads"}."""
-    from . import config, data
-    from .distributed import DistInfo
-    from .models import model_config
-    from .runinfo import pick_device
-    from .train import epoch_generators, make_optimizer, train_one_epoch
+    from fmnist import data
+    from fmnist.training import config
+    from fmnist.training.distributed import DistInfo
+    from fmnist.models.networks import model_config
+    from fmnist.utils.runinfo import pick_device
+    from fmnist.training.train import epoch_generators, make_optimizer, train_one_epoch
 
     dev = pick_device(device)
     cfg = config.resolve("seed", {"device": str(dev)})
@@ -215,7 +216,7 @@ def seed_epoch(device: str = "auto", subset: int = 0, warmup_steps: int = 20, ds
     opt = make_optimizer(model, cfg, dev)
 
     def epoch(xs, ys):
-        with _quiet("fmnist.train"):  # no progress bar
+        with _quiet("fmnist.training.train"):  # no progress bar
             return train_one_epoch(model, opt, None, xs, ys, cfg, epoch=1, step=0, total_steps=1,
                                    gen=epoch_generators(0, 1, 0, dev), dist=DistInfo())
 
@@ -247,8 +248,8 @@ def accuracy_runs(presets, seeds, out_dir: Path, epochs: dict | None = None, ove
                   reference: dict | None = None) -> dict:
     """Train each preset spec for each seed; `overrides` go to every run (e.g. device, or a
     subset for tests); with `reference` (seed_epoch()), every time is also given in seed epochs."""
-    from . import config
-    from .train import train
+    from fmnist.training import config
+    from fmnist.training.train import train
 
     results = {}
     for spec in presets:
@@ -268,7 +269,7 @@ def accuracy_runs(presets, seeds, out_dir: Path, epochs: dict | None = None, ove
             cfg = config.resolve(preset, {**given, **(overrides or {})})
             log.info(f"training {spec} seed {seed} ({cfg.epochs} epochs)...")
             try:
-                with _quiet("fmnist.train", "fmnist.calibrate"):  # this part's own lines report each run
+                with _quiet("fmnist.training.train", "fmnist.evaluation.calibrate"):  # this part's own lines report each run
                     run_dir = train(cfg)
             except KeyboardInterrupt:
                 done = sum(len(r["runs"]) for r in results.values())
@@ -397,7 +398,7 @@ def read_history(path: Path) -> list[dict]:
 
 
 def plot(results: dict, path: Path) -> None:
-    from .plots import _plt, _save
+    from fmnist.evaluation.plots import _plt, _save
 
     plt = _plt()
     fig, ax = plt.subplots(figsize=(8, 5))
@@ -436,7 +437,7 @@ def run(args) -> int:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    from .runinfo import pick_device
+    from fmnist.utils.runinfo import pick_device
 
     env = environment(pick_device(args.device))  # the accuracy part's device (the throughput part runs on CPU)
     seeds = parse_seeds(str(args.seeds))
@@ -482,8 +483,8 @@ def run(args) -> int:
         report["onnx"] = onnx_backends(checkpoint_path=args.checkpoint, **dry.get("onnx", {}))
     if "serve" in args.parts:
         # Its own file, one entry per call: earlier figures are never replaced.
-        from .atomic import append_sitting
-        from .loadtest import run_all
+        from fmnist.utils.atomic import append_sitting
+        from fmnist.bench.loadtest import run_all
         n = append_sitting(out / "serve.json", {"environment": env, **run_all(checkpoint=args.checkpoint,
                                                                              **dry.get("serve", {}))})
         log.info(f"added entry {n} to {out / 'serve.json'}")
@@ -532,10 +533,11 @@ def profile_training(preset: str = "fast", steps: int = 30, warmup: int = 5) -> 
     for `preset`, on CPU, self time summed by op kind."""
     from torch.profiler import ProfilerActivity, profile
 
-    from . import config, data
-    from .distributed import DistInfo
-    from .models import model_config
-    from .train import EMA, epoch_generators, make_optimizer, train_one_epoch
+    from fmnist import data
+    from fmnist.training import config
+    from fmnist.training.distributed import DistInfo
+    from fmnist.models.networks import model_config
+    from fmnist.training.train import EMA, epoch_generators, make_optimizer, train_one_epoch
 
     cfg = config.resolve(preset, {"device": "cpu"})
     ds = data.load()
@@ -549,7 +551,7 @@ def profile_training(preset: str = "fast", steps: int = 30, warmup: int = 5) -> 
 
     def epoch(n_steps):
         n = n_steps * cfg.batch_size
-        with _quiet("fmnist.train"):  # no progress bar inside the profile
+        with _quiet("fmnist.training.train"):  # no progress bar inside the profile
             return train_one_epoch(model, opt, ema, ds.train_images[:n], ds.train_labels[:n], cfg, epoch=1, step=0,
                                    total_steps=10 * n_steps, gen=epoch_generators(0, 1, 0, torch.device("cpu")),
                                    dist=dist)
@@ -589,9 +591,9 @@ def photos(n: int = 2000, checkpoint_path=None, seed: int = 0, figure: Path | No
     pipeline: accuracy against the same images at 28x28."""
     import numpy as np
 
-    from . import data
-    from .photos import render_listing, render_product_photo
-    from .predict import Predictor
+    from fmnist import data
+    from fmnist.photos import render_listing, render_product_photo
+    from fmnist.inference.predict import Predictor
 
     ds = data.load()
     rng = np.random.default_rng(seed)
@@ -621,7 +623,7 @@ def photos(n: int = 2000, checkpoint_path=None, seed: int = 0, figure: Path | No
            "seconds_per_photo_predict": t_pred / n, "seconds_render": t_render}
     out["gap_points"] = (out["acc_28x28"] - out["acc_photos"]) * 100
     if figure is not None:
-        from .plots import photo_pipeline
+        from fmnist.evaluation.plots import photo_pipeline
 
         # one photo of each of five classes, for the README
         pick = [int(np.flatnonzero(labels == c)[0]) for c in (0, 1, 5, 8, 9) if (labels == c).any()]
@@ -652,10 +654,10 @@ def photos_real(root, checkpoint_path=None, out: Path | None = None, ablation: b
     limit: the first N photos of each split only; test_n: the first N test images only (--dry-run)."""
     import hashlib
 
-    from . import realphotos
-    from .photos import sets
-    from .predict import Predictor
-    from .robust import RobustOptions
+    from fmnist.photos import realphotos
+    from fmnist.photos import sets
+    from fmnist.inference.predict import Predictor
+    from fmnist.photos.robust import RobustOptions
 
     photos_ = realphotos.read_manifest(root)
     manifest = sets.resolve(str(root)).manifest
@@ -676,13 +678,13 @@ def photos_real(root, checkpoint_path=None, out: Path | None = None, ablation: b
             res["variants"][name][split] = r
             log.info("photos --real: " + realphotos.summary_line(f"{name} [{split}]", r))
             if out is not None and name in ("paper", "robust"):
-                from .plots import confusion_matrix
+                from fmnist.evaluation.plots import confusion_matrix
 
                 confusion_matrix(np.array(r["confusion"]), out / f"real_confusion_{name}_{split}.png",
                                  title=f"real photos, {split}, {name} conversion")
     pred = Predictor(checkpoint_path)
     res["calibration"] = pred.meta.get("calibration")
-    from . import data
+    from fmnist import data
 
     ds = data.load()   # the model's own 28x28 test accuracy, beside its photo figures
     x, y = ds.test_images[:test_n].numpy(), ds.test_labels[:test_n].numpy()
@@ -705,7 +707,7 @@ def scaled_jpegs(root, n: int = 12, megapixels: float = 1.0) -> list[bytes]:
 
     from PIL import Image
 
-    from . import realphotos
+    from fmnist.photos import realphotos
 
     allp = realphotos.read_manifest(root, verify=False)
     blobs = []
@@ -724,7 +726,7 @@ def conversion_speed(root, n: int = 12, reps: int = 5, megapixels: float = 1.0) 
     1 MP and re-encoded (quality 90), each converted `reps` times; median and 90th percentile."""
     import cv2
 
-    from .preprocess import preprocess
+    from fmnist.photos.preprocess import preprocess
 
     blobs = scaled_jpegs(root, n, megapixels)
     threads = torch.get_num_threads()
@@ -758,11 +760,12 @@ def onnx_backends(checkpoint_path=None, batch: int = 256, test_n: int | None = N
 
     import numpy as np
 
-    from . import checkpoint, data
-    from .export import export
-    from .models import FlipTTA
-    from .onnx_backend import OnnxModel
-    from .predict import default_checkpoint
+    from fmnist import data
+    from fmnist.models import checkpoint
+    from fmnist.inference.export import export
+    from fmnist.models.networks import FlipTTA
+    from fmnist.inference.onnx_backend import OnnxModel
+    from fmnist.inference.predict import default_checkpoint
 
     src = checkpoint_path or default_checkpoint()
     ds = data.load()

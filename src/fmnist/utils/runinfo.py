@@ -37,7 +37,8 @@ def cpu_name() -> str:
 def environment(device: torch.device | str) -> dict:
     import numpy
 
-    from . import __version__, malloc
+    from fmnist import __version__
+    from fmnist.utils import malloc
 
     dev = torch.device(device)
     info = {

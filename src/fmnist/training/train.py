@@ -24,14 +24,16 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from . import augment as aug
-from . import checkpoint, data
-from .atomic import write_json, write_text
-from .config import TrainConfig, from_dict, split_seed, validate
-from .distributed import DistInfo
-from .inference import autocast, predict_logits, to_input
-from .models import count_parameters, create_model, fit_whitening, model_config
-from .runinfo import environment, pick_device
+from fmnist.training import augment as aug
+from fmnist import data
+from fmnist.models import checkpoint
+from fmnist.utils.atomic import write_json, write_text
+from fmnist.data import split_seed
+from fmnist.training.config import TrainConfig, from_dict, validate
+from fmnist.training.distributed import DistInfo
+from fmnist.inference.forward import autocast, predict_logits, to_input
+from fmnist.models.networks import count_parameters, create_model, fit_whitening, model_config
+from fmnist.utils.runinfo import environment, pick_device
 
 log = logging.getLogger(__name__)
 
@@ -232,10 +234,10 @@ def real_training_images(roots: str, conversions: int = 1) -> tuple[torch.Tensor
     does, and with `conversions` > 1 also with the other seed thresholds of REAL_SEED_K, one
     block per conversion: (N * conversions, 28, 28) uint8 and labels. Held-out photos are never
     read, so they stay a fair test."""
-    from . import realphotos
-    from .classes import CLASS_NAMES
-    from .preprocess import preprocess
-    from .robust import RobustOptions
+    from fmnist.photos import realphotos
+    from fmnist.classes import CLASS_NAMES
+    from fmnist.photos.preprocess import preprocess
+    from fmnist.photos.robust import RobustOptions
 
     photos = [p for p in realphotos.read_manifests(roots) if p.split in TRAIN_SPLITS]
     if not any(p.label in CLASS_NAMES for p in photos):
@@ -447,7 +449,7 @@ def _stopped(run_dir: Path, saved: int, interrupted: bool, new_run: bool) -> Non
 def train(cfg: TrainConfig) -> Path | None:
     """Train per `cfg` (or continue cfg.resume) and calibrate best.pt on validation; returns the
     run directory (None on the other ranks of a distributed run). Progress goes to the
-    `fmnist.train` logger; the test-set evaluation is the caller's (evaluate.evaluate_run)."""
+    `fmnist.training.train` logger; the test-set evaluation is the caller's (evaluate.evaluate_run)."""
     dist = DistInfo.from_env()
     cfg, resume_ckpt, run_dir = _resume_config(cfg)
     validate(cfg)
@@ -538,6 +540,6 @@ def train(cfg: TrainConfig) -> Path | None:
             "best_val_acc": best_acc, "epochs": len(history), "steps": step})
         if len(sp["val_idx"]):
             # Temperature and unsure threshold from the validation split, into best.pt itself.
-            from .calibrate import calibrate
+            from fmnist.evaluation.calibrate import calibrate
             calibrate(run_dir / "best.pt", dataset=ds, device=device, val_idx=sp["val_idx"], report_test=False)  # logs
     return run_dir if dist.is_main else None

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .config import AugmentConfig
+from fmnist.training.config import AugmentConfig
 
 
 def _rand(n, g, device):

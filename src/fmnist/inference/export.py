@@ -11,10 +11,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import checkpoint
-from .atomic import atomic_path
-from .classes import MEAN, STD
-from .models import FlipTTA, count_parameters
+from fmnist.models import checkpoint
+from fmnist.utils.atomic import atomic_path
+from fmnist.classes import MEAN, STD
+from fmnist.models.networks import FlipTTA, count_parameters
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +32,7 @@ def require(module: str):
 
 
 def metadata(ckpt: dict, quantized: str, tta_flip: bool, tta_shift: bool = False) -> dict[str, str]:
-    from . import __version__
+    from fmnist import __version__
 
     m = ckpt.get("metrics", {})
     return {
@@ -92,7 +92,7 @@ class _Calibration:
 def calibration_images(n: int = 1024, seed: int = 0) -> np.ndarray:
     """A seeded random sample of *training* images (the test set stays unseen); not balanced by
     class, which at 1,024 images leaves each class about a tenth."""
-    from . import data
+    from fmnist import data
 
     ds = data.load()
     g = torch.Generator().manual_seed(seed)

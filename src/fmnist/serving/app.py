@@ -42,10 +42,10 @@ from fastapi.staticfiles import StaticFiles
 from PIL import Image
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .batcher import BatcherUnavailable, DynamicBatcher
-from .guards import Busy, ConversionSlots, RequestGuard
-from .predict import Predictor
-from .preprocess import AVIF, Preprocessed, PreprocessError, UnsupportedFormatError, format_names, open_image
+from fmnist.serving.batcher import BatcherUnavailable, DynamicBatcher
+from fmnist.serving.guards import Busy, ConversionSlots, RequestGuard
+from fmnist.inference.predict import Predictor
+from fmnist.photos.preprocess import AVIF, Preprocessed, PreprocessError, UnsupportedFormatError, format_names, open_image
 
 log = logging.getLogger(__name__)
 
@@ -196,7 +196,7 @@ def create_app(predictor: Predictor | None = None, cfg: ServeConfig | None = Non
                   description="Fashion-MNIST classifier: upload clothing photos, get the top classes.")
     app.state.batcher = batcher
     app.state.conversions = slots
-    static = Path(str(resources.files("fmnist") / "static"))
+    static = Path(str(resources.files("fmnist.serving") / "static"))
     app.mount("/static", StaticFiles(directory=static), name="static")
     _mount_docs(app)
 
@@ -340,7 +340,7 @@ def _serve(args, sock: socket.socket, worker: bool = False) -> None:
     import torch
     import uvicorn
 
-    from .httpserver import protocol_with_head_deadline
+    from fmnist.serving.httpserver import protocol_with_head_deadline
 
     cfg = _config(args)
     torch.set_num_threads(cfg.threads)
@@ -361,11 +361,11 @@ def _serve(args, sock: socket.socket, worker: bool = False) -> None:
 
 def _worker(args, port: int, log_level: int) -> None:
     """Entry point of a worker process (spawned: a fresh interpreter, no inherited threads)."""
-    from .logsetup import setup_logging
+    from fmnist.utils.logsetup import setup_logging
 
     setup_logging(log_level)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the parent decides
-    from .checkpoint import CheckpointError
+    from fmnist.models.checkpoint import CheckpointError
 
     try:
         sock = _listen_socket(args.host, port)

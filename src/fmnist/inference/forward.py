@@ -7,7 +7,7 @@ import contextlib
 
 import torch
 
-from .models import FlipTTA
+from fmnist.models.networks import FlipTTA
 
 
 def bf16_fast(device: torch.device) -> bool:

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from .classes import IMAGE_SIZE
+from fmnist.classes import IMAGE_SIZE
 
 WORK = 256     # longest side of the working image; the item ends up <= 73 px, so 256 leaves ~3.5x
 SEG = 64       # longest side for GrabCut: its max-flow cost grows faster than its pixels; at 64 px

@@ -11,11 +11,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import checkpoint, data
-from .atomic import write_json, write_text
-from .classes import CLASS_NAMES
-from .inference import predict_logits
-from .runinfo import pick_device
+from fmnist import data
+from fmnist.models import checkpoint
+from fmnist.utils.atomic import write_json, write_text
+from fmnist.classes import CLASS_NAMES
+from fmnist.inference.forward import predict_logits
+from fmnist.utils.runinfo import pick_device
 
 
 def compute_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict:
@@ -113,7 +114,7 @@ def summary_text(m: dict) -> str:
 
 
 def _write_pictures(out: Path, m: dict, logits, images, labels) -> None:
-    from . import plots
+    from fmnist.evaluation import plots
 
     plots.confusion_matrix(np.array(m["confusion_matrix"]), out / "confusion_matrix.png")
     plots.mistakes(images.numpy(), labels.numpy(), torch.softmax(logits, 1).numpy(), out / "mistakes.png")

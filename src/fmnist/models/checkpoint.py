@@ -18,9 +18,9 @@ from pathlib import Path
 
 import torch
 
-from .atomic import torch_save
-from .classes import CLASS_NAMES, MEAN, NUM_CLASSES, STD
-from .models import create_model
+from fmnist.utils.atomic import torch_save
+from fmnist.classes import CLASS_NAMES, MEAN, NUM_CLASSES, STD
+from fmnist.models.networks import create_model
 
 FORMAT = "fmnist.checkpoint.v1"
 

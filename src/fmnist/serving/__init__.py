@@ -1,0 +1,1 @@
+"""The HTTP API and web page: FastAPI app, dynamic batching, request guards, the HTTP protocol layer."""
