@@ -18,8 +18,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", type=Path, default=ROOT / "docs" / "images" / "real-photos.png")
-    ap.add_argument("--photos", type=Path, default=ROOT / "photos" / "real")
+    ap.add_argument("--out", type=Path, default=ROOT / "docs" / "images" / "real-photos.png",
+                    help="where to write the PNG (default: docs/images/real-photos.png)")
+    ap.add_argument("--photos", default="real",
+                    help="a photo set by name (fmnist photos fetch real) or a folder with a manifest.csv (default: real)")
     args = ap.parse_args()
     held = realphotos.select(realphotos.read_manifest(args.photos), "heldout")
     pick, seen = [], set()

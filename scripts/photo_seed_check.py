@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
-"""Seed-to-seed spread of real-photo figures: several checkpoints on one split of photos/real,
-plus how many held-out hats (photos/outliers) and photos of no clothing come back unsure.
+"""Seed-to-seed spread of real-photo figures: several checkpoints on one split of the `real`
+photo set, plus how many held-out hats (`outliers`) and photos of no clothing (`nonclothing`)
+come back unsure. The sets must be on this machine (fmnist photos fetch real outliers nonclothing).
 
-    python scripts/photo_seed_check.py --out bench/cpu-photos/seed-check.json \
+    python scripts/photo_seed_check.py --out bench/cpu/photos/members.json \
         --model "NAME=RUN_DIR/best.pt" [--model ...]
 
 One model's figures move by several photos between seeds (122 held-out photos: one photo is
@@ -18,7 +19,6 @@ from fmnist.photos import realphotos
 from fmnist.inference.predict import Predictor
 from fmnist.utils.runinfo import environment
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _run_test_acc(path: Path):
@@ -29,12 +29,12 @@ def _run_test_acc(path: Path):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", action="append", required=True, help="NAME=CHECKPOINT (repeat)")
-    ap.add_argument("--split", default="heldout")
-    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--split", default="heldout", help="split of the real set: dev or heldout (default: heldout)")
+    ap.add_argument("--out", type=Path, required=True, help="JSON file to write")
     args = ap.parse_args()
-    real = realphotos.select(realphotos.read_manifest(ROOT / "photos" / "real"), args.split)
-    things = realphotos.read_manifest(ROOT / "photos" / "nonclothing")
-    hats = realphotos.select(realphotos.read_manifest(ROOT / "photos" / "outliers"), "heldout")
+    real = realphotos.select(realphotos.read_manifest("real"), args.split)
+    things = realphotos.read_manifest("nonclothing")
+    hats = realphotos.select(realphotos.read_manifest("outliers"), "heldout")
     res = {"environment": environment("cpu"), "measured": datetime.now(timezone.utc).isoformat(timespec="seconds"),
            "split": args.split, "models": {}}
     for spec in args.model:

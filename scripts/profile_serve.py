@@ -1,8 +1,8 @@
 """Where a served request's CPU time goes: `fmnist serve` under wrk load, sampled with py-spy.
 
-    python scripts/profile_serve.py --out bench/cpu-serve                 # this tree
-    git worktree add /tmp/base b1bae97                                    # the server before issue 12's work
-    python scripts/profile_serve.py --out bench/cpu-serve --before /tmp/base/src
+    python scripts/profile_serve.py --out bench/cpu/serve                 # this tree
+    git worktree add /tmp/base COMMIT                                     # an older server, to compare
+    python scripts/profile_serve.py --out bench/cpu/serve --before /tmp/base/src
 
 For each payload (the 12.8 KB product photo and the 28x28 PNG, multipart, as `fmnist bench
 serve` sends them) a server process runs at 32 wrk connections; py-spy samples its threads
@@ -11,8 +11,9 @@ by the first frame, from the innermost out, that a rule in PARTS matches. Also r
 server's and wrk's CPU seconds per request (/proc and rusage), which is what bounds requests/s
 on a machine whose cores the two share. Each thread's exact CPU time (/proc/PID/task) is split
 over the parts in proportion to that thread's samples: py-spy also counts a thread that is
-runnable but waiting for a core, which on 2 busy cores would overstate the waits. Appends a
-sitting to OUT/profile.json (earlier sittings stay) and writes every sitting into OUT/profile.md.
+runnable but waiting for a core, which on 2 busy cores would overstate the waits. Adds an
+entry to OUT/profile.json (earlier entries stay; see bench/README.md) and writes every entry
+into OUT/profile.md.
 Needs wrk (make wrk) and py-spy (pip install py-spy; in the dev extra).
 """
 
@@ -155,8 +156,8 @@ def profile_one(label: str, payload: loadtest.Payload, seconds: float, rate: int
             "top_functions": [{"frame": f, "percent_of_samples": 100 * n / n_leaves} for f, n in leaves.most_common(12)]}
 
 
-def render(profiles: list[dict], env: dict, sitting: int = 1) -> str:
-    lines = [f"# Where a served request's CPU time goes: sitting {sitting}", "",
+def render(profiles: list[dict], env: dict, run: int = 1) -> str:
+    lines = [f"# Where a served request's CPU time goes: run {run}", "",
              f"`python scripts/profile_serve.py` ({env['cpu']}, {env['cpu_count']} cores; torch {env['torch']}, "
              f"Python {env['python']}; fmnist commit `{(env['git_commit'] or '?')[:12]}`; {env['time']}). "
              "While wrk keeps 32 connections busy, each server thread's CPU time is read from /proc and "
@@ -193,17 +194,17 @@ def wait_for_quiet(limit_s: float = 180, idle_cores: float = 0.2) -> float:
 
 
 def before_env(src: str) -> dict:
-    """Environment to run the server from another src folder (the code before issue 12's work).
-    That code did not depend on uvloop: it is hidden, so uvicorn picks asyncio as it did then."""
+    """Environment to run the server from another src folder (an older version of it). uvloop is
+    hidden, so uvicorn picks asyncio, as servers from before uvloop was a dependency did."""
     shim = Path(tempfile.mkdtemp(prefix="no-uvloop-")) / "uvloop"
     shim.mkdir()
-    (shim / "__init__.py").write_text('raise ImportError("hidden: the code before issue 12 ran without uvloop")\n')
+    (shim / "__init__.py").write_text('raise ImportError("hidden: the server being compared ran without uvloop")\n')
     return dict(os.environ, PYTHONPATH=f"{shim.parent}{os.pathsep}{src}")
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", default="bench/cpu-serve", help="output folder (default: bench/cpu-serve)")
+    ap.add_argument("--out", default="bench/cpu/serve", help="output folder (default: bench/cpu/serve)")
     ap.add_argument("--seconds", type=float, default=12, help="py-spy sampling time per profile (default: 12)")
     ap.add_argument("--rate", type=int, default=250, help="py-spy samples per second (default: 250)")
     ap.add_argument("--before", metavar="SRC", default=None,
@@ -232,7 +233,7 @@ def main() -> int:
     sittings = json.loads(record.read_text())["sittings"]
     write_text(out / "profile.md", "\n".join(render(s["profiles"], s["environment"], i + 1)
                                              for i, s in enumerate(sittings)))
-    print(f"added sitting {n} to {record}; wrote {out / 'profile.md'}")
+    print(f"added entry {n} to {record}; wrote {out / 'profile.md'}")
     return 0
 
 

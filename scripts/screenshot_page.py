@@ -1,8 +1,11 @@
 """Screenshot of the web page classifying a rendered product photo (docs/images/web-page.png).
 
-    .venv/bin/python scripts/screenshot_page.py
+    .venv/bin/python scripts/screenshot_page.py [--out docs/images/web-page.png]
+
+Needs Debian's chromium (`make browser`) and Playwright (the dev extra).
 """
 
+import argparse
 import shutil
 import sys
 import tempfile
@@ -21,6 +24,9 @@ OUT = Path(__file__).resolve().parents[1] / "docs" / "images" / "web-page.png"
 
 
 def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, default=OUT, help=f"where to write the PNG (default: {OUT})")
+    out = ap.parse_args().out
     from playwright.sync_api import sync_playwright
 
     ds = data.load()
@@ -36,11 +42,11 @@ def main():
             page.wait_for_selector("#strip button")
             page.set_input_files("#file", str(photo))
             page.wait_for_function("document.getElementById('label').textContent.includes('%')")
-            page.screenshot(path=str(OUT), full_page=True)
+            page.screenshot(path=str(out), full_page=True)
             b.close()
     finally:
         proc.terminate()
-    print(f"wrote {OUT}")
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

@@ -2,6 +2,9 @@
 default model, with its test metrics and provenance, and write assets/MODEL_CARD.md beside it.
 
     python scripts/ship_model.py runs/<run>  [--command "fmnist train ..."]
+
+The run directory needs what `fmnist train` (or `fmnist ensemble`, then `fmnist evaluate`)
+leaves there: best.pt, metrics.json, environment.json and train_summary.json.
 """
 
 import argparse
@@ -19,7 +22,10 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("run_dir", type=Path)
     ap.add_argument("--command", default="fmnist train", help="the command that trained it (default: fmnist train)")
+    ap.add_argument("--assets", type=Path, default=ASSETS,
+                    help="folder to write default.pt and MODEL_CARD.md into (default: the package's assets)")
     args = ap.parse_args()
+    assets = args.assets
     ckpt = checkpoint.load(args.run_dir / "best.pt")
     m = json.loads((args.run_dir / "metrics.json").read_text())
     env = json.loads((args.run_dir / "environment.json").read_text())
@@ -27,12 +33,12 @@ def main():
     ckpt["metrics"] = {**ckpt["metrics"], "test_acc": m["test_acc"], "test_loss": m["test_loss"]}
     ckpt["provenance"] = {"command": args.command, "run": args.run_dir.name, "environment": env,
                           "train_seconds": summary["train_seconds"]}
-    checkpoint.save(ckpt, ASSETS / "default.pt")
+    checkpoint.save(ckpt, assets / "default.pt")
     # Temperature and unsure threshold: fitted on the run's validation split (as `fmnist train`
     # did), now also reporting the test ECE before and after for the card.
     from fmnist.evaluation.calibrate import calibrate
 
-    cal = calibrate(ASSETS / "default.pt")
+    cal = calibrate(assets / "default.pt")
     rep = m["classification_report"]
     rows = "\n".join(f"| {c} | {rep[c]['precision']:.4f} | {rep[c]['recall']:.4f} | {rep[c]['f1-score']:.4f} |"
                      for c in ckpt["class_names"])
@@ -72,8 +78,8 @@ def main():
 |---|---|---|---|
 {rows}
 """
-    write_text(ASSETS / "MODEL_CARD.md", card)
-    print(f"shipped {args.run_dir / 'best.pt'} -> {ASSETS / 'default.pt'} (test acc {m['test_acc']:.4f})")
+    write_text(assets / "MODEL_CARD.md", card)
+    print(f"shipped {args.run_dir / 'best.pt'} -> {assets / 'default.pt'} (test acc {m['test_acc']:.4f})")
 
 
 if __name__ == "__main__":

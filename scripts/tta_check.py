@@ -1,17 +1,16 @@
-"""Multi-crop test-time augmentation (issue 13's list): how much do 1-px shifts add to the flip
-average that every model is evaluated and served with? Paired: the same saved models, the same
-images, only the views averaged change. Choose on the validation columns; the test columns are
-for reporting.
+"""How much do one-pixel shifts add to the flip average at test time? Paired: the same saved
+models, the same images, only the views averaged change. Choose on the validation columns; the
+test columns are for reporting.
 
-    PYTHONPATH=src python scripts/tta_check.py RUN/best.pt [RUN/best.pt ...] --out bench/cpu/tta_check.json
-    python scripts/tta_check.py --table --out bench/cpu/tta_check.json    # docs/RESULTS.md's table
+    PYTHONPATH=src python scripts/tta_check.py RUN/best.pt [RUN/best.pt ...] --out bench/cpu/best-cpu/tta_check.json
+    python scripts/tta_check.py --table --out bench/cpu/best-cpu/tta_check.json    # every entry as a table
 
 Views (logits summed): "flip" = the image and its mirror (what the package does by default);
 "flip + 4 shifts" adds each of the two shifted by one pixel left, right, up and down (10 views,
 5x the inference; what a recipe with `--tta-shift` does). Each model is judged on its own run's
 validation split (the seed in its config); each split's row also records the seconds its 10
-views took (fp32, batches of 1000, the torch threads of the process). One sitting is appended to
-OUT per call.
+views took (fp32, batches of 1000, the torch threads of the process). Each call adds one entry
+to OUT (see bench/README.md); `scripts/results_tables.py --tta OUT` renders the last.
 """
 
 from __future__ import annotations
@@ -60,7 +59,7 @@ def check(path: str, ds) -> dict:
 
 
 def table(doc: dict) -> str:
-    lines = ["| sitting | model (its `fmnist bench` record) | seed | val: flip | val: + 4 shifts | gain | test: flip "
+    lines = ["| entry | model (its `fmnist bench` folder) | seed | val: flip | val: + 4 shifts | gain | test: flip "
              "| test: + 4 shifts | gain |",
              "|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     for n, s in enumerate(doc["sittings"], 1):
@@ -80,12 +79,12 @@ def main() -> None:
     if not args.checkpoints:
         ap.error("give at least one checkpoint")
     ds = data.load(download=False)
-    sitting = {"environment": environment("cpu"), "rows": []}
-    doc["sittings"].append(sitting)
+    entry = {"environment": environment("cpu"), "rows": []}
+    doc["sittings"].append(entry)
     for path in args.checkpoints:
-        sitting["rows"].append(check(path, ds))
+        entry["rows"].append(check(path, ds))
         write_json(out, doc)
-    print(table({"sittings": [sitting]}))
+    print(table({"sittings": [entry]}))
 
 
 if __name__ == "__main__":

@@ -65,7 +65,7 @@ def test_onnx(tmp_path, dataset):
 
 
 def test_serve(tmp_path):
-    """The serve part appends a sitting to serve.json (earlier sittings stay) instead of bench.json."""
+    """The serve part adds an entry to serve.json (earlier entries stay) instead of bench.json."""
     (tmp_path / "serve.json").write_text(json.dumps({"sittings": [{"an": "earlier sitting"}]}))
     assert main(["bench", "serve", "--dry-run", "--out", str(tmp_path)]) == 0
     doc = _strict((tmp_path / "serve.json").read_text())

@@ -1,4 +1,4 @@
-"""`fmnist bench accuracy`'s yardstick: one `seed` epoch timed in the same sitting, and every
+"""`fmnist bench accuracy`'s yardstick: one `seed` epoch timed in the same call, and every
 time-to-accuracy also given as a multiple of it (seed epochs). Tiny sizes; no timing is judged."""
 
 import json
@@ -38,7 +38,7 @@ def test_accuracy_runs_report_times_in_seed_epochs(tmp_path, dataset, one_thread
     assert "time_to_0.95_median_seed_epochs" in s and run["final_test_acc"] > 0.3  # it learned (chance: 0.1)
 
 
-def test_a_sitting_cut_off_mid_preset_keeps_the_seeds_it_finished(tmp_path, dataset, one_thread, monkeypatch,
+def test_a_call_cut_off_mid_preset_keeps_the_seeds_it_finished(tmp_path, dataset, one_thread, monkeypatch,
                                                                     caplog):
     """A cut-off (Ctrl-C, a session's end) during a preset's second seed: the first seed's run is
     already on disk in accuracy_partial.json, so a long preset loses one run at most."""
@@ -67,9 +67,9 @@ def _run(seed, wall, t93, ref, curve=None):
     return bench.in_seed_epochs({**r, "seed_epoch_seconds": ref}) if ref else r
 
 
-def test_seed_epoch_medians_are_over_each_runs_own_sitting():
-    """Runs appended from two sittings, the second on a machine twice as slow: each run is
-    divided by its own sitting's seed epoch, so the same work reads the same in seed epochs."""
+def test_seed_epoch_medians_are_over_each_runs_own_reference():
+    """Runs appended from two calls, the second on a machine twice as slow: each run is
+    divided by its own call's seed epoch, so the same work reads the same in seed epochs."""
     runs = [_run(0, 100, 80, 10.0), _run(1, 200, 160, 20.0), _run(2, 210, None, 20.0)]
     s = bench._summarise(runs)
     assert s["wall_seed_epochs_median"] == 10.0 and s["wall_seconds_median"] == 200
@@ -95,7 +95,7 @@ def _tables(tmp_path, report) -> str:
 
 
 def test_results_tables_show_seed_epochs_only_where_measured(tmp_path):
-    old = json.loads((ROOT / "bench" / "cpu" / "bench.json").read_text())
+    old = json.loads((ROOT / "bench" / "cpu" / "training" / "bench.json").read_text())
     old_md = _tables(tmp_path, {"accuracy": old["accuracy"]})
     assert "to 95 %" not in old_md and "x (" not in old_md and "Reference workload" not in old_md
     runs = [_run(s, 100 + s, 80.0, 10.0, curve=[(50.0, 0.93), (100.0, 0.951)]) for s in range(3)]
@@ -108,4 +108,4 @@ def test_results_tables_show_seed_epochs_only_where_measured(tmp_path):
     md = _tables(tmp_path, report)
     assert "| to 92 % | to 93 % | to 94 % | to 95 % |" in md
     assert "| `gpu` | 3 | 94.00 % | 94.00 ± 0.00 | 101 = 10.1x | 50.0 s = 5.0x (3/3) |" in md
-    assert "10.00 s at the start of the sitting, 11.00 s at its end" in md
+    assert "10.00 s at the start of the call, 11.00 s at its end" in md

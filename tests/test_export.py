@@ -150,7 +150,7 @@ def test_onnx_backend_needs_onnx_file():
 
 def test_server_session_uses_a_fixed_pool_that_does_not_spin(exported):
     """ORT's default (a thread per core, spinning between runs) made it lose to PyTorch in the
-    server under load (bench/cpu-serve); `fmnist serve` gives it one thread that sleeps."""
+    server under load (bench/cpu/serve); `fmnist serve` gives it one thread that sleeps."""
     opts = OnnxModel(exported[0], threads=1).session.get_session_options()
     assert opts.intra_op_num_threads == 1
     assert opts.get_session_config_entry("session.intra_op.allow_spinning") == "0"

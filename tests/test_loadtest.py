@@ -1,5 +1,5 @@
 """`fmnist bench serve`'s load test: wrk's output parsed exactly, a real wrk run and the
-Python fallback against a real server, sittings appended and never replaced."""
+Python fallback against a real server, record entries appended and never replaced."""
 
 import json
 import os
@@ -68,7 +68,7 @@ def test_photo_payload_is_about_12_8_kb():
     assert abs(len(photo.body) - loadtest.PHOTO_BYTES) < 600 and photo.content_type == "image/jpeg"
 
 
-def test_sittings_are_appended_never_replaced(tmp_path):
+def test_record_entries_are_appended_never_replaced(tmp_path):
     path = tmp_path / "serve.json"
     assert append_sitting(path, {"n": 1}) == 1
     assert append_sitting(path, {"n": 2}) == 2

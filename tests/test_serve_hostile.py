@@ -1,4 +1,4 @@
-"""Attacks on `fmnist serve` (issue 12), each against a real server process on loopback,
+"""Attacks on `fmnist serve`, each against a real server process on loopback,
 bounded in bytes and seconds."""
 
 import concurrent.futures

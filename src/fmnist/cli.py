@@ -323,13 +323,13 @@ def build_parser() -> argparse.ArgumentParser:
                                    "GFLOP/s per model, eager vs torch.compile, and (part 'accuracy') wall time to "
                                    "92/93/94/95%% test accuracy per preset and seed, in seconds and in seed epochs: "
                                    "multiples of one training epoch of the `seed` network, timed at the start of the "
-                                   "part, so that sittings on different machines compare. Writes bench.json and a "
+                                   "part, so that runs on different machines or days compare. Writes bench.json and a "
                                    "plot.")
     p.add_argument("parts", nargs="*", metavar="PART",
                    help="any of: throughput, accuracy, profile (where fast's training step spends its time), "
                         "photos (product-photo round trip), onnx (PyTorch vs ONNX "
                         "Runtime fp32/int8), serve (HTTP load test on loopback with wrk where installed, ~10 min: "
-                        "appends a sitting to OUT/serve.json) (default: throughput accuracy)")
+                        "adds an entry to OUT/serve.json) (default: throughput accuracy)")
     p.add_argument("--checkpoint", default=None,
                    help="model for the photos/onnx/serve parts (default: the shipped model)")
     p.add_argument("--real", metavar="SET", default=None,
@@ -352,7 +352,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "runs of the same preset (a seed run again replaces its old run), other parts measured "
                         "now replace theirs")
     p.add_argument("--epochs", default=None, help="override epochs per preset, e.g. 'best-cpu=20' (default: preset's)")
-    p.add_argument("--out", default="bench", help="output directory (default: bench)")
+    p.add_argument("--out", default="runs/bench", help="output directory; the repository's own records are in "
+                   "bench/cpu and bench/gpu (default: runs/bench)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: 0 = all cores)")
     p.add_argument("--device", default="auto",
                    help="device of the accuracy part and its seed-epoch reference (the throughput part runs on "

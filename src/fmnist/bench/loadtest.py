@@ -33,7 +33,7 @@ _log = logging.getLogger(__name__).info   # progress lines; the CLI's handler sh
 HOST = "127.0.0.1"  # never anything but loopback
 BOUNDARY = "fmnistloadtestboundary"
 PHOTO = "pullover-clean-002.jpg"  # a clean product photo of the `real` photo set, 400x534
-PHOTO_BYTES = 12_800              # re-encoded to about the size of the photo issue 12 measured with
+PHOTO_BYTES = 12_800              # re-encoded to about the size of a product photo on a web page
 
 
 @dataclass
@@ -347,7 +347,7 @@ def versions() -> dict:
 def run_all(checkpoint=None, photo_root: Path | None = None, levels=(1, 32), seconds: float = 15.0,
             warmup: float = 5.0, soak: tuple[int, float] = (64, 60.0), onnx: bool = True, tool: str = "auto",
             workers: int = 2, log=_log) -> dict:
-    """One sitting: the shipped defaults with PyTorch (and the soak), then ONNX Runtime fp32 and
+    """One benchmark call: the shipped defaults with PyTorch (and the soak), then ONNX Runtime fp32 and
     int8 (where onnxruntime is installed), then ONNX fp32 (else PyTorch) with `workers` worker
     processes (1: not measured; tests/test_serve_workers.py covers that path), each setting in
     its own server."""

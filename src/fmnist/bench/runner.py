@@ -7,7 +7,7 @@
   accuracy    times one training epoch of the `seed` network first (the reference workload), then
               trains each preset for each seed, evaluating the *test* set after every epoch for
               reporting only (nothing is chosen on it), and reports wall time to 92/93/94/95%, in
-              seconds and in "seed epochs" (multiples of the reference), so that sittings on
+              seconds and in "seed epochs" (multiples of the reference), so that runs on
               different machines, or on one machine whose speed drifts, can be compared
 
 Writes bench.json and time_to_accuracy.png into --out.
@@ -237,7 +237,7 @@ def time_to(curve, thresholds=THRESHOLDS) -> dict:
 
 
 def in_seed_epochs(run: dict) -> dict:
-    """The run's times as multiples of its sitting's reference (run["seed_epoch_seconds"]):
+    """The run's times as multiples of its call's reference (run["seed_epoch_seconds"]):
     adds wall_seed_epochs and time_to_seed_epochs (None where the threshold was not reached)."""
     ref = run["seed_epoch_seconds"]
     return {**run, "wall_seed_epochs": run["wall_seconds"] / ref,
@@ -362,8 +362,8 @@ def _summarise(runs) -> dict:
          "final_test_acc_mean": statistics.mean(accs),
          "final_test_acc_std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
          "wall_seconds_median": statistics.median(r["wall_seconds"] for r in runs)}
-    # Seed epochs where every run has its sitting's reference (runs appended from several
-    # sittings each carry their own, so the median is over per-run ratios).
+    # Seed epochs where every run has its call's reference (runs appended from several calls
+    # each carry their own, so the median is over per-run ratios).
     ratios = all("seed_epoch_seconds" in r for r in runs)
     if ratios:
         s["wall_seed_epochs_median"] = statistics.median(r["wall_seed_epochs"] for r in runs)
@@ -445,7 +445,7 @@ def run(args) -> int:
     if args.append:
         # Keep what an earlier run on this machine measured; parts measured now replace theirs,
         # and accuracy runs are added per preset and seed (a 35-minute preset's seeds need not
-        # all fit in one sitting). Each appended sitting's environment is kept beside the first.
+        # all fit in one call). Each appended call's environment is kept beside the first.
         try:
             report = json.loads((out / "bench.json").read_text())
         except FileNotFoundError:
@@ -460,7 +460,7 @@ def run(args) -> int:
         write_json(out / "bench.json", report)
     if "accuracy" in args.parts:
         epochs = dict(kv.split("=") for kv in args.epochs.split(",")) if args.epochs else {}
-        # the sitting's yardstick, before the long runs (--dry-run: a few hundred images of it)
+        # the call's yardstick, before the long runs (--dry-run: a few hundred images of it)
         ref = seed_epoch(args.device, **dry.get("seed_epoch", {}))
         acc = accuracy_runs(args.presets.split(","), seeds, out, {k: int(v) for k, v in epochs.items()},
                             overrides={"device": args.device, **dry.get("accuracy", {}).get("overrides", {})},
@@ -482,12 +482,12 @@ def run(args) -> int:
     if "onnx" in args.parts:
         report["onnx"] = onnx_backends(checkpoint_path=args.checkpoint, **dry.get("onnx", {}))
     if "serve" in args.parts:
-        # Its own file, one entry per sitting: an earlier sitting's figures are never replaced.
+        # Its own file, one entry per call: earlier figures are never replaced.
         from fmnist.utils.atomic import append_sitting
         from fmnist.bench.loadtest import run_all
         n = append_sitting(out / "serve.json", {"environment": env, **run_all(checkpoint=args.checkpoint,
                                                                              **dry.get("serve", {}))})
-        log.info(f"added sitting {n} to {out / 'serve.json'}")
+        log.info(f"added entry {n} to {out / 'serve.json'}")
         if set(args.parts) == {"serve"}:
             return 0
     write_json(out / "bench.json", report)
@@ -611,7 +611,7 @@ def photos(n: int = 2000, checkpoint_path=None, seed: int = 0, figure: Path | No
     classes = pred.class_names
     pp = np.array([classes.index(r.top[0][0]) if r.ok else -1 for r in res])
     # The same photos as shop listings (a brand line, a price badge, a text banner around them);
-    # its own generator, so the product photos above stay what earlier sittings measured.
+    # its own generator, so the product photos above stay what earlier calls measured.
     lrng = np.random.default_rng(seed + 1)
     listed = pred.predict([render_listing(s, lrng) for s in shots], top_k=1)
     pl = np.array([classes.index(r.top[0][0]) if r.ok else -1 for r in listed])

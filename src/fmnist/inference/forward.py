@@ -39,7 +39,7 @@ def eval_batch_size(device: torch.device) -> int:
     """Images per forward pass when only throughput matters. A GPU wants large batches; a CPU
     wants each layer's activations to stay in cache (a 1024-image batch of `fast`'s first layer
     is 100 MB in fp32): with malloc.keep_freed_memory, the test-set evaluation after training
-    took 1.8x less at 128 than at 1024 on the 2-core EPYC (scripts/cpu_memory_ab.py)."""
+    took 1.8x less at 128 than at 1024 on the 2-core EPYC (docs/decisions.md)."""
     return 128 if device.type == "cpu" else 1024
 
 

@@ -23,7 +23,7 @@ from fmnist.models.networks import ENSEMBLE
 
 
 # Said with every unsure verdict on a photo: on the held-out real photos, items alone on a plain
-# ground are right far more often than casual shots (docs/RESULTS.md, section 3), and pairs of
+# ground are right far more often than casual shots (docs/results.md), and pairs of
 # shoes shot from above are among the hardest (the dataset shows one shoe, from the side).
 PHOTO_TIP = "a photo of the item alone on a plain background (one shoe, from the side) works best"
 

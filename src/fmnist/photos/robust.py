@@ -37,7 +37,7 @@ WORK = 256     # longest side of the working image; the item ends up <= 73 px, s
 SEG = 64       # longest side for GrabCut: its max-flow cost grows faster than its pixels; at 64 px
                # (2.3x the 28 px output) the slowest real photos still convert within ~15 ms.
                # SEG 48 lost 2-7 points of dev accuracy for each of three `photo` models not
-               # trained on the dev photos (bench/cpu-photos/grabcut_dev_check.json).
+               # trained on the dev photos (docs/decisions.md).
 GRABCUT_ITERS = 1  # GrabCut's set-up and each iteration cost about the same (~0.6 ms here). One
                    # iteration instead of two gained 0.6-1.8 points of dev accuracy for each of
                    # those three models (paired: same model, same photos; they trained on photos

@@ -135,7 +135,7 @@ HOW_TO_SEND = ("send images as multipart/form-data field 'files' (curl -F files=
 async def _uploads(request: Request, cfg: ServeConfig) -> list[tuple[str, bytes]]:
     """(name, bytes) of each image in the request: the raw body (Content-Type image/*), or the
     multipart field `files`. A raw body skips multipart parsing and the upload's spooled file
-    (a few percent of a small image's CPU time: bench/cpu-serve/profile.md)."""
+    (a few percent of a small image's CPU time: bench/cpu/serve/profile.md)."""
     ctype = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
     if ctype.startswith(RAW_TYPES):
         return [("image", await request.body())]

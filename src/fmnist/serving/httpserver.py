@@ -12,7 +12,7 @@ size are RequestGuard's (guards.py), which works under any ASGI server.
 It is a mixin over either of uvicorn's HTTP/1.1 protocols: httptools (a C parser, the
 default where installed) or h11 (pure Python, always installed with uvicorn). Parsing and
 writing took 60-150 CPU us per request with h11 and 40 with httptools, uvicorn's protocol
-code included (bench/cpu-serve/profile.md). Why not another server: hypercorn and
+code included (bench/cpu/serve/profile.md). Why not another server: hypercorn and
 granian have read timeouts but are one more dependency and behave differently under load;
 this is ~60 lines on uvicorn's own protocols.
 """

@@ -26,10 +26,10 @@ class AugmentConfig:
 
 
 # The defaults are the `fast` recipe, the default preset: chosen on the validation split from
-# short trials on 2 cores (docs/RESULTS.md): bf16 autocast (2.3x on AMX CPUs, 1.5x on AVX512-BF16
-# ones), a light augmentation (1 px shifts + flips) since short runs underfit, lr 8e-3 beat 4e-3,
-# and AdamW beat SGD+Nesterov at 5 epochs. 9 epochs: ~15 s each on a 2-core AMD EPYC.
-# Issue 13's round 3 (docs/RESULTS.md) added three things that each lifted 3-epoch validation
+# short trials on 2 cores: bf16 autocast (2.3x on AMX CPUs, 1.5x on AVX512-BF16 ones), a light
+# augmentation (1 px shifts + flips) since short runs underfit, lr 8e-3 beat 4e-3, and AdamW beat
+# SGD+Nesterov at 5 epochs. 9 epochs: ~15 s each on a 2-core AMD EPYC. A search for a more
+# sample-efficient recipe (docs/decisions.md) added three things that each lifted 3-epoch validation
 # accuracy on all 3 seeds tried (together by 0.56 points on average; 94.03 % median test at 9
 # epochs against 93.82 % before): a frozen patch-whitening stem (models.PatchWhiten), Lookahead
 # every 5 steps, and batch 128 (twice the steps at nearly the same images/s). The other presets
@@ -62,7 +62,7 @@ class TrainConfig:
     amp: str = flag("auto", "bf16 mixed precision; auto = on where the hardware runs bf16 fast (CUDA, CPUs with "
                             "AMX/AVX512-BF16)", choices=["auto", "bf16", "off"])
     compile: bool = flag(False, "torch.compile the model (measured slower end to end on 2 CPU cores; "
-                                "docs/RESULTS.md)")
+                                "docs/results.md)")
     compile_mode: str = flag("default", "torch.compile mode with --compile: reduce-overhead replays CUDA graphs "
                                         "(cuts the per-step launch cost of small models on a GPU), max-autotune "
                                         "also searches kernels (minutes of compiling)",
@@ -123,29 +123,29 @@ PRESETS: dict[str, dict] = {
     "fast": dict(),
     # photo: fast (as PINNED) plus real-photo artefacts on a fifth of the images and shoe pairs, 18 epochs to
     # pay for the harder task: against 12, 18 lifted 28x28 test accuracy by ~0.5 points for each of
-    # three seeds and left real-photo accuracy level (scripts/photo_cv.py, sitting 4). Artefacts on
-    # 40% of images lowered test accuracy by ~0.5 points and helped no photos (sitting 5). fast's
-    # whitened stem, Lookahead and batch 128 (sitting 10): 383 and 364 photos right against 361 and
-    # 372 for seeds 0 and 1, short of the rule set before it ran, so photo stays PINNED.
+    # three seeds and left real-photo accuracy level (scripts/photo_cv.py). Artefacts on 40% of
+    # images lowered test accuracy by ~0.5 points and helped no photos. fast's whitened stem,
+    # Lookahead and batch 128: 383 and 364 photos right against 361 and 372 for seeds 0 and 1,
+    # short of the rule set before it ran, so photo stays PINNED (docs/decisions.md).
     # The shipped model is an ensemble of seeds 0-2 of it with --real-photos
-    # real,train,outliers --split-seed 0 (`fmnist ensemble`; docs/RESULTS.md,
-    # section 3): 376 pool photos against 361-372 for its members (photo_cv sittings 12-13).
+    # real,train,outliers --split-seed 0 (`fmnist ensemble`; docs/decisions.md): 376 of the 507
+    # photos scripts/photo_cv.py judges by, against 361-372 for its members.
     "photo": dict(PINNED, epochs=18, augment=dict(photo=0.2, pairs=0.2)),
     # best-cpu: 4x the width of fast and a longer schedule with stronger augmentation and a
     # weight EMA, sized for ~30 minutes on 2 cores from wide's ~680 img/s in bf16 on a 2-core
     # AMD EPYC; with augmentation and EMA, 3 seeds measured 1,970-2,157 s there (94.46% median test).
-    # With fast's whitened stem and Lookahead it got 94.32 % (median of 3, bench/cpu-accuracy-5):
+    # With fast's whitened stem and Lookahead it got 94.32 % (median of 3, docs/decisions.md):
     # below the rule's 94.46 %, so it stays PINNED. Shift TTA (10 views at evaluation and serving):
-    # validation +0.02 / +0.25 / +0.00 for seeds 3-5 (the rule, decision17, set before they ran),
+    # validation +0.02 / +0.25 / +0.00 for seeds 3-5 (the rule was set before they ran),
     # test 94.58 / 94.55 / 94.64 % against 94.30 / 94.44 / 94.47 % with the flip alone
-    # (bench/cpu-accuracy-8, bench/cpu/tta_check.json sitting 3).
+    # (bench/cpu/best-cpu/tta_check.json, docs/results.md).
     "best-cpu": dict(PINNED, model="wide", epochs=20, lr=4e-3, warmup=0.15, ema=0.999, augment=dict(translate=2, erase=0.25),
                      tta_shift=True),
     # gpu: the default on CUDA: batch 1024 to cut the steps (a step of `fast` at batch 128 and of
     # `wide` at batch 1024 both cost ~5.5 ms on an H200: launch-bound), the 4x wider `wide` network,
     # best-cpu's lr scaled by sqrt(1024/256). bf16 autocast, channels-last and the dataset on the
     # device come with the defaults; fused AdamW on CUDA (train.optimizer_options); no host sync
-    # inside a step (gpu_sitting.py syncs). Measured on one H200 (docs/RESULTS.md, section 1, GPU):
+    # inside a step (scripts/gpu_bench.py syncs). Measured on one H200 (docs/results.md, GPU):
     # 12 epochs ended at 93.84 % (median of 3) in 4 s; 15 epochs, the schedule a 5 s budget holds at
     # ~0.3 s an epoch, reached 94 % after 4.7 s and ended at 94.18 % (median of 3). CUDA graphs
     # (--compile --compile-mode reduce-overhead) made epochs ~1.2x faster but cost ~30 s of
@@ -156,7 +156,7 @@ PRESETS: dict[str, dict] = {
     # strong augmentation and weight EMA of best-cpu, more erasing. Measured on one H200: 60 epochs
     # ended at 95.39 % after 130 s of training and validation (2.2 s an epoch), so the schedule was
     # lengthened to the 180 epochs the 10 minutes hold (~390 s on an H200, room for a slower H100).
-    # 180 epochs is NOT YET MEASURED: the sitting that ran it was cut off by the device time limit.
+    # 180 epochs is NOT YET MEASURED: the run was cut off by the time limit of the GPU it had.
     "best-gpu": dict(PINNED, model="wrn", epochs=180, batch_size=512, lr=4e-3, warmup=0.1, ema=0.999,
                      augment=dict(translate=2, erase=0.5)),
 }

@@ -2,7 +2,7 @@
 checkpoint, which predict, serve, evaluate and export use like any other.
 
 Why: three seeds of the photo recipe get 73.0 to 79.5 % of the held-out real photos
-(docs/RESULTS.md, section 3), and averaging seeds removes much of that luck. What it costs: one
+(docs/results.md), and averaging seeds removes much of that luck. What it costs: one
 forward pass per member, so inference takes n times as long.
 
 The members must share an architecture and a validation split (`fmnist train --split-seed`), so

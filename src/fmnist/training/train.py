@@ -114,7 +114,7 @@ class EMA:
 class Lookahead:
     """Lookahead (Zhang et al. 2019) around any optimizer: every k steps the slow weights move
     halfway to where the optimizer took the weights, and training goes on from the slow ones.
-    Short runs gain from it (issue 13's search, docs/RESULTS.md): the steps of a high learning
+    Short runs gain from it (docs/decisions.md): the steps of a high learning
     rate are averaged rather than taken at face value. Buffers (BatchNorm statistics) are left
     to the model."""
 

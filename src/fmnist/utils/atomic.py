@@ -81,7 +81,7 @@ def read_record(path: str | Path) -> dict:
 
 
 def append_sitting(path: str | Path, sitting: dict) -> int:
-    """Add one sitting to a benchmark record `path` ({"sittings": [...]}); earlier sittings stay,
+    """Add one entry to a benchmark record `path` ({"sittings": [...]}); earlier entries stay,
     so a new measurement adds to the record instead of erasing it. -> how many now."""
     doc = read_record(path)
     doc["sittings"].append(sitting)

@@ -4,8 +4,8 @@ bench accuracy/throughput).
 glibc hands every freed block over its (dynamic) mmap threshold back to the kernel at once,
 and trims the heap top as soon as 128 KiB is free. Training and evaluation free and re-allocate
 a few large activation blocks every batch, so each batch gets fresh pages that the kernel must
-fault in and zero. scripts/cpu_memory_ab.py measures this together with evaluation batches of
-128 (bench/cpu/memory_ab.json): on the 2-core EPYC the process's system time fell from 8.1 s to
+fault in and zero. Measured together with evaluation batches of 128 (docs/decisions.md): on
+the 2-core EPYC the process's system time fell from 8.1 s to
 0.6 s, a `fast` epoch took 4 % less and the test-set evaluation after training 1.8x less. The
 price is that the process keeps its peak heap until it exits, which is why the server and
 `predict` do not call this.
