@@ -1,26 +1,26 @@
 """Judge a change to the photo model on ~500 real photos instead of the 162 dev photos.
 
-    PYTHONPATH=src python scripts/photo_cv.py --out bench/cpu-photos/photo_cv.json [--seeds 0,1,2] \
+    PYTHONPATH=src python scripts/photo_cv.py --out bench/cpu/photos/photo_cv.json [--seeds 0,1,2] \
         [--name NAME] [--set KEY=VALUE ...] [--keep DIR]
-    PYTHONPATH=src python scripts/photo_cv.py --out bench/cpu-photos/photo_cv.json --ensemble RUN RUN ... --name NAME
-    python scripts/photo_cv.py --out bench/cpu-photos/photo_cv.json --table
+    PYTHONPATH=src python scripts/photo_cv.py --out bench/cpu/photos/photo_cv.json --ensemble RUN RUN ... --name NAME
+    python scripts/photo_cv.py --out bench/cpu/photos/photo_cv.json --table
 
 Two models of one `photo` recipe differ by up to 8 points on the 162 dev photos, so one run says
 little about a change. Here a fixed third of the `train` photo set (the fold: SHA-256 of the file name mod
 3 == 0, 345 photos) is kept out of training and scored beside the dev photos: `photo` models
 train on the rest of it and on the `outliers` set (never on dev or held-out photos), and
-each is scored on the pool of dev + fold photos. `--set` gives overrides of the `photo` preset
+each is scored on the scoring set: dev + fold photos. `--set` gives overrides of the `photo` preset
 (TrainConfig and AugmentConfig fields by name, values as JSON: --set epochs=15 --set photo=0.3).
-Run the same seeds with and without the change, in the same way, and compare pool accuracy per
+Run the same seeds with and without the change, in the same way, and compare scoring-set accuracy per
 seed. The held-out split is never read.
 
 `--score` trains nothing either: it scores kept runs one by one, and with `--conversion` (fields
-of robust.RobustOptions, as --set takes them) converts the pool with other settings than the
-default, so that a change to the conversion alone is judged on models that never saw the pool.
+of robust.RobustOptions, as --set takes them) converts the scoring set with other settings than the
+default, so that a change to the conversion alone is judged on models that never saw those photos.
 
-`--ensemble` trains nothing: it scores the average of runs a sitting kept (`--keep`) as
+`--ensemble` trains nothing: it scores the average of runs an earlier call kept (`--keep`) as
 `fmnist ensemble` makes it (uncalibrated: temperature scaling changes no answer), so it can be
-set beside those runs one by one. One sitting is appended to OUT and rewritten after each model,
+set beside those runs one by one. One entry is appended to OUT and rewritten after each model,
 so a cut-off keeps what was measured. Each model takes about 7 minutes on the 2-core VM (18 epochs).
 """
 
@@ -75,14 +75,14 @@ def train_without_fold(into: Path) -> Path:
     return into
 
 
-def pool() -> list[realphotos.Photo]:
+def scoring_set() -> list[realphotos.Photo]:
     dev = realphotos.select(realphotos.read_manifest("real"), "dev")
     fold = [p for p in realphotos.read_manifest("train") if in_fold(p.path.name) and p.label in CLASS_NAMES]
     return dev + fold
 
 
 def score(checkpoint: Path, photos: list, images: np.ndarray, test) -> dict:
-    """Right answers on the pool, by source and kind, and the model's 28x28 test accuracy."""
+    """Right answers on the scoring set, by source and kind, and the model's 28x28 test accuracy."""
     predictor = Predictor(checkpoint)
     test_acc = float((predictor.probabilities(test[0]).argmax(1) == test[1]).mean())
     right = predictor.probabilities(images).argmax(1) == np.array([CLASS_NAMES.index(p.label) for p in photos])
@@ -97,7 +97,7 @@ def score(checkpoint: Path, photos: list, images: np.ndarray, test) -> dict:
 
 
 def table(doc: dict) -> str:
-    out = ["| sitting | name | overrides | seed | pool (dev + fold) | dev | fold | clean | casual | 28x28 test |",
+    out = ["| entry | name | overrides | seed | scoring set (dev + fold) | dev | fold | clean | casual | 28x28 test |",
            "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for i, s in enumerate(doc["sittings"], 1):
         for m in s["models"]:
@@ -127,17 +127,17 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default: 0,1,2)")
-    ap.add_argument("--name", default="photo", help="what this sitting tries (default: photo)")
+    ap.add_argument("--name", default="photo", help="what this entry tries (default: photo)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override of the photo preset")
     ap.add_argument("--ensemble", nargs="+", type=Path, metavar="RUN",
                     help="score the ensemble of these kept runs instead of training (--seeds and --set unused)")
     ap.add_argument("--score", nargs="+", type=Path, metavar="RUN",
                     help="score these kept runs one by one instead of training (--seeds and --set unused)")
     ap.add_argument("--conversion", action="append", default=[], metavar="KEY=VALUE",
-                    help="with --score or --ensemble: a robust.RobustOptions field for the pool's conversion "
+                    help="with --score or --ensemble: a robust.RobustOptions field for the scoring set's conversion "
                          "(default: the default conversion)")
     ap.add_argument("--keep", type=Path, metavar="DIR",
-                    help="keep the trained runs under DIR (default: deleted with the sitting's temporary folder)")
+                    help="keep the trained runs under DIR (default: deleted with this call's temporary folder)")
     args, out, doc = parse_or_print_table(ap, table)
     overrides = parse_set(args.set)
     try:
@@ -153,7 +153,7 @@ def main() -> None:
     except TypeError as e:
         raise SystemExit(f"error: --conversion: {e}") from None
     keep_freed_memory()   # as `fmnist train` runs
-    photos = pool()
+    photos = scoring_set()
     images = np.stack([preprocess(p.path, options=options).image for p in photos])
     ds = data.load()
     test = (ds.test_images.numpy(), ds.test_labels.numpy())
@@ -172,7 +172,7 @@ def main() -> None:
             row = {"seed": seeds, "run": [str(r) for r in args.ensemble], **score(Path(made["checkpoint"]), photos, images, test)}
         sitting["models"].append(row)
         write_json(out, doc)
-        print(f"ensemble of seeds {seeds}: pool {row['pool_acc']:.1%} ({row['pool_right']}/{row['pool_n']}), "
+        print(f"ensemble of seeds {seeds}: scoring set {row['pool_acc']:.1%} ({row['pool_right']}/{row['pool_n']}), "
               f"28x28 test {row['test_acc']:.2%}", flush=True)
         return
     if args.score:
@@ -181,7 +181,7 @@ def main() -> None:
             row = {"seed": seed, "run": str(run), **score(run / "best.pt", photos, images, test)}
             sitting["models"].append(row)
             write_json(out, doc)
-            print(f"seed {seed}: pool {row['pool_acc']:.1%} ({row['pool_right']}/{row['pool_n']}), "
+            print(f"seed {seed}: scoring set {row['pool_acc']:.1%} ({row['pool_right']}/{row['pool_n']}), "
                   f"28x28 test {row['test_acc']:.2%}", flush=True)
         return
     with tempfile.TemporaryDirectory() as tmp:
@@ -193,7 +193,7 @@ def main() -> None:
             row = {"seed": seed, "run": str(run_dir) if args.keep else run_dir.name, **score(run_dir / "best.pt", photos, images, test)}
             sitting["models"].append(row)
             write_json(out, doc)
-            print(f"seed {seed}: pool {row['pool_acc']:.1%} ({row['pool_right']}/{row['pool_n']}), "
+            print(f"seed {seed}: scoring set {row['pool_acc']:.1%} ({row['pool_right']}/{row['pool_n']}), "
                   f"dev {row['dev_right']}/{row['dev_n']}, fold {row['fold_right']}/{row['fold_n']}, "
                   f"28x28 test {row['test_acc']:.2%}", flush=True)
 
