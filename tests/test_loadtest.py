@@ -7,6 +7,7 @@ import shutil
 
 import pytest
 
+from conftest import photo_dir
 from fmnist.bench import loadtest
 from fmnist.utils.atomic import append_sitting
 
@@ -64,7 +65,7 @@ def test_python_client_against_a_real_server(server_port):
 
 
 def test_photo_payload_is_about_12_8_kb():
-    (photo,) = [p for p in loadtest.payloads(None) if p.name == "photo-raw"]
+    (photo,) = [p for p in loadtest.payloads(photo_dir("real")) if p.name == "photo-raw"]
     assert abs(len(photo.body) - loadtest.PHOTO_BYTES) < 600 and photo.content_type == "image/jpeg"
 
 
