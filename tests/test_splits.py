@@ -35,3 +35,22 @@ def test_the_largest_contributors_stay_in_training_and_the_rule_is_fixed():
     assert sets.contributor_of(row) == "clothing-dataset/7"
     assert sets.contributor_of(sets.Row("y.jpg", "none", "nonclothing", "dev", "0" * 64,
                                         source="https://raw.githubusercontent.com/a/b/c/d.jpg")) == "a/b"
+
+
+def test_training_reads_no_held_out_contributor(tmp_path):
+    """The `train` set's rows of held-out contributors are heldout, and --real-photos skips them."""
+    import shutil
+
+    from conftest import photo_dir
+    from fmnist.training.train import real_training_images
+
+    src = photo_dir("train")
+    rows = sets.manifest("train")
+    pick = [next(r for r in rows if r.split == "train"), next(r for r in rows if r.split == "heldout")]
+    with open(tmp_path / "manifest.csv", "w", newline="") as f:
+        f.write(",".join(sets.COLUMNS) + "\n")
+        for r in pick:
+            shutil.copy(src / r.file, tmp_path / r.file)
+            f.write(",".join([r.file, r.label, r.kind, r.split, r.sha256] + [""] * (len(sets.COLUMNS) - 5)) + "\n")
+    x, y = real_training_images(str(tmp_path))
+    assert len(x) == 1
