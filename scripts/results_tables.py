@@ -254,6 +254,42 @@ def shipped_photos(new: dict, members: dict | None = None) -> str:
     return "\n".join(out)
 
 
+SCORE_NAMES = {"msp": "calibrated top probability (msp)", "energy": "energy (logsumexp of the logits)",
+               "mahalanobis": "Mahalanobis distance to class means (penultimate features)",
+               "knn": "distance to the 10th nearest training feature (k-NN)"}
+
+
+def detectors(doc: dict, name: str) -> str:
+    """scripts/photo_detectors.py: one model on the contributor-disjoint held-out photos: accuracy
+    per kind, set and class, then each not-clothing score."""
+    e = doc[name]
+    a, c = e["accuracy"], e["counts"]
+    skip = (f" Photos the model trained on under the per-file split of commit `{e['trained_on_ref']}` are left "
+            f"out." if e.get("trained_on_ref") else "")
+    out = [f"Entry `{name}`; environment: {environment(e['environment'])}. 28x28 test accuracy of the model: "
+           f"{pct(e.get('test_acc_28x28'))}.{skip} Held-out: {c['heldout_clothing']} clothing photos, "
+           f"{c['heldout_other']} of no class of ours; dev: {c['dev_clothing']} clothing, {c['dev_other']} not clothing.", "",
+           "| held-out clothing photos | right |", "|---|---:|", f"| **all** | {_cell(a)} |"]
+    out += [f"| {k} | {_cell(v)} |" for k, v in a["per_kind"].items()]
+    out += [f"| from set `{k}` | {_cell(v)} |" for k, v in a["per_set"].items()]
+    out += [f"| {k} | {_cell(v)} |" for k, v in a["per_class"].items()]
+    u = e["in_use"]
+    out += ["", f"In use today (no item found, or calibrated top probability under {u['threshold']:.0%}): "
+                f"{u['heldout_clothing']['unsure']}/{u['heldout_clothing']['n']} held-out clothing photos unsure "
+                f"({u['heldout_clothing']['fraction']:.0%}), {u['heldout_other']['unsure']}/{u['heldout_other']['n']} "
+                f"held-out photos of no class of ours ({u['heldout_other']['fraction']:.0%}); answers it is sure of "
+                f"are right {pct(a.get('acc_when_sure'))} of the time.", "",
+           "| score | held-out AUROC | not clothing accepted at 95 % of clothing kept | dev AUROC | "
+           "threshold keeping 95 % of dev clothing: held-out clothing / not clothing unsure | "
+           "keeping 85 % of dev: clothing / not clothing unsure |", "|---|---:|---:|---:|---:|---:|"]
+    for k, d in e["detectors"].items():
+        f = lambda x: f"{x['unsure']}/{x['n']} ({x['fraction']:.0%})"  # noqa: E731
+        out.append(f"| {SCORE_NAMES.get(k, k)} | {d['auroc']:.3f} | {d['accepted_at_95_kept']:.0%} | {d['dev_auroc']:.3f} | "
+                   f"{f(d['heldout_clothing_unsure'])} / {f(d['heldout_other_unsure'])} | "
+                   f"{f(d['ship_heldout_clothing_unsure'])} / {f(d['ship_heldout_other_unsure'])} |")
+    return "\n".join(out)
+
+
 def seed_check(sc):
     """scripts/photo_seed_check.py: the same held-out figures for several models."""
     out = [f"Split `{sc['split']}`; {environment(sc['environment'])}.", "",
@@ -401,6 +437,8 @@ def main(argv=None):
     mode.add_argument("--tta", action="store_true", help="JSON is scripts/tta_check.py's record")
     mode.add_argument("--photos", action="store_true",
                       help="JSON is `fmnist bench photos --real` for one model, then optionally photo_seed_check.py's record")
+    mode.add_argument("--detectors", metavar="ENTRY",
+                      help="JSON is scripts/photo_detectors.py's record; show this entry")
     mode.add_argument("--serve", action="store_true", help="JSON is `fmnist bench serve`'s serve.json")
     mode.add_argument("--serve-profile", action="store_true", help="JSON is scripts/profile_serve.py's profile.json")
     mode.add_argument("--epoch-times", action="store_true", help="first epoch against the others, per run")
@@ -427,6 +465,8 @@ def main(argv=None):
             print(source + tta(_load(args.files[0])["sittings"][-1]))
         elif args.photos:
             print(source + shipped_photos(_load(args.files[0]), _load(args.files[1]) if len(args.files) > 1 else None))
+        elif args.detectors:
+            print(source + detectors(_load(args.files[0]), args.detectors))
         elif args.serve:
             entry = _load(args.files[0])["sittings"][-1]
             print(f"{source}Environment: {environment(entry['environment'])}.\n\n{serve_record(entry['settings'])}")
