@@ -7,7 +7,7 @@ Held-out clothing: the `heldout` rows of the `real` and `train` sets; held-out n
 `heldout` rows of `nonclothing` and `outliers` (hats, gloves). With --trained-on, a photo whose split
 in the manifests at that commit was `dev` or `train` in a set the model trained on (--trained-sets) is
 left out: a model trained on the earlier per-file split (the shipped one) trained on it. Scores (fmnist.inference.notclothing): msp (the
-calibrated top probability, what the Predictor uses), energy, mahalanobis and knn (penultimate
+calibrated top probability, what the Predictor uses), energy, agreement, mahalanobis and knn (penultimate
 features; fitted on the `train` set's train rows plus --fit-images Fashion-MNIST training images).
 Per score: AUROC and the share of non-clothing accepted when 95 % of clothing is kept, on held-out;
 AUROC on dev (the `real` set's dev photos against the `nonclothing` set's dev rows: what a score is
@@ -32,6 +32,7 @@ import torch
 from fmnist import data
 from fmnist.classes import CLASS_NAMES
 from fmnist.inference import notclothing as nc
+from fmnist.inference.forward import predict_logits
 from fmnist.inference.predict import Predictor, default_checkpoint
 from fmnist.photos import realphotos, sets
 from fmnist.utils.atomic import read_record, write_json
@@ -126,7 +127,10 @@ def main() -> None:
             continue
         probs = predictor.probabilities(v["images"])
         logits, feats = nc.outputs(model, v["images"])
-        s = {"msp": probs.max(1), "energy": nc.energy(logits), "mahalanobis": maha(feats), "knn": knn(feats)}
+        out = predict_logits(model, torch.from_numpy(v["images"]), tta_flip=predictor.tta_flip,
+                             tta_shift=predictor.tta_shift).numpy()
+        s = {"msp": probs.max(1), "energy": nc.energy(logits), "agreement": nc.agreement(out),
+             "mahalanobis": maha(feats), "knn": knn(feats)}
         # no item found: unsure under every score (the Predictor says so before any score)
         scores[g] = {k: np.where(v["found"], x, -np.inf) for k, x in s.items()}
         v["probs"] = probs

@@ -255,6 +255,7 @@ def shipped_photos(new: dict, members: dict | None = None) -> str:
 
 
 SCORE_NAMES = {"msp": "calibrated top probability (msp)", "energy": "energy (logsumexp of the logits)",
+               "agreement": "logsumexp of the ensemble's output (members' agreement)",
                "mahalanobis": "Mahalanobis distance to class means (penultimate features)",
                "knn": "distance to the 10th nearest training feature (k-NN)"}
 

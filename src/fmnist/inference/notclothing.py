@@ -5,6 +5,10 @@ only says how the ten classes compete: a cheeseburger that looks more like a San
 else gets a high one. The alternatives measured against it (scripts/photo_detectors.py):
 
   energy       logsumexp of the raw logits (Liu et al. 2020), averaged over ensemble members
+  agreement    logsumexp of the model's own output: for one network its energy; for an ensemble
+               (whose output is the members' mean log-softmax) the log of the summed geometric mean
+               of the members' probabilities, high only when they agree and are sure. It needs
+               nothing but the output, so an exported ONNX model gives it too
   mahalanobis  minus the smallest Mahalanobis distance of the penultimate features to a class
                mean, with one shared covariance (Lee et al. 2018), fitted on training images
   knn          minus the distance of the L2-normalised penultimate features to their k-th nearest
@@ -21,7 +25,7 @@ import torch.nn.functional as F
 
 from fmnist.inference.forward import to_input
 
-SCORES = ("msp", "energy", "mahalanobis", "knn")
+SCORES = ("msp", "energy", "agreement", "mahalanobis", "knn")
 KNN_K = 10   # of ~10k reference features; Sun et al. use k=50 of 50k CIFAR images, the same share
 
 
@@ -45,6 +49,11 @@ def outputs(model: torch.nn.Module, images: np.ndarray, batch: int = 256) -> tup
         logits.append(np.concatenate(lo))
         feats.append(np.concatenate(fe))
     return logits, feats
+
+
+def agreement(output_logits: np.ndarray) -> np.ndarray:
+    """(N, 10) the model's output (before temperature) -> (N,) logsumexp."""
+    return torch.logsumexp(torch.from_numpy(np.asarray(output_logits, np.float32)), 1).numpy()
 
 
 def energy(logits: list[np.ndarray]) -> np.ndarray:
