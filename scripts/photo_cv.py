@@ -1,15 +1,16 @@
-"""Judge a change to the photo model on ~500 real photos instead of the 162 dev photos.
+"""Judge a change to the photo model on photos of people it never saw, across seeds.
 
     PYTHONPATH=src python scripts/photo_cv.py --out bench/cpu/photos/photo_cv.json [--seeds 0,1,2] \
         [--name NAME] [--set KEY=VALUE ...] [--keep DIR]
     PYTHONPATH=src python scripts/photo_cv.py --out bench/cpu/photos/photo_cv.json --ensemble RUN RUN ... --name NAME
     python scripts/photo_cv.py --out bench/cpu/photos/photo_cv.json --table
 
-Two models of one `photo` recipe differ by up to 8 points on the 162 dev photos, so one run says
-little about a change. Here a fixed third of the `train` photo set (the fold: SHA-256 of the file name mod
-3 == 0, 345 photos) is kept out of training and scored beside the dev photos: `photo` models
-train on the rest of it and on the `outliers` set (never on dev or held-out photos), and
-each is scored on the scoring set: dev + fold photos. `--set` gives overrides of the `photo` preset
+Two models of one `photo` recipe differ by up to 8 points on the dev photos, so one run says
+little about a change. Here the photos are folded as the held-out split is drawn, by contributor: the
+fold is the contributors with sha256(contributor) mod 3 == 0 (the two with more than 100 photos stay in
+training, as in the split rule), and the scoring set is their photos of the `real` set's dev rows and
+the `train` set's train rows. `photo` models train on the other contributors' `train` and `outliers`
+train rows (never on dev or held-out photos), so every scored photo is of a person the model never saw. `--set` gives overrides of the `photo` preset
 (TrainConfig and AugmentConfig fields by name, values as JSON: --set epochs=15 --set photo=0.3).
 Run the same seeds with and without the change, in the same way, and compare scoring-set accuracy per
 seed. The held-out split is never read.
@@ -53,18 +54,21 @@ from _records import parse_or_print_table
 FOLDS = 3
 
 
-def in_fold(name: str) -> bool:
-    """The fold kept out of training: fixed by the file name alone, so every run keeps the same one."""
-    return int(hashlib.sha256(name.encode()).hexdigest(), 16) % FOLDS == 0
+def in_fold(contributor: str, per_contributor=None) -> bool:
+    """The fold kept out of training: fixed by the contributor alone, so every run keeps the same one."""
+    per_contributor = per_contributor if per_contributor is not None else sets.contributor_counts(list(sets.OPEN_SPLIT))
+    return (int(hashlib.sha256(contributor.encode()).hexdigest(), 16) % FOLDS == 0
+            and per_contributor[contributor] <= sets.LARGE_CONTRIBUTOR)
 
 
-def train_without_fold(into: Path) -> Path:
-    """The `train` photo set minus the fold, as a folder `--real-photos` reads: the kept rows of its
-    manifest, and links to their files (the manifest's SHA-256 still checks each one)."""
-    train_dir = sets.resolve("train").folder
-    with open(sets.MANIFESTS / "train" / "manifest.csv", newline="") as f:
+def train_without_fold(into: Path, name: str = "train") -> Path:
+    """The train rows of photo set `name` of contributors outside the fold, as a folder `--real-photos`
+    reads: the kept rows of its manifest, and links to their files (the manifest's SHA-256 still checks each one)."""
+    train_dir = sets.resolve(name).folder
+    with open(sets.MANIFESTS / name / "manifest.csv", newline="") as f:
         rows = list(csv.DictReader(f))
-    kept = [r for r in rows if not in_fold(r["file"])]
+    per = sets.contributor_counts(list(sets.OPEN_SPLIT))
+    kept = [r for r in rows if r["split"] == "train" and not in_fold(r["contributor"], per)]
     into.mkdir(parents=True, exist_ok=True)
     with open(into / "manifest.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
@@ -76,8 +80,10 @@ def train_without_fold(into: Path) -> Path:
 
 
 def scoring_set() -> list[realphotos.Photo]:
-    dev = realphotos.select(realphotos.read_manifest("real"), "dev")
-    fold = [p for p in realphotos.read_manifest("train") if in_fold(p.path.name) and p.label in CLASS_NAMES]
+    per = sets.contributor_counts(list(sets.OPEN_SPLIT))
+    dev = [p for p in realphotos.select(realphotos.read_manifest("real"), "dev") if in_fold(p.contributor, per)]
+    fold = [p for p in realphotos.select(realphotos.read_manifest("train"), "train")
+            if in_fold(p.contributor, per) and p.label in CLASS_NAMES]
     return dev + fold
 
 
@@ -158,7 +164,7 @@ def main() -> None:
     ds = data.load()
     test = (ds.test_images.numpy(), ds.test_labels.numpy())
     sitting = {"environment": environment("cpu"), "name": args.name, "overrides": overrides,
-               "fold": f"photos/train files with sha256(name) mod {FOLDS} == 0", "models": []}
+               "fold": f"contributors with sha256(contributor) mod {FOLDS} == 0 and at most {sets.LARGE_CONTRIBUTOR} photos", "models": []}
     if conversion:
         sitting["conversion"] = conversion
     doc["sittings"].append(sitting)
@@ -185,7 +191,7 @@ def main() -> None:
                   f"28x28 test {row['test_acc']:.2%}", flush=True)
         return
     with tempfile.TemporaryDirectory() as tmp:
-        real = f"{train_without_fold(Path(tmp) / 'train')},outliers"
+        real = f"{train_without_fold(Path(tmp) / 'train')},{train_without_fold(Path(tmp) / 'outliers', 'outliers')}"
         for seed in [int(s) for s in args.seeds.split(",")]:
             cfg = config.resolve("photo", {**overrides, "seed": seed, "real_photos": real,
                                            "out_dir": str(args.keep or Path(tmp) / "runs")})

@@ -6,8 +6,8 @@ come back unsure. The sets must be on this machine (fmnist photos fetch real out
     python scripts/photo_seed_check.py --out bench/cpu/photos/members.json \
         --model "NAME=RUN_DIR/best.pt" [--model ...]
 
-One model's figures move by several photos between seeds (122 held-out photos: one photo is
-0.8 points), so a recipe is compared by two or more seeds, not one run.
+One model's figures move by several photos between seeds (93 held-out photos of `real`: one photo is
+1.1 points), so a recipe is compared by two or more seeds, not one run.
 """
 import argparse
 import hashlib

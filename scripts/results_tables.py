@@ -5,7 +5,8 @@ figure there is copied by code from a record, never typed by hand.
     python scripts/results_tables.py bench/cpu/training/bench.json --parts throughput,profile
     python scripts/results_tables.py bench/cpu/training/bench.json --parts accuracy --presets seed
     python scripts/results_tables.py --tta bench/cpu/best-cpu/tta_check.json     # scripts/tta_check.py
-    python scripts/results_tables.py --photos bench/cpu/photos/bench.json bench/cpu/photos/members.json
+    python scripts/results_tables.py --photos bench/cpu/photos/bench.json       # calibration, rendered images
+    python scripts/results_tables.py --detectors shipped bench/cpu/photos/detectors.json   # scripts/photo_detectors.py
     python scripts/results_tables.py --serve bench/cpu/serve/serve.json          # fmnist bench serve
     python scripts/results_tables.py --serve-profile bench/cpu/serve/profile.json
     python scripts/results_tables.py --epoch-times bench/gpu/gpu_bench.json bench/gpu/accuracy/bench.json
@@ -214,21 +215,12 @@ def _cell(r):
     return "-" if r is None or r.get("acc") is None else f"{r['acc'] * 100:.1f} % ({r['correct']}/{r['n']})"
 
 
-def shipped_photos(new: dict, members: dict | None = None) -> str:
-    """`fmnist bench photos --real ... --nonclothing ...` for one model (the shipped one): held-out
-    real photos per kind and class, how often it is unsure and of what, calibration, rendered
-    photos and listings, conversion speed; then scripts/photo_seed_check.py's per-model figures."""
+def shipped_photos(new: dict) -> str:
+    """`fmnist bench photos` for one model (the shipped one): what does not depend on a photo split
+    (calibration, rendered test images and listings, conversion speed). Its held-out figures were
+    measured on the per-file split and are superseded by scripts/photo_detectors.py's (`--detectors`)."""
     r = new["photos_real"]
-    h = r["variants"]["robust"]["heldout"]
-    out = [f"Environment: {environment(new['environment'])}.", "",
-           f"{r['n_photos']} photos (manifest SHA-256 `{r['manifest_sha256'][:12]}`), robust conversion. "
-           f"28x28 test accuracy of the model: {pct(r.get('test_acc_28x28'))}.", "",
-           "| held-out photos | right |", "|---|---:|", f"| all | {_cell(h)} |"]
-    out += [f"| {kind} | {_cell(h['per_kind'].get(kind))} |" for kind in ("clean", "casual")]
-    out += [f"| {cls} | {_cell(v)} |" for cls, v in h["per_class"].items()]
-    u = h["unsure"]
-    out += ["", f"Held-out photos marked unsure: {u['fraction']:.0%}; answers it is sure of are right "
-                f"{pct(u['acc_when_sure'])} of the time, unsure ones {pct(u['acc_when_unsure'])}.", ""]
+    out = [f"Environment: {environment(new['environment'])}.", ""]
     c = r.get("calibration") or {}
     if c:
         out += [f"Calibration ({c['fitted_on']}): temperature {c['temperature']:.3f}, unsure below "
@@ -236,12 +228,6 @@ def shipped_photos(new: dict, members: dict | None = None) -> str:
                 f"{c['test_ece_before']:.4f} before, {c['test_ece_after']:.4f} after; {c['test_unsure_fraction']:.1%} "
                 f"of test images unsure, accuracy {pct(c['test_acc_when_sure'])} when sure and "
                 f"{pct(c['test_acc_when_unsure'])} when unsure.", ""]
-    nc = (r.get("nonclothing") or {}).get("heldout")
-    if nc:
-        out += ["| held-out photos with no class of ours | n | marked unsure |", "|---|---:|---:|"]
-        for kind, k in nc["per_kind"].items():
-            out.append(f"| {kind} | {k['n']} | {k['unsure']} ({k['fraction']:.0%}) |")
-        out.append("")
     out.append(f"Rendered test images: {photos(new['photos'])}")
     s = new.get("conversion_speed")
     if s:
@@ -249,20 +235,43 @@ def shipped_photos(new: dict, members: dict | None = None) -> str:
                     f"real photos scaled to 1 MP, {s['reps']} runs each): robust median {s['robust']['median_ms']:.1f} ms "
                     f"(p90 {s['robust']['p90_ms']:.1f} ms); paper median {s['paper']['median_ms']:.1f} ms "
                     f"(p90 {s['paper']['p90_ms']:.1f} ms)."]
-    if members:
-        out += ["", seed_check(members)]
     return "\n".join(out)
 
 
-def seed_check(sc):
-    """scripts/photo_seed_check.py: the same held-out figures for several models."""
-    out = [f"Split `{sc['split']}`; {environment(sc['environment'])}.", "",
-           "| model | test acc | real photos | clean | casual | no clothing: unsure | hats: unsure |",
-           "|---|---:|---:|---:|---:|---:|---:|"]
-    for name, m in sc["models"].items():
-        out.append(f"| {name.split(' (')[0]} | {pct(m['test_acc'])} | {m['acc'] * 100:.1f} % | {m['clean'] * 100:.1f} % | "
-                   f"{m['casual'] * 100:.1f} % | {m['nonclothing_unsure']}/{m['nonclothing_n']} | "
-                   f"{m['heldout_hats_unsure']}/{m['heldout_hats_n']} |")
+SCORE_NAMES = {"msp": "calibrated top probability (msp)", "energy": "energy (logsumexp of the logits)",
+               "agreement": "logsumexp of the ensemble's output (members' agreement)",
+               "mahalanobis": "Mahalanobis distance to class means (penultimate features)",
+               "knn": "distance to the 10th nearest training feature (k-NN)"}
+
+
+def detectors(doc: dict, name: str) -> str:
+    """scripts/photo_detectors.py: one model on the contributor-disjoint held-out photos: accuracy
+    per kind, set and class, then each not-clothing score."""
+    e = doc[name]
+    a, c = e["accuracy"], e["counts"]
+    skip = (f" Photos the model trained on under the per-file split of commit `{e['trained_on_ref']}` are left "
+            f"out." if e.get("trained_on_ref") else "")
+    out = [f"Entry `{name}`; environment: {environment(e['environment'])}. 28x28 test accuracy of the model: "
+           f"{pct(e.get('test_acc_28x28'))}.{skip} Held-out: {c['heldout_clothing']} clothing photos, "
+           f"{c['heldout_other']} of no class of ours; dev: {c['dev_clothing']} clothing, {c['dev_other']} not clothing.", "",
+           "| held-out clothing photos | right |", "|---|---:|", f"| **all** | {_cell(a)} |"]
+    out += [f"| {k} | {_cell(v)} |" for k, v in a["per_kind"].items()]
+    out += [f"| from set `{k}` | {_cell(v)} |" for k, v in a["per_set"].items()]
+    out += [f"| {k} | {_cell(v)} |" for k, v in a["per_class"].items()]
+    u = e["in_use"]
+    out += ["", f"In use today (no item found, or calibrated top probability under {u['threshold']:.0%}): "
+                f"{u['heldout_clothing']['unsure']}/{u['heldout_clothing']['n']} held-out clothing photos unsure "
+                f"({u['heldout_clothing']['fraction']:.0%}), {u['heldout_other']['unsure']}/{u['heldout_other']['n']} "
+                f"held-out photos of no class of ours ({u['heldout_other']['fraction']:.0%}); answers it is sure of "
+                f"are right {pct(a.get('acc_when_sure'))} of the time.", "",
+           "| score | held-out AUROC | not clothing accepted at 95 % of clothing kept | dev AUROC | "
+           "threshold keeping 95 % of dev clothing: held-out clothing / not clothing unsure | "
+           "keeping 85 % of dev: clothing / not clothing unsure |", "|---|---:|---:|---:|---:|---:|"]
+    for k, d in e["detectors"].items():
+        f = lambda x: f"{x['unsure']}/{x['n']} ({x['fraction']:.0%})"  # noqa: E731
+        out.append(f"| {SCORE_NAMES.get(k, k)} | {d['auroc']:.3f} | {d['accepted_at_95_kept']:.0%} | {d['dev_auroc']:.3f} | "
+                   f"{f(d['heldout_clothing_unsure'])} / {f(d['heldout_other_unsure'])} | "
+                   f"{f(d['ship_heldout_clothing_unsure'])} / {f(d['ship_heldout_other_unsure'])} |")
     return "\n".join(out)
 
 
@@ -400,7 +409,9 @@ def main(argv=None):
     mode = ap.add_mutually_exclusive_group()
     mode.add_argument("--tta", action="store_true", help="JSON is scripts/tta_check.py's record")
     mode.add_argument("--photos", action="store_true",
-                      help="JSON is `fmnist bench photos --real` for one model, then optionally photo_seed_check.py's record")
+                      help="JSON is `fmnist bench photos --real` for one model (calibration, rendered images, conversion speed)")
+    mode.add_argument("--detectors", metavar="ENTRY",
+                      help="JSON is scripts/photo_detectors.py's record; show this entry")
     mode.add_argument("--serve", action="store_true", help="JSON is `fmnist bench serve`'s serve.json")
     mode.add_argument("--serve-profile", action="store_true", help="JSON is scripts/profile_serve.py's profile.json")
     mode.add_argument("--epoch-times", action="store_true", help="first epoch against the others, per run")
@@ -426,7 +437,9 @@ def main(argv=None):
         if args.tta:
             print(source + tta(_load(args.files[0])["sittings"][-1]))
         elif args.photos:
-            print(source + shipped_photos(_load(args.files[0]), _load(args.files[1]) if len(args.files) > 1 else None))
+            print(source + shipped_photos(_load(args.files[0])))
+        elif args.detectors:
+            print(source + detectors(_load(args.files[0]), args.detectors))
         elif args.serve:
             entry = _load(args.files[0])["sittings"][-1]
             print(f"{source}Environment: {environment(entry['environment'])}.\n\n{serve_record(entry['settings'])}")

@@ -107,3 +107,14 @@ def test_bench_seeds_parse_and_append_merges_by_preset_and_seed():
     assert m["best-cpu"]["summary"]["n"] == 3 and m["best-cpu"]["summary"]["final_test_acc_median"] == 0.944
     # a seed measured again replaces its old run
     assert [r["final_test_acc"] for r in m["fast"]["runs"]] == [0.93, 0.935]
+
+
+@pytest.mark.parametrize("name", ["seed", "fast"])
+def test_forward_penultimate_is_what_the_last_linear_reads(name):
+    torch.manual_seed(0)
+    m = create_model(name).eval()
+    x = torch.rand(3, 1, 28, 28)
+    f = m.forward_penultimate(x)
+    last = m.head[-1] if name == "seed" else m.fc
+    assert f.shape == (3, last.in_features)
+    assert torch.allclose(last(f), m(x), atol=1e-5)

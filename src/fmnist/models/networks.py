@@ -78,6 +78,11 @@ class SeedNet(nn.Module):
     def forward_head(self, f):
         return self.head(f)
 
+    def forward_penultimate(self, x):
+        """(B, 1, 28, 28) -> (B, hidden): the activations the last Linear reads (feature-space
+        scores such as Mahalanobis distance or k-NN use them)."""
+        return self.head[:-1](self.forward_features(x))
+
     def forward(self, x):
         return self.forward_head(self.forward_features(x))
 
@@ -202,6 +207,10 @@ class FastNet(nn.Module):
     def forward_head(self, f):
         # Global max pool: measured better than average pooling for these small maps.
         return self.fc(self.drop(F.adaptive_max_pool2d(f, 1).flatten(1)))
+
+    def forward_penultimate(self, x):
+        """(B, 1, 28, 28) -> (B, C): the globally max-pooled features the last Linear reads."""
+        return F.adaptive_max_pool2d(self.forward_features(x), 1).flatten(1)
 
     def forward(self, x):
         return self.forward_head(self.forward_features(x))

@@ -31,6 +31,7 @@ class Photo:
     label: str
     kind: str
     split: str
+    contributor: str = ""   # who took it (the unit the split is drawn by; fmnist.photos.sets.split_for)
 
 
 def read_manifest(spec: str | Path, verify: bool = True, allow_missing: bool = False) -> list[Photo]:
@@ -51,7 +52,7 @@ def read_manifest(spec: str | Path, verify: bool = True, allow_missing: bool = F
             raise PhotoSetError(f"{p} does not match its SHA-256 in the manifest; "
                                 + ("restore the file or fix the manifest" if sets.is_path(str(spec))
                                    else sets.fetch_hint(ps.name)))
-        out.append(Photo(p, r.label, r.kind, r.split))
+        out.append(Photo(p, r.label, r.kind, r.split, r.contributor or sets.contributor_of(r)))
     if absent:
         what = f"{len(absent)} of {len(ps.rows)} photos of {ps.name!r} are missing from {ps.folder} ({', '.join(absent[:3])}" \
                + (", ..." if len(absent) > 3 else "") + ")"

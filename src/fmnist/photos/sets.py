@@ -16,6 +16,8 @@ Each manifest row says where its photo comes from and how the stored file is mad
                             brought down to N px by Pillow's Lanczos filter, JPEG at quality Q),
                             optionally after `decode=bz2-uint8-HxWxC` (a raw compressed array)
   licence, author, notes    provenance
+  contributor               who took the photo (a clothing-dataset `sender_id`, a photographer, else the
+                            source it came from): the unit the split is drawn by (see `split_for`)
 
 The recipes re-encode (the sources are up to 12 MP; the stored files are 20x smaller), and
 Pillow's JPEG encoder is deterministic for a given libjpeg-turbo build, so a fetch reproduces
@@ -76,6 +78,7 @@ class Row:
     licence: str = ""
     author: str = ""
     notes: str = ""
+    contributor: str = ""
 
 
 COLUMNS = [f.name for f in fields(Row)]
@@ -423,6 +426,48 @@ def fetch(name: str, dest: Path | None = None, local: Path | None = None, worker
     # A copy of the manifest beside the files, so the folder also works given as a path.
     write_bytes(folder / "manifest.csv", (MANIFESTS / name / "manifest.csv").read_bytes())
     return report
+
+
+# ---------------------------------------------------------------------------- splits by contributor
+
+# Every photo of one person lands in one split, so held-out figures measure a person the model has
+# never seen (a per-file split put a contributor's other garments, on the same bed sheet, in training).
+HELDOUT_BUCKETS = 3      # of 10 hash buckets: about 30 % of contributors are held out
+LARGE_CONTRIBUTOR = 100  # photos over all sets; two contributors hold ~170 each, and either alone would be
+                         # half of the held-out photos, so contributors this large always stay in training
+OPEN_SPLIT = {"real": "dev", "nonclothing": "dev", "train": "train", "outliers": "train"}  # when not held out
+
+
+def contributor_of(row: Row) -> str:
+    """A row's contributor as the manifests record it: `clothing-dataset/<sender_id>` for that
+    dataset's crowd-sourced photos, else the named author (photographer, institution or dataset),
+    else the source's repository or package."""
+    m = re.search(r"sender_id (\d+)", row.author)
+    if m:
+        return f"clothing-dataset/{m.group(1)}"
+    if row.author:
+        return re.sub(r"\s+", " ", row.author)
+    m = re.match(r"https://raw\.githubusercontent\.com/([^/]+/[^/]+)/", row.source)
+    return m.group(1) if m else row.source.split("==")[0]
+
+
+def heldout_contributor(contributor: str, photos: int) -> bool:
+    """The fixed rule: held out when sha256(contributor) falls in the first HELDOUT_BUCKETS of 10
+    buckets, unless the contributor has more than LARGE_CONTRIBUTOR photos over all sets."""
+    bucket = int(hashlib.sha256(contributor.encode()).hexdigest()[:8], 16) % 10
+    return bucket < HELDOUT_BUCKETS and photos <= LARGE_CONTRIBUTOR
+
+
+def contributor_counts(set_names: list[str] | None = None) -> Counter:
+    """Photos per contributor over the package's sets."""
+    return Counter(r.contributor or contributor_of(r) for n in (set_names or names()) for r in manifest(n))
+
+
+def split_for(set_name: str, row: Row, per_contributor: Counter) -> str:
+    """The split the rule gives a row of one of the package's sets: `heldout` for a held-out
+    contributor, else the set's open split (dev for the scored sets, train for the training sets)."""
+    c = row.contributor or contributor_of(row)
+    return "heldout" if heldout_contributor(c, per_contributor[c]) else OPEN_SPLIT[set_name]
 
 
 def counts(rows: list[Row]) -> dict[str, Counter]:
