@@ -248,7 +248,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--conversion-wait", type=_at_least(0), default=2.0, metavar="SECONDS",
                    help="how long a request waits for a conversion slot before 503 + Retry-After (default: 2.0)")
     p.add_argument("--limit-concurrency", type=_at_least(1, int), default=256,
-                   help="open connections + requests in progress; past it requests get 503 (default: 256)")
+                   help="requests in progress (idle connections do not count), per worker process; past it "
+                        "requests get 503 with Retry-After, except /healthz (default: 256)")
     p.add_argument("--keep-alive-timeout", type=_at_least(0, strict=True), default=5.0, metavar="SECONDS",
                    help="close an idle keep-alive connection after this (default: 5.0)")
     p.add_argument("--header-timeout", type=_at_least(0, strict=True), default=10.0, metavar="SECONDS",
