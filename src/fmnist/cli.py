@@ -242,6 +242,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="server processes, each with its own model and event loop, sharing the port "
                         "(SO_REUSEPORT, Linux); more than one keeps more cores busy, at one model's memory "
                         "each (default: 1)")
+    p.add_argument("--worker-restarts", type=_at_least(0, int), default=5, metavar="N",
+                   help="with --workers: a worker that dies is replaced, at most N times a minute; past that the "
+                        "server stops with an error (default: 5)")
     p.add_argument("--max-conversions", type=_at_least(1, int), default=None,
                    help="images converted at once across all requests, per worker process (default: the CPU "
                         "cores divided among the workers, at least 1)")

@@ -14,7 +14,7 @@ Preprocessing runs in a thread pool (at most `max_conversions` at once) and infe
 dynamic batcher's thread, so the event loop only moves bytes. Every bad request gets a 4xx
 JSON error {"error": {code, message}}; overload gets 503 with Retry-After. Limits on bodies,
 requests in progress and slow clients live in guards.py and httpserver.py. `--workers N` runs
-N such processes on one port (_supervise).
+N such processes on one port (_supervise), and starts another where one dies.
 """
 
 from __future__ import annotations
@@ -421,8 +421,9 @@ def _raise_open_files_limit() -> int:
     return soft
 
 
-def _serve(args, sock: socket.socket, worker: bool = False) -> None:
-    """One server process: the model, the app and uvicorn on the bound socket `sock`."""
+def _serve(args, sock: socket.socket, worker: bool = False, ready=None) -> None:
+    """One server process: the model, the app and uvicorn on the bound socket `sock`.
+    ready: set once the model has loaded (the supervisor restarts only a worker that served)."""
     import torch
     import uvicorn
 
@@ -444,11 +445,16 @@ def _serve(args, sock: socket.socket, worker: bool = False) -> None:
     log.info(f"serving {predictor.meta.get('model')} ({predictor.backend}, {cfg.threads} inference thread(s)) on "
              f"http://{host}:{sock.getsockname()[1]}/{who}  API docs: /docs  batching: max {cfg.max_batch}, wait "
              f"{cfg.max_wait_ms} ms  conversions: {cfg.max_conversions} at once  http: {protocol.implementation}")
+    if ready is not None:
+        ready.set()
     uvicorn.Server(config).run(sockets=[sock])
 
 
-def _worker(args, port: int, log_level: int) -> None:
-    """Entry point of a worker process (spawned: a fresh interpreter, no inherited threads)."""
+def _worker(args, port: int, log_level: int, ready=None, listen_now: bool = True) -> None:
+    """Entry point of a worker process (spawned: a fresh interpreter, no inherited threads).
+    listen_now: listen before the model loads (the first workers: connections made at once,
+    a load test's, wait in each one's queue and so reach all of them); a replacement listens
+    only once it serves, or the kernel would hand it new connections to wait out its loading."""
     from .logsetup import setup_logging
 
     setup_logging(log_level)
@@ -457,18 +463,29 @@ def _worker(args, port: int, log_level: int) -> None:
 
     try:
         sock = _listen_socket(args.host, port)
-        sock.listen(2048)
-        _serve(args, sock, worker=True)
+        if listen_now:
+            sock.listen(2048)
+        _serve(args, sock, worker=True, ready=ready)  # uvicorn listens on it if we did not
     except (CheckpointError, ValueError, ImportError, OSError) as e:  # as the CLI reports them: one line
         log.error(str(e))
         sys.exit(1)
 
 
+def _exit_reason(code: int | None) -> str:
+    if code is not None and code < 0:
+        name = signal.Signals(-code).name
+        why = " (as the kernel's out-of-memory killer does)" if -code == signal.SIGKILL else ""
+        return f"killed by {name}{why}"
+    return f"exit code {code}"
+
+
 def _supervise(args) -> int:
     """--workers N: N processes, each with its own model, batcher and event loop (one Python
     process keeps at most ~1.6 cores busy: the interpreter lock). Each listens on the port with
-    SO_REUSEPORT. If one dies, the rest are stopped and the command fails, rather than serving
-    on at part of its capacity unnoticed."""
+    SO_REUSEPORT. A worker that dies once it has served is replaced, as gunicorn does, while the
+    others serve on; past `--worker-restarts` replacements within a minute the server stops
+    with an error rather than die and restart for ever. A worker that dies before it serves
+    (the model does not load) stops the server at once: its replacement would too."""
     import multiprocessing as mp
 
     if not sys.platform.startswith("linux"):
@@ -481,25 +498,51 @@ def _supervise(args) -> int:
     holder = _listen_socket(args.host, args.port)
     port = holder.getsockname()[1]
     ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_worker, args=(args, port, logging.getLogger("fmnist").getEffectiveLevel()),
-                         name=f"fmnist-serve-{i}") for i in range(args.workers)]
+    level = logging.getLogger("fmnist").getEffectiveLevel()
+
+    def start(i: int, listen_now: bool = True):
+        ready = ctx.Event()
+        p = ctx.Process(target=_worker, args=(args, port, level, ready, listen_now), name=f"fmnist-serve-{i}")
+        p.start()
+        return p, ready
+
+    workers = [start(i) for i in range(args.workers)]
+    restarts: list[float] = []   # when workers were replaced, for the bound per minute
     stop = {"signal": None}
+    failure = None
 
     def on_signal(signum, frame):
         stop["signal"] = signum
 
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        for p in procs:
-            p.start()
         log.info(f"{args.workers} worker processes on http://{args.host}:{port}/")
-        while stop["signal"] is None and all(p.is_alive() for p in procs):
+        while stop["signal"] is None and failure is None:
             time.sleep(0.2)
+            for i, (p, ready) in enumerate(workers):
+                if p.is_alive() or stop["signal"] is not None:
+                    continue
+                p.join()
+                dead = f"worker {p.name} (pid {p.pid}) {_exit_reason(p.exitcode)}"
+                now = time.monotonic()
+                restarts = [t for t in restarts if now - t < 60]
+                if not ready.is_set():
+                    failure = f"{dead} before it could serve; stopped the others"
+                elif len(restarts) >= args.worker_restarts:
+                    failure = (f"{dead}, and {len(restarts)} worker(s) were already replaced within the last minute "
+                               f"(--worker-restarts {args.worker_restarts}): something keeps killing them (memory? "
+                               f"see the kernel log, dmesg); stopped the others")
+                else:
+                    restarts.append(now)
+                    log.error(f"{dead}; starting another, the others serve on")
+                    workers[i] = start(i, listen_now=False)
+                if failure:
+                    break
     finally:
-        for p in procs:
+        for p, _ in workers:
             if p.is_alive():
                 p.terminate()  # SIGTERM: uvicorn finishes the requests in flight, then exits
-        for p in procs:
+        for p, _ in workers:
             p.join(15)
             if p.is_alive():
                 p.kill()
@@ -507,10 +550,9 @@ def _supervise(args) -> int:
         holder.close()
         for s, h in old.items():
             signal.signal(s, h)
-    if stop["signal"] is not None:
+    if failure is None:
         return 0
-    dead = [f"{p.name} (exit code {p.exitcode})" for p in procs if p.exitcode not in (0, None)]
-    log.error(f"a worker process stopped: {', '.join(dead) or 'unknown'}; stopped the others")
+    log.error(f"a worker process stopped: {failure}")
     return 1
 
 
