@@ -71,8 +71,10 @@ def test_a_dead_worker_is_replaced_and_one_that_keeps_dying_stops_the_server(ser
     """Before: one worker killed (kill -9, as the OOM killer does) stopped the whole service."""
     port, proc = server
     pids = workers(proc.pid)
+    deadline = time.monotonic() + 60
+    # Both serving first: a worker killed while its model loads stops the server (it never served).
     while {fresh(port, "GET", "/healthz").json()["pid"] for _ in range(20)} != set(pids):
-        pass  # both serving (a worker killed while its model loads stops the server: it never served)
+        assert time.monotonic() < deadline, "the two workers did not both serve within 60 s"
     first, other = pids
     os.kill(first, signal.SIGKILL)
     deadline = time.monotonic() + 10
