@@ -3,6 +3,7 @@
 import concurrent.futures
 import io
 import os
+import resource
 import socket
 import subprocess
 import sys
@@ -25,15 +26,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(*extra, env=None):
+def start_server(*extra, env=None, **popen):
+    """`fmnist serve` on a free port, its output on a pipe unless `popen` says (stdout=FILE)."""
     port = free_port()
+    popen = {"stdout": subprocess.PIPE, "stderr": subprocess.STDOUT, "text": True, **popen}
     proc = subprocess.Popen([sys.executable, "-m", "fmnist", "serve", "--port", str(port), "--log-level", "warning",
-                             *extra], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+                             *extra], env=env, **popen)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 60
     while time.time() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError("server exited: " + proc.stdout.read())
+            raise RuntimeError("server exited: " + (proc.stdout.read() if proc.stdout else "see its log"))
         try:
             if httpx.get(url + "/healthz", timeout=1).status_code == 200:
                 return proc, url
@@ -43,12 +46,73 @@ def start_server(*extra, env=None):
     raise RuntimeError("server did not come up in 60 s")
 
 
+IDLE = 1000   # connections that send nothing, and as many that send half a head
+
+
+def low_open_files_limit():
+    """A server's soft limit on open files as systemd and most shells leave it (1,024), so a
+    test shows that the server raises its own (it needs one file per connection)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(soft, 1024), hard))
+
+
 @pytest.fixture(scope="module")
 def server():
-    proc, url = start_server("--max-upload-mb", "2")
+    proc, url = start_server("--max-upload-mb", "2", preexec_fn=low_open_files_limit)
     yield url
     proc.terminate()
     proc.wait(10)
+
+
+@pytest.fixture
+def many_open_files():
+    """This process may open 2 x IDLE + 500 files while the test runs (its soft limit raised)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    need = 2 * IDLE + 500
+    if hard != resource.RLIM_INFINITY and hard < need:  # the server, its own process, as many
+        pytest.skip(f"needs {need:,} open files, and the hard limit (ulimit -Hn) is {hard:,}")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, need), hard))
+    yield
+    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def photo_jpeg() -> bytes:
+    """A product photo (a test image on a background, JPEG) from the package's own samples."""
+    from fmnist.serving.app import load_samples
+
+    return render_product_photo(load_samples()[0][0], np.random.default_rng(0))
+
+
+def check_answers_beside_idle_connections(url: str) -> None:
+    """IDLE connections that send nothing and IDLE with half a request head, all open while a
+    new client asks for /healthz and a photo's prediction: each answered 200 within 1 s."""
+    port = int(url.rsplit(":", 1)[1])
+    socks = []
+    try:
+        for i in range(2 * IDLE):
+            socks.append(socket.create_connection(("127.0.0.1", port), timeout=5))
+            if i >= IDLE:
+                socks[-1].sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+        photo = {"content": photo_jpeg(), "headers": {"content-type": "image/jpeg"}}
+        for method, path, kw in [("GET", "/healthz", {}), ("POST", "/v1/predict", photo)]:
+            t = time.monotonic()
+            r = httpx.request(method, url + path, timeout=5, **kw)
+            took = time.monotonic() - t
+            assert r.status_code == 200 and took < 1, (path, r.status_code, f"{took:.2f} s", r.text[:300])
+        for s in socks:  # all still held by the server: nothing sent back, not closed
+            s.setblocking(False)
+            with pytest.raises(BlockingIOError):
+                s.recv(1, socket.MSG_PEEK)
+    finally:
+        for s in socks:
+            s.close()
+
+
+def test_idle_connections_do_not_starve_the_server(server, many_open_files):
+    """Before: uvicorn's --limit-concurrency counted connections, so 260 that sent nothing made
+    every request 503 (/healthz too) until the head deadline closed them; and a server left at
+    its shell's 1,024 open files could hold no more than that."""
+    check_answers_beside_idle_connections(server)
 
 
 def png(a: np.ndarray) -> bytes:

@@ -1,6 +1,6 @@
 """`fmnist serve --workers 2`: two server processes share the port, connections reach both,
-SIGTERM stops them all, and a worker that dies takes the server down with an error rather than
-leaving it at half capacity."""
+SIGTERM stops them all, a worker that dies is replaced while the other serves on, and one that
+keeps dying takes the server down with an error."""
 
 import logging
 import os
@@ -14,6 +14,7 @@ import pytest
 
 from conftest import photo_dir
 from fmnist.bench import loadtest
+from test_serve import check_answers_beside_idle_connections, many_open_files  # noqa: F401 (a fixture)
 
 
 
@@ -31,9 +32,9 @@ def running(pid: int) -> bool:
 
 
 @pytest.fixture
-def server():
+def server(request):
     port = loadtest.free_port()
-    proc = loadtest.start_server(port, ["--workers", "2"])
+    proc = loadtest.start_server(port, ["--workers", "2", *getattr(request, "param", ())])
     yield port, proc
     loadtest.stop_server(proc)
 
@@ -43,7 +44,7 @@ def fresh(port: int, method: str, path: str, **kw) -> httpx.Response:
         return c.request(method, path, **kw)
 
 
-def test_two_workers_share_the_connections_and_stop_together(server):
+def test_two_workers_share_the_connections_and_stop_together(server, many_open_files):
     port, proc = server
     pids = workers(proc.pid)
     assert len(pids) == 2, pids
@@ -58,21 +59,46 @@ def test_two_workers_share_the_connections_and_stop_together(server):
             break
     # The kernel spreads connections over the two (SO_REUSEPORT): each converted and classified some.
     assert set(seen) == set(pids) and all(n > 0 for n in seen.values()) and sum(seen.values()) == 20, seen
+    check_answers_beside_idle_connections(f"http://127.0.0.1:{port}")  # requests counted in each, as in one
 
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(20) == 0
     assert not any(running(p) for p in pids)
 
 
-def test_a_worker_that_dies_stops_the_server_with_an_error(server):
+@pytest.mark.parametrize("server", [("--worker-restarts", "1")], indirect=True)
+def test_a_dead_worker_is_replaced_and_one_that_keeps_dying_stops_the_server(server):
+    """Before: one worker killed (kill -9, as the OOM killer does) stopped the whole service."""
     port, proc = server
     pids = workers(proc.pid)
-    os.kill(pids[0], signal.SIGKILL)
+    deadline = time.monotonic() + 60
+    # Both serving first: a worker killed while its model loads stops the server (it never served).
+    while {fresh(port, "GET", "/healthz").json()["pid"] for _ in range(20)} != set(pids):
+        assert time.monotonic() < deadline, "the two workers did not both serve within 60 s"
+    first, other = pids
+    os.kill(first, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while Path(f"/proc/{first}").exists():  # until it is gone, the kernel may hand it connections (reset)
+        time.sleep(0.01)
+    while True:  # the other serves all along; the replacement within 10 s
+        assert running(other) and proc.poll() is None
+        h = fresh(port, "GET", "/healthz")
+        assert h.status_code == 200, h.text
+        if h.json()["pid"] not in (first, other):
+            break
+        assert time.monotonic() < deadline, "no new worker served within 10 s"
+        time.sleep(0.05)
+    replacement = h.json()["pid"]
+    print(f"a replacement served {time.monotonic() - deadline + 10:.1f} s after the kill")
+    assert sorted(workers(proc.pid)) == sorted([other, replacement])
+
+    os.kill(replacement, signal.SIGKILL)  # a second death within the minute: past --worker-restarts 1
     assert proc.wait(30) == 1
     err = proc.stderr.read().decode()
-    assert "a worker process stopped" in err and "exit code -9" in err, err[-2000:]
+    assert "killed by SIGKILL" in err and "starting another" in err, err[-2000:]
+    assert "already replaced within the last minute (--worker-restarts 1)" in err, err[-2000:]
     deadline = time.time() + 10
-    while running(pids[1]):
+    while running(other):
         assert time.time() < deadline, "the other worker is still running"
         time.sleep(0.1)
 

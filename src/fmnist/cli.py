@@ -271,13 +271,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="server processes, each with its own model and event loop, sharing the port "
                         "(SO_REUSEPORT, Linux); more than one keeps more cores busy, at one model's memory "
                         "each (default: 1)")
+    p.add_argument("--worker-restarts", type=_at_least(0, int), default=5, metavar="N",
+                   help="with --workers: a worker that dies is replaced, at most N times a minute; past that the "
+                        "server stops with an error (default: 5)")
     p.add_argument("--max-conversions", type=_at_least(1, int), default=None,
                    help="images converted at once across all requests, per worker process (default: the CPU "
                         "cores divided among the workers, at least 1)")
     p.add_argument("--conversion-wait", type=_at_least(0), default=2.0, metavar="SECONDS",
                    help="how long a request waits for a conversion slot before 503 + Retry-After (default: 2.0)")
     p.add_argument("--limit-concurrency", type=_at_least(1, int), default=256,
-                   help="open connections + requests in progress; past it requests get 503 (default: 256)")
+                   help="requests in progress (idle connections do not count), per worker process; past it "
+                        "requests get 503 with Retry-After, except /healthz (default: 256)")
     p.add_argument("--keep-alive-timeout", type=_at_least(0, strict=True), default=5.0, metavar="SECONDS",
                    help="close an idle keep-alive connection after this (default: 5.0)")
     p.add_argument("--header-timeout", type=_at_least(0, strict=True), default=10.0, metavar="SECONDS",

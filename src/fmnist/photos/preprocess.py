@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageFile, ImageFilter, ImageOps, UnidentifiedImageError, features
+from PIL import Image, ImageFile, ImageFilter, ImageOps, PngImagePlugin, UnidentifiedImageError, features
 
 from fmnist.classes import IMAGE_SIZE
 
@@ -106,7 +106,13 @@ def open_image(src, max_pixels: int = MAX_PIXELS, draft: int | None = None,
                                          ) from None
         except Image.DecompressionBombError:
             raise PreprocessError(f"{name}: too many pixels (limit {max_pixels:,}); resize it first") from None
-        except (OSError, SyntaxError, ValueError) as e:
+        except ValueError as e:
+            if "MAX_TEXT" in str(e):  # Pillow's guard on PNG text and colour-profile chunks
+                raise PreprocessError(f"{name}: its PNG metadata (a text chunk or colour profile) unpacks to over "
+                                      f"{PngImagePlugin.MAX_TEXT_CHUNK >> 20} MiB, more than a picture needs; save "
+                                      "it again without metadata") from None
+            raise PreprocessError(f"{name}: truncated or corrupt image data ({e})") from None
+        except (OSError, SyntaxError) as e:
             raise PreprocessError(f"{name}: truncated or corrupt image data ({e})") from None
     w, h = img.size
     if w * h > max_pixels:
@@ -180,12 +186,28 @@ def _to_8bit(img: Image.Image, scale) -> Image.Image:
 WIDE_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")   # one channel, more than 8 bits
 
 
+def _finite_range(a: np.ndarray) -> tuple[float, float]:
+    """(min, max) of a float image's finite values, a block of rows at a time; PreprocessError
+    if it has none (all NaN or infinite: nothing to see)."""
+    lo, top = np.inf, -np.inf
+    for i in range(0, a.shape[0], 256):
+        block = a[i:i + 256]
+        block = block[np.isfinite(block)]
+        if block.size:
+            lo, top = min(lo, float(block.min())), max(top, float(block.max()))
+    if lo > top:
+        raise PreprocessError("image: every pixel is NaN or infinite (a floating-point image with no values)")
+    return lo, top
+
+
 def _wide_to_l(img: Image.Image) -> Image.Image:
     """A WIDE_MODES image -> "L": 16-bit scaled from 0..65535, 32-bit integers from 0..255
     unless they go higher, floats stretched from their minimum to their maximum."""
     if img.mode == "F":
-        lo, top = img.getextrema()
-        return _to_8bit(img, lambda a: (a - lo) / max(top - lo, 1e-12) * 255)
+        lo, top = _finite_range(np.asarray(img))
+        # NaN as the darkest value, infinities as the extremes; no numpy warning from the cast.
+        return _to_8bit(img, lambda a: (np.nan_to_num(a, nan=lo, posinf=top, neginf=lo) - lo)
+                        / max(top - lo, 1e-12) * 255)
     hi = 65535.0 if img.mode.startswith("I;16") or img.getextrema()[1] > 255 else 255.0
     return _to_8bit(img, lambda a: a / hi * 255)
 

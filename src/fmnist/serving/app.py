@@ -4,16 +4,17 @@
                      body (Content-Type image/*) -> top-k per image
   GET  /v1/model     name, classes, parameters, accuracy
   GET  /v1/samples   random test images for the page's strip
-  GET  /healthz      liveness: 503 when inference cannot run; batcher and conversion counters of
-                     the process that answered (its pid: with --workers, each has its own)
+  GET  /healthz      liveness: 503 when inference cannot run; batcher, conversion and request
+                     counters of the process that answered (its pid: with --workers, each has its own);
+                     never refused for load (HEAD too, as on /)
   GET  /docs         OpenAPI (Swagger UI, served locally)
   GET  /             the web page (every asset served by this app: no CDN, no font service)
 
 Preprocessing runs in a thread pool (at most `max_conversions` at once) and inference in the
 dynamic batcher's thread, so the event loop only moves bytes. Every bad request gets a 4xx
-JSON error {"error": {code, message}}; overload gets 503 with Retry-After. Limits on bodies
-and slow clients live in guards.py and httpserver.py. `--workers N` runs N such processes on
-one port (_supervise).
+JSON error {"error": {code, message}}; overload gets 503 with Retry-After. Limits on bodies,
+requests in progress and slow clients live in guards.py and httpserver.py. `--workers N` runs
+N such processes on one port (_supervise), and starts another where one dies.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import socket
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import asynccontextmanager
+from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -37,13 +38,16 @@ from pathlib import Path
 import numpy as np
 from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from PIL import Image
+from starlette.datastructures import FormData
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.formparsers import MultiPartException, MultiPartParser
+from starlette.routing import Match, Router
 
 from fmnist.serving.batcher import BatcherUnavailable, DynamicBatcher
-from fmnist.serving.guards import Busy, ConversionSlots, RequestGuard
+from fmnist.serving.guards import Busy, ConversionSlots, RequestCount, RequestGuard, RequestLimit
 from fmnist.inference.predict import Predictor
 from fmnist.photos.preprocess import AVIF, Preprocessed, PreprocessError, UnsupportedFormatError, format_names, open_image
 
@@ -66,7 +70,8 @@ class ServeConfig:
     # A photo costs up to ~1 s of CPU and hundreds of MB while converting: one per core.
     max_conversions: int = max(1, os.cpu_count() or 1)
     conversion_wait_s: float = 2.0   # a request's wait for a free conversion slot before 503
-    # Connections (uvicorn's limit_concurrency): past it, requests get 503. 64 load-test clients fit.
+    # Requests in progress (not connections: idle ones cost no work); past it 503 + Retry-After.
+    # 64 load-test clients fit; /healthz is never refused.
     limit_concurrency: int = 256
     keep_alive_s: float = 5.0        # idle keep-alive connection closed after this (uvicorn's default)
     header_timeout_s: float = 10.0   # request head, from its first byte (httpserver.py)
@@ -130,19 +135,52 @@ RAW_TYPES = ("image/", "application/octet-stream")
 HOW_TO_SEND = ("send images as multipart/form-data field 'files' (curl -F files=@photo.jpg URL/v1/predict), "
                "or one image as the body with Content-Type image/* (curl --data-binary @photo.jpg "
                "-H 'Content-Type: image/jpeg' URL/v1/predict)")
+BAD_MULTIPART = ("the multipart/form-data body could not be parsed: send images as form field 'files', "
+                 "e.g. curl -F files=@photo.jpg URL/v1/predict")
+
+
+class _MultipartParser(MultiPartParser):
+    """starlette's parser, noting whether the closing boundary arrived: without it, a part cut
+    off at the end of the body is dropped without a word (then 'files: field required')."""
+    complete = False
+
+    def on_end(self) -> None:
+        self.complete = True
+
+
+async def _read_form(request: Request) -> FormData:
+    """The multipart body, parsed as request.form() does (starlette's caps: 1,000 files and
+    fields, 1 MiB a text field; the body cap bounds the bytes), refusing an unfinished one."""
+    async with aclosing(request.stream()) as stream:
+        parser = _MultipartParser(request.headers, stream)
+        try:
+            form = await parser.parse()
+        except MultiPartException:
+            raise HTTPException(400, detail=("invalid_multipart", BAD_MULTIPART)) from None
+    if not parser.complete:
+        await form.close()
+        raise HTTPException(400, detail=("invalid_multipart", "the multipart/form-data body ends before its closing "
+                                         "boundary line, so its last part is cut off: send the whole body (curl -F "
+                                         "files=@photo.jpg URL/v1/predict does)"))
+    return form
 
 
 async def _uploads(request: Request, cfg: ServeConfig) -> list[tuple[str, bytes]]:
     """(name, bytes) of each image in the request: the raw body (Content-Type image/*), or the
     multipart field `files`. A raw body skips multipart parsing and the upload's spooled file
     (a few percent of a small image's CPU time: bench/cpu/serve/profile.md)."""
+    if "content-length" not in request.headers and "transfer-encoding" not in request.headers:
+        # Without either, a request has no body (an HTTP/1.0 client may mean "until I close").
+        raise HTTPException(411, detail=("length_required", f"the request has no Content-Length header (nor "
+                                                            f"Transfer-Encoding: chunked), so no body: {HOW_TO_SEND}"))
     ctype = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
     if ctype.startswith(RAW_TYPES):
         return [("image", await request.body())]
     if ctype != "multipart/form-data":  # 415: the body is in a format this route does not take
         sent = f"Content-Type {ctype}" if ctype else "a request without Content-Type"
         raise HTTPException(415, detail=("unsupported_media_type", f"{sent} carries no images: {HOW_TO_SEND}"))
-    async with request.form() as form:  # starlette caps files at 1000; the body cap bounds the bytes
+    form = await _read_form(request)
+    try:
         files = form.getlist("files")
         if not files:
             raise HTTPException(422, detail=("invalid_request", f"files: field required: {HOW_TO_SEND}"))
@@ -156,6 +194,8 @@ async def _uploads(request: Request, cfg: ServeConfig) -> list[tuple[str, bytes]
                                                                     f"not a file: {HOW_TO_SEND}"))
             out.append((f.filename or f"file {i + 1}", await f.read()))
         return out
+    finally:
+        await form.close()
 
 
 def _mount_docs(app: FastAPI) -> None:
@@ -173,10 +213,35 @@ def _mount_docs(app: FastAPI) -> None:
                                    swagger_favicon_url="/docs-assets/favicon-32x32.png")
 
 
+def _slash_redirect(router: Router):
+    """The router's handler for a path no route matches: a 307 to the same path with its
+    trailing slash added or dropped where that one matches (as starlette's own redirect),
+    with a Location of the path alone: starlette's names the Host header, which the client
+    chose (a link to another site from ours, or a poisoned cache)."""
+    not_found = router.default
+
+    async def default(scope, receive, send):
+        path = scope["path"]
+        if scope["type"] == "http" and path != "/":
+            other = {**scope, "path": path.rstrip("/") if path.endswith("/") else path + "/"}
+            if any(route.matches(other)[0] is not Match.NONE for route in router.routes):
+                raw = scope.get("raw_path") or path.encode()
+                raw = raw.rstrip(b"/") if raw.endswith(b"/") else raw + b"/"
+                # One leading slash: "//host/" would be a link to another host.
+                url = "/" + raw.decode("latin-1").lstrip("/")
+                if scope.get("query_string"):
+                    url += "?" + scope["query_string"].decode("latin-1")
+                return await RedirectResponse(url, 307)(scope, receive, send)
+        await not_found(scope, receive, send)
+
+    return default
+
+
 def create_app(predictor: Predictor | None = None, cfg: ServeConfig | None = None) -> FastAPI:
     cfg = cfg or ServeConfig()
     predictor = predictor or Predictor()
     slots = ConversionSlots(cfg.max_conversions, cfg.conversion_wait_s)
+    requests = RequestCount(cfg.limit_concurrency)
     # A batch waits for company only while images are being converted: those are on their way.
     batcher = DynamicBatcher(predictor.probabilities, cfg.max_batch, cfg.max_wait_ms, cfg.inference_timeout_s,
                              incoming=lambda: slots.running)
@@ -193,13 +258,17 @@ def create_app(predictor: Predictor | None = None, cfg: ServeConfig | None = Non
         converters.shutdown(wait=False)
 
     app = FastAPI(title="fmnist", version="1", lifespan=lifespan, docs_url=None, redoc_url=None,
+                  redirect_slashes=False,  # _slash_redirect's instead
                   description="Fashion-MNIST classifier: upload clothing photos, get the top classes.")
+    app.router.default = _slash_redirect(app.router)
     app.state.batcher = batcher
     app.state.conversions = slots
     static = Path(str(resources.files("fmnist.serving") / "static"))
     app.mount("/static", StaticFiles(directory=static), name="static")
     _mount_docs(app)
 
+    # The last added runs first: RequestGuard sees every answer, RequestLimit's 503 included.
+    app.add_middleware(RequestLimit, count=requests, exempt=("/healthz",))
     # Bytes are counted as they arrive: a chunked body ignores its Content-Length header.
     app.add_middleware(RequestGuard, max_body_bytes=cfg.max_upload_bytes, body_timeout_s=cfg.body_timeout_s)
 
@@ -207,10 +276,6 @@ def create_app(predictor: Predictor | None = None, cfg: ServeConfig | None = Non
     async def http_error(request, exc):
         if isinstance(exc.detail, tuple):
             code, msg = exc.detail
-        elif exc.status_code == 400 and request.url.path == "/v1/predict":
-            # FastAPI's only 400 here: the multipart body did not parse.
-            code, msg = "invalid_multipart", ("the multipart/form-data body could not be parsed: send images as "
-                                              "form field 'files', e.g. curl -F files=@photo.jpg URL/v1/predict")
         else:
             code = {400: "bad_request", 404: "not_found", 405: "method_not_allowed"}.get(
                 exc.status_code, f"http_{exc.status_code}")
@@ -231,18 +296,18 @@ def create_app(predictor: Predictor | None = None, cfg: ServeConfig | None = Non
         return _err(500, "internal_error", f"the server failed on this request ({type(exc).__name__}); "
                                            "it is still running: try again or report it")
 
-    @app.get("/", include_in_schema=False)
+    # HEAD as well as GET: uptime monitors ask with HEAD.
+    @app.api_route("/", methods=["GET", "HEAD"], include_in_schema=False)
     async def index():
         return FileResponse(static / "index.html")
 
     @app.get("/healthz", summary="Liveness check: 503 when inference cannot run")
+    @app.head("/healthz", include_in_schema=False)  # one operation in the OpenAPI page
     async def healthz():
         state = batcher.state()
-        if not state["alive"]:
-            return JSONResponse({"status": "unavailable", "batcher": state, "conversions": slots.state(),
-                                 "pid": os.getpid()},
-                                status_code=503)
-        return {"status": "ok", "batcher": state, "conversions": slots.state(), "pid": os.getpid()}
+        body = {"status": "ok" if state["alive"] else "unavailable", "batcher": state, "conversions": slots.state(),
+                "requests": requests.state(), "pid": os.getpid()}
+        return JSONResponse(body, status_code=200 if state["alive"] else 503)
 
     @app.get("/v1/model", summary="The model being served")
     async def model_info():
@@ -335,13 +400,36 @@ def _listen_socket(host: str, port: int, reuse_port: bool = True) -> socket.sock
     return sock
 
 
-def _serve(args, sock: socket.socket, worker: bool = False) -> None:
-    """One server process: the model, the app and uvicorn on the bound socket `sock`."""
+def _raise_open_files_limit() -> int:
+    """Each connection is an open file, idle ones too: the soft limit (often 1,024) goes up to
+    the hard one (ulimit -Hn; LimitNOFILE= in a systemd unit sets both). Returns the limit."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    # An unlimited hard limit is not a value the soft one may take on Linux (fs.nr_open is).
+    want = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+    if soft != resource.RLIM_INFINITY and soft < want:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+            soft = want
+        except (ValueError, OSError):
+            pass
+    if soft < 4096:
+        log.warning(f"this process may open {soft:,} files (ulimit -n), so it can hold at most that many connections, "
+                    f"idle ones included: raise the limit (ulimit -n 65536 before starting, or LimitNOFILE=65536 "
+                    f"in a systemd unit)")
+    return soft
+
+
+def _serve(args, sock: socket.socket, worker: bool = False, ready=None) -> None:
+    """One server process: the model, the app and uvicorn on the bound socket `sock`.
+    ready: set once the model has loaded (the supervisor restarts only a worker that served)."""
     import torch
     import uvicorn
 
     from fmnist.serving.httpserver import protocol_with_head_deadline
 
+    _raise_open_files_limit()
     cfg = _config(args)
     torch.set_num_threads(cfg.threads)
     predictor = Predictor(args.checkpoint, backend=args.backend, pipeline=getattr(args, "pipeline", "robust"),
@@ -350,17 +438,23 @@ def _serve(args, sock: socket.socket, worker: bool = False) -> None:
     protocol = protocol_with_head_deadline(cfg.header_timeout_s, cfg.http, cfg.max_head_bytes)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                             access_log=args.access_log, http=protocol, loop=cfg.loop,
-                            limit_concurrency=cfg.limit_concurrency, timeout_keep_alive=cfg.keep_alive_s)
+                            # Ours counts requests (RequestLimit); uvicorn's counts connections too.
+                            limit_concurrency=None, timeout_keep_alive=cfg.keep_alive_s)
     host = f"[{args.host}]" if ":" in args.host else args.host
     who = f" (worker {os.getpid()})" if worker else ""
     log.info(f"serving {predictor.meta.get('model')} ({predictor.backend}, {cfg.threads} inference thread(s)) on "
              f"http://{host}:{sock.getsockname()[1]}/{who}  API docs: /docs  batching: max {cfg.max_batch}, wait "
              f"{cfg.max_wait_ms} ms  conversions: {cfg.max_conversions} at once  http: {protocol.implementation}")
+    if ready is not None:
+        ready.set()
     uvicorn.Server(config).run(sockets=[sock])
 
 
-def _worker(args, port: int, log_level: int) -> None:
-    """Entry point of a worker process (spawned: a fresh interpreter, no inherited threads)."""
+def _worker(args, port: int, log_level: int, ready=None, listen_now: bool = True) -> None:
+    """Entry point of a worker process (spawned: a fresh interpreter, no inherited threads).
+    listen_now: listen before the model loads (the first workers: connections made at once,
+    a load test's, wait in each one's queue and so reach all of them); a replacement listens
+    only once it serves, or the kernel would hand it new connections to wait out its loading."""
     from fmnist.utils.logsetup import setup_logging
 
     setup_logging(log_level)
@@ -369,18 +463,29 @@ def _worker(args, port: int, log_level: int) -> None:
 
     try:
         sock = _listen_socket(args.host, port)
-        sock.listen(2048)
-        _serve(args, sock, worker=True)
+        if listen_now:
+            sock.listen(2048)
+        _serve(args, sock, worker=True, ready=ready)  # uvicorn listens on it if we did not
     except (CheckpointError, ValueError, ImportError, OSError) as e:  # as the CLI reports them: one line
         log.error(str(e))
         sys.exit(1)
 
 
+def _exit_reason(code: int | None) -> str:
+    if code is not None and code < 0:
+        name = signal.Signals(-code).name
+        why = " (as the kernel's out-of-memory killer does)" if -code == signal.SIGKILL else ""
+        return f"killed by {name}{why}"
+    return f"exit code {code}"
+
+
 def _supervise(args) -> int:
     """--workers N: N processes, each with its own model, batcher and event loop (one Python
     process keeps at most ~1.6 cores busy: the interpreter lock). Each listens on the port with
-    SO_REUSEPORT. If one dies, the rest are stopped and the command fails, rather than serving
-    on at part of its capacity unnoticed."""
+    SO_REUSEPORT. A worker that dies once it has served is replaced, as gunicorn does, while the
+    others serve on; past `--worker-restarts` replacements within a minute the server stops
+    with an error rather than die and restart for ever. A worker that dies before it serves
+    (the model does not load) stops the server at once: its replacement would too."""
     import multiprocessing as mp
 
     if not sys.platform.startswith("linux"):
@@ -393,25 +498,51 @@ def _supervise(args) -> int:
     holder = _listen_socket(args.host, args.port)
     port = holder.getsockname()[1]
     ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_worker, args=(args, port, logging.getLogger("fmnist").getEffectiveLevel()),
-                         name=f"fmnist-serve-{i}") for i in range(args.workers)]
+    level = logging.getLogger("fmnist").getEffectiveLevel()
+
+    def start(i: int, listen_now: bool = True):
+        ready = ctx.Event()
+        p = ctx.Process(target=_worker, args=(args, port, level, ready, listen_now), name=f"fmnist-serve-{i}")
+        p.start()
+        return p, ready
+
+    workers = [start(i) for i in range(args.workers)]
+    restarts: list[float] = []   # when workers were replaced, for the bound per minute
     stop = {"signal": None}
+    failure = None
 
     def on_signal(signum, frame):
         stop["signal"] = signum
 
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        for p in procs:
-            p.start()
         log.info(f"{args.workers} worker processes on http://{args.host}:{port}/")
-        while stop["signal"] is None and all(p.is_alive() for p in procs):
+        while stop["signal"] is None and failure is None:
             time.sleep(0.2)
+            for i, (p, ready) in enumerate(workers):
+                if p.is_alive() or stop["signal"] is not None:
+                    continue
+                p.join()
+                dead = f"worker {p.name} (pid {p.pid}) {_exit_reason(p.exitcode)}"
+                now = time.monotonic()
+                restarts = [t for t in restarts if now - t < 60]
+                if not ready.is_set():
+                    failure = f"{dead} before it could serve; stopped the others"
+                elif len(restarts) >= args.worker_restarts:
+                    failure = (f"{dead}, and {len(restarts)} worker(s) were already replaced within the last minute "
+                               f"(--worker-restarts {args.worker_restarts}): something keeps killing them (memory? "
+                               f"see the kernel log, dmesg); stopped the others")
+                else:
+                    restarts.append(now)
+                    log.error(f"{dead}; starting another, the others serve on")
+                    workers[i] = start(i, listen_now=False)
+                if failure:
+                    break
     finally:
-        for p in procs:
+        for p, _ in workers:
             if p.is_alive():
                 p.terminate()  # SIGTERM: uvicorn finishes the requests in flight, then exits
-        for p in procs:
+        for p, _ in workers:
             p.join(15)
             if p.is_alive():
                 p.kill()
@@ -419,10 +550,9 @@ def _supervise(args) -> int:
         holder.close()
         for s, h in old.items():
             signal.signal(s, h)
-    if stop["signal"] is not None:
+    if failure is None:
         return 0
-    dead = [f"{p.name} (exit code {p.exitcode})" for p in procs if p.exitcode not in (0, None)]
-    log.error(f"a worker process stopped: {', '.join(dead) or 'unknown'}; stopped the others")
+    log.error(f"a worker process stopped: {failure}")
     return 1
 
 

@@ -1,13 +1,20 @@
 """uvicorn, plus the two limits on a request head it lacks: a deadline and a size.
 
-uvicorn times out idle keep-alive connections (`timeout_keep_alive`) and caps connections
-(`limit_concurrency`), but a client that connects and sends nothing, or one header line a
-second, holds its connection forever. `HeadDeadline` gives every request head
-`header_timeout_s` from its first byte (from the connection's start for the first request),
-then answers 408 and closes. Nor does httptools bound a head's size: a fast client's 100 MiB
-header line was buffered whole. `HeadDeadline` counts a head's bytes as they arrive and past
-`max_head_bytes` answers 431 and closes, before the parser sees them. The body's deadline and
-size are RequestGuard's (guards.py), which works under any ASGI server.
+uvicorn times out idle keep-alive connections (`timeout_keep_alive`), but a client that
+connects and sends nothing, or one header line a second, holds its connection forever.
+`HeadDeadline` gives every request head `header_timeout_s` from its first byte (from the
+connection's start for the first request), then answers 408 and closes. Nor does httptools
+bound a head's size: a fast client's 100 MiB header line was buffered whole. `HeadDeadline`
+counts a head's bytes as they arrive and past `max_head_bytes` answers 431 and closes, before
+the parser sees them. The body's deadline and size are RequestGuard's (guards.py), which works
+under any ASGI server.
+
+Closing is gentler than uvicorn's: where the client may still be sending (an answer given before
+its body all arrived, a head cut off), the answer goes out with a FIN and what follows is read
+and dropped for a few seconds (nginx's lingering close), since closing a socket with unread
+data sends a reset, which can destroy the answer before the client reads it. Nor does a write
+to a connection that is already closing raise (uvloop does): a client that resets while an
+answer is streaming leaves no traceback.
 
 It is a mixin over either of uvicorn's HTTP/1.1 protocols: httptools (a C parser, the
 default where installed) or h11 (pure Python, always installed with uvicorn). Parsing and
@@ -26,6 +33,8 @@ import re
 
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
+
+from fmnist.serving.guards import WarningSummary
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +58,13 @@ _400 = _answer(b"400 Bad Request", "invalid_http", "not a valid HTTP/1.1 request
 _HEAD_END = re.compile(rb"\n\r?\n")
 
 
+# After closing with client bytes maybe still on their way: read and drop them until the
+# client's EOF, at most this long (nginx lingers 5 s after the last byte, 30 s in all) and
+# this many bytes (enough for the rest of any upload the body limit lets through).
+LINGER_S = 5.0
+LINGER_MAX_BYTES = 64 << 20
+
+
 def _431(max_head_bytes: int) -> bytes:
     return _answer(b"431 Request Header Fields Too Large", "headers_too_large",
                    f"the request head is over {max_head_bytes >> 10} KiB: refused unread; send fewer or "
@@ -63,16 +79,53 @@ def httptools_available() -> bool:
     return True
 
 
+class _Transport:
+    """A connection's transport as uvicorn's protocol and the app see it; the rest passes
+    through. close() is the protocol's `_close`, which may linger; write() once the connection
+    is closing does nothing. (uvloop raises from a write to a closed handle, and uvicorn's
+    httptools protocol marks only the newest of pipelined requests as disconnected, so an older
+    one still being answered when its client reset wrote on and logged a traceback.)"""
+
+    def __init__(self, transport: asyncio.Transport, protocol: HeadDeadline):
+        self._transport = transport
+        self._protocol = protocol
+
+    def __getattr__(self, name: str):
+        return getattr(self._transport, name)
+
+    def is_closing(self) -> bool:
+        return self._protocol._lingering or self._transport.is_closing()
+
+    def write(self, data) -> None:
+        if not self.is_closing():
+            self._transport.write(data)
+
+    def pause_reading(self) -> None:
+        if not self.is_closing():  # a lingering connection reads on, to the client's EOF
+            self._transport.pause_reading()
+
+    def close(self) -> None:
+        self._protocol._close()
+
+
 class HeadDeadline:
     """Mixin for a uvicorn HTTP protocol class (it uses their `cycle`, `loop`, `transport`).
-    Also answers what the parser refuses (uvicorn: a text/plain 400) with the app's JSON error."""
+    Also answers what the parser refuses (uvicorn: a text/plain 400) with the app's JSON error,
+    and closes a connection by lingering where the client may still be sending."""
     header_timeout_s: float = 10.0  # set per server by `protocol_with_head_deadline`
-    # Ditto. 64 KiB: room for big cookies (nginx allows 4 x 8 KiB, Node.js 16 KiB), at a cost
-    # per connection that --limit-concurrency keeps small.
+    # Ditto. 64 KiB: room for big cookies (nginx allows 4 x 8 KiB, Node.js 16 KiB), held by a
+    # connection for at most header_timeout_s.
     max_head_bytes: int = 64 << 10
+    summaries: dict[str, WarningSummary] = {}  # ditto: "slow" and "large", each server its own
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
+        self._raw = transport
+        self._lingering = False
+        self._linger_timer: asyncio.TimerHandle | None = None
+        self._linger_bytes = 0
+        # httptools: the request being answered, older than `cycle` when the next is pipelined.
+        self._running = None
+        super().connection_made(_Transport(transport, self))
         self._head_timer: asyncio.TimerHandle | None = None
         self._head_bytes = 0      # of the request head now arriving
         self._head_tail = b""     # its last 2 bytes: a blank line may straddle two reads
@@ -110,18 +163,70 @@ class HeadDeadline:
         self._head_tail = (self._head_tail + data[-2:])[-2:]
         return self._head_bytes <= self.max_head_bytes
 
+    def _in_body(self) -> bool:
+        """The last request's body has not all arrived (also when it was answered early)."""
+        return self.cycle is not None and self.cycle.more_body
+
     def data_received(self, data: bytes) -> None:
+        if self._lingering:  # the answer has gone out: what the client still sends is dropped
+            self._linger_bytes += len(data)
+            if self._linger_bytes > LINGER_MAX_BYTES:
+                self._raw.close()
+            return
         if not self._head_fits(data):
             self._refuse_head()
             return
         super().data_received(data)
-        if self._app_busy():
+        if self.cycle is not self._head_after:  # a head ended in this read: the next starts at 0
+            self._head_after, self._head_bytes, self._head_tail = self.cycle, 0, b""
+        if self._app_busy() or self._in_body():  # the app's time, or the rest of a body
             self._disarm()
         else:
             self._arm()  # bytes of a next request head: its deadline starts at the first one
 
+    def _start_asgi_task(self, cycle, app) -> None:  # httptools only: h11 runs one at a time
+        self._running = cycle
+        super()._start_asgi_task(cycle, app)
+
+    def on_response_complete(self) -> None:
+        cycle = self._running or self.cycle
+        super().on_response_complete()
+        if cycle is not None and cycle.more_body and not self.transport.is_closing():
+            # Answered before its body all arrived (an early 4xx) and kept open: the parser
+            # would read the rest, slowly if the client is slow, and the head deadline then
+            # answer a request never sent. RequestGuard asks for this close in the answer.
+            self.transport.close()
+
+    def _close(self) -> None:
+        """Close now, or linger (see LINGER_S) where the client may still be sending."""
+        raw = self._raw
+        if self._lingering or raw.is_closing():
+            return
+        if not (self._in_body() or self._head_bytes) or not raw.can_write_eof():
+            raw.close()
+            return
+        self._lingering = True
+        self._disarm()
+        self._unset_keepalive_if_required()
+        raw.resume_reading()
+        raw.write_eof()  # after the answer already buffered: the client reads it, then EOF
+        self._linger_timer = self.loop.call_later(LINGER_S, raw.close)
+
+    def eof_received(self) -> bool | None:
+        if self._lingering:
+            self._raw.close()
+        return super().eof_received()
+
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
+        if self._linger_timer is not None:
+            self._linger_timer.cancel()
+        running = self._running
+        if running is not None and running is not self.cycle and not running.response_complete:
+            # uvicorn marks only `cycle`, the pipelined request still queued: the one being
+            # answered would otherwise write on, and wait for ever for a disconnect message.
+            running.disconnected = True
+            running.message_event.set()
         super().connection_lost(exc)
 
     def send_400_response(self, msg: str) -> None:  # uvicorn has logged it
@@ -137,8 +242,8 @@ class HeadDeadline:
         self._disarm()
         if self.transport.is_closing():
             return
-        log.warning("%s: request head over %d bytes: closing",
-                    "%s:%d" % self.client if self.client else "client", self.max_head_bytes)
+        self.summaries["large"].warn("%s: request head over %d bytes: closing",
+                                     "%s:%d" % self.client if self.client else "client", self.max_head_bytes)
         if self._may_answer():
             self.transport.write(_431(self.max_head_bytes))
         self.transport.close()
@@ -147,8 +252,8 @@ class HeadDeadline:
         self._head_timer = None
         if self._app_busy() or self.transport.is_closing():
             return
-        log.warning("%s: no complete request within %.1f s: closing",
-                    "%s:%d" % self.client if self.client else "client", self.header_timeout_s)
+        self.summaries["slow"].warn("%s: no complete request within %.1f s: closing",
+                                    "%s:%d" % self.client if self.client else "client", self.header_timeout_s)
         if self._may_answer():  # else a response already went out: just close
             self.transport.write(_408)
         self.transport.close()
@@ -185,5 +290,8 @@ def protocol_with_head_deadline(header_timeout_s: float, http: str = "auto", max
         base = HeadDeadlineH11
     else:
         raise ValueError(f"unknown HTTP implementation {http!r}; use httptools, h11 or auto")
+    # One count per server of the warnings an idle or hostile crowd raises per connection.
+    summaries = {"slow": WarningSummary("connections closed without a complete request head (408)", logger=log),
+                 "large": WarningSummary("request heads too large (431)", logger=log)}
     return type(base.__name__, (base,), {"header_timeout_s": header_timeout_s, "max_head_bytes": max_head_bytes,
-                                         "implementation": http})
+                                         "implementation": http, "summaries": summaries})
