@@ -70,6 +70,10 @@ class SeedNet(nn.Module):
     def forward_head(self, f):
         return self.head(f)
 
+    def forward_penultimate(self, x):
+        """(B, hidden): the activations the last linear layer reads (dropout is off in eval)."""
+        return self.head[:-2](self.forward_features(x))
+
     def forward(self, x):
         return self.forward_head(self.forward_features(x))
 
@@ -195,6 +199,10 @@ class FastNet(nn.Module):
         # Global max pool: measured better than average pooling for these small maps.
         return self.fc(self.drop(F.adaptive_max_pool2d(f, 1).flatten(1)))
 
+    def forward_penultimate(self, x):
+        """(B, last width): the pooled features the linear head reads."""
+        return F.adaptive_max_pool2d(self.forward_features(x), 1).flatten(1)
+
     def forward(self, x):
         return self.forward_head(self.forward_features(x))
 
@@ -269,6 +277,12 @@ class Ensemble(nn.Module):
 
     def forward(self, x):
         return torch.stack([F.log_softmax(m(x).float(), 1) for m in self.members]).mean(0)
+
+    def forward_penultimate(self, x):
+        """(B, n * member width): each member's penultimate features, L2-normalised so that
+        every member weighs the same, side by side (members' feature bases differ: averaging
+        them would mix unrelated units)."""
+        return torch.cat([F.normalize(m.forward_penultimate(x).float(), dim=1) for m in self.members], 1)
 
 
 # ---------------------------------------------------------------------------- registry
