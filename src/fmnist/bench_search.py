@@ -1,20 +1,23 @@
 """`fmnist bench search`: how well and how fast visual search works, written to JSON as it goes.
 
-  engines   FAISS HNSW against usearch HNSW on one catalogue of real embeddings: build time, query
-            p50/p99, recall@10 against exact search (the measurement behind the default engine)
+  engines   FAISS HNSW against usearch HNSW, the same settings, on one 100k catalogue: build time,
+            query p50/p99, recall@10 against exact search (the measurement behind the default engine)
   quality   Fashion-MNIST test images as queries against the 60,000 training images: same-class
             precision@10 and mAP@100, beside raw pixels and PCA of the pixels to the embedding's
             dimension (exact search for all three); and the same item from a photo: 1,000 test
             images rendered as product photos (photos.py), converted as `fmnist predict` converts,
             queried against a catalogue of the training images plus the 10,000 test originals
-  scale     catalogues of 10k, 100k and 1M items (the training images, then augmented copies of
-            them: shifted up to 2 px, mirrored, half with a rectangle erased): build time, size on
-            disk and in memory, query latency of the index alone on one thread (one query and
-            batches), recall@10 against exact search; embedding and conversion timed apart
+  scale     catalogues of 10k, 100k and 1M items with the default engine: build time, size on disk
+            and in memory, query latency of the index alone on one thread (one query and batches),
+            recall@10 against exact search; embedding and conversion are timed apart (quality)
 
-Each catalogue size is its own entry of OUT/search.json, written when it is done, so a long
-sitting can be split over several commands (--sizes). The augmented copies' embeddings are
-cached in ~/.cache/fmnist/search-bench/, keyed by the model's weights.
+Catalogues past 60,000 items: the training images' embeddings, then copies of them moved in
+embedding space by as much as a real augmented copy (shifted up to 2 px, mirrored, half with a
+rectangle erased) moves an embedding, measured on 2,000 training images (augmentation_spread).
+
+Each part and catalogue size is its own entry of OUT/search.json, written when it is done, so a
+sitting can be split over several commands (--search-parts, --sizes). The training images'
+embeddings are cached in ~/.cache/fmnist/search-bench/, keyed by the model's weights.
 """
 
 from __future__ import annotations
@@ -31,8 +34,6 @@ import torch
 from .atomic import write_json
 
 log = logging.getLogger(__name__)
-
-CHUNK = 60_000   # augmented copies are made and cached one training set's worth at a time
 
 
 def _rss_bytes() -> int:
@@ -51,37 +52,59 @@ def augmented_copy(images: torch.Tensor, copy: int) -> torch.Tensor:
     return x.squeeze(1).round().clamp(0, 255).to(torch.uint8)
 
 
-def catalogue_vectors(embedder, train_images: torch.Tensor, n: int, cache: Path) -> np.ndarray:
-    """(n, dim) float32: the training images' embeddings, then augmented copies' (cached per copy)."""
-    from tqdm import tqdm
+def train_vectors(embedder, train_images: torch.Tensor, cache: Path) -> np.ndarray:
+    """(60000, dim): the training images' embeddings, cached per model weights (fewer images, as
+    a dry run takes: embedded, not cached)."""
+    from .atomic import atomic_path
 
+    if len(train_images) < 60_000:
+        return embedder.embed_images(train_images)
     cache = cache / embedder.model_record["weights_sha256"][:16]
     cache.mkdir(parents=True, exist_ok=True)
-    parts, have = [], 0
-    copies = -(-n // len(train_images))
-    for c in tqdm(range(copies), desc="catalogue embeddings", unit="copy", disable=None if copies > 1 else True,
-                  leave=False):
-        f = cache / f"copy-{c:03d}.npy"
-        take = min(len(train_images), n - have)
-        v = np.load(f, mmap_mode="r") if f.exists() else None
-        if v is not None and v.shape != (len(train_images), embedder.dim):
-            log.warning(f"{f}: {v.shape} is not one copy of the training images' embeddings; embedding again")
-            v = None
-        if v is None:
-            imgs = train_images if c == 0 else augmented_copy(train_images, c)
-            if take < len(imgs):   # part of a copy (a small sitting): embedded, not cached
-                v = embedder.embed_images(imgs[:take])
-            else:
-                t = time.perf_counter()
-                v = embedder.embed_images(imgs)
-                log.info(f"embedded copy {c} of the training images: {len(v)} in {time.perf_counter() - t:.0f} s")
-                from .atomic import atomic_path
-                with atomic_path(f) as tmp:
-                    with open(tmp, "wb") as fh:
-                        np.save(fh, v)
-        parts.append(np.asarray(v[:take]))
-        have += take
-    return np.concatenate(parts)
+    f = cache / "train.npy"
+    if f.exists():
+        v = np.load(f)
+        if v.shape == (len(train_images), embedder.dim):
+            return v
+        log.warning(f"{f}: {v.shape} is not the training images' embeddings; embedding them again")
+    t = time.perf_counter()
+    v = embedder.embed_images(train_images)
+    log.info(f"embedded the {len(v)} training images in {time.perf_counter() - t:.0f} s")
+    with atomic_path(f) as tmp:
+        with open(tmp, "wb") as fh:
+            np.save(fh, v)
+    return v
+
+
+def augmentation_spread(embedder, train_images: torch.Tensor, n: int = 2000, copies: int = 3) -> dict:
+    """How far an augmented copy's embedding lies from its original's: cosine distance between
+    the embeddings of n training images and of `copies` augmented copies of each."""
+    base = embedder.embed_images(train_images[:n])
+    d = [1 - (base * embedder.embed_images(augmented_copy(train_images[:n], c))).sum(1) for c in range(1, copies + 1)]
+    d = np.concatenate(d)
+    return {"images": n, "copies": copies, "mean_cosine_distance": float(d.mean()),
+            "p10": float(np.percentile(d, 10)), "p90": float(np.percentile(d, 90))}
+
+
+def catalogue_vectors(train: np.ndarray, n: int, spread: float | None = None) -> np.ndarray:
+    """(n, dim) float32 unit rows: the training images' embeddings, then copies of them moved in
+    embedding space as far as a real augmented copy moves (`spread`, the mean cosine distance
+    from augmentation_spread). Embedding 940,000 augmented images takes hours of this 2-core
+    machine's CPU; moving the vectors gives a catalogue with the same near-duplicate structure
+    around each item in seconds (copy c: noise from seed c, reproducible)."""
+    if n <= len(train):
+        return np.ascontiguousarray(train[:n])
+    d = train.shape[1]
+    # A unit vector plus isotropic noise of per-number sd s: cosine ~ 1 / sqrt(1 + d s^2).
+    cos = 1.0 - float(spread)
+    s = np.sqrt((1.0 / cos ** 2 - 1.0) / d)
+    out = np.empty((n, d), np.float32)
+    out[:len(train)] = train
+    for c, at in enumerate(range(len(train), n, len(train)), start=1):
+        take = min(len(train), n - at)
+        v = train[:take] + np.random.default_rng(c).standard_normal((take, d), dtype=np.float32) * s
+        out[at:at + take] = v / np.linalg.norm(v, axis=1, keepdims=True)
+    return out
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -152,17 +175,19 @@ def build_engine(name: str, vectors: np.ndarray, settings, threads: int) -> tupl
 
 # ---------------------------------------------------------------------------- parts
 
-def engines_part(embedder, ds, cache: Path, n: int = 100_000, queries: int = 1000, threads: int = 0) -> dict:
+def engines_part(embedder, ds, train: np.ndarray, spread: float, n: int = 100_000, queries: int = 1000,
+                 threads: int = 0) -> dict:
     """FAISS against usearch: the same HNSW settings, the same vectors and queries."""
     import tempfile
 
     from .search_index import EngineSettings, engine_class
 
-    vectors = catalogue_vectors(embedder, ds.train_images, n, cache)
+    vectors = catalogue_vectors(train, n, spread)
     q = embedder.embed_images(ds.test_images[:queries])
     truth = exact_search(q, vectors, 10)
     s = EngineSettings()
-    out = {"catalogue": n, "queries": queries, "settings": s.__dict__, "engines": {}}
+    out = {"catalogue": n, "real_items": min(n, len(train)), "queries": queries, "settings": s.__dict__,
+           "engines": {}}
     for name in ("faiss", "usearch"):
         engine, secs, mem = build_engine(name, vectors, s, threads or os.cpu_count())
         with tempfile.TemporaryDirectory() as d:
@@ -180,14 +205,14 @@ def engines_part(embedder, ds, cache: Path, n: int = 100_000, queries: int = 100
     return out
 
 
-def quality_part(embedder, ds, cache: Path, photos: int = 1000, n_train: int = 0, n_test: int = 0) -> dict:
+def quality_part(embedder, ds, train: np.ndarray, photos: int = 1000, n_test: int = 0) -> dict:
     """Same-class retrieval against two baselines, and the same item found from its photo.
-    n_train, n_test: the first images of each split only (0: all; a dry run's small sizes)."""
+    train: the embeddings of the first len(train) training images (the catalogue); n_test: the
+    first test images only (0: all; a dry run's small sizes)."""
     from .photos import render_product_photo
 
-    train_images = ds.train_images[:n_train or None]
+    train_images = ds.train_images[:len(train)]
     test_images = ds.test_images[:n_test or None]
-    train = catalogue_vectors(embedder, ds.train_images, len(train_images), cache)
     t = time.perf_counter()
     test = embedder.embed_images(test_images)
     embed_s = time.perf_counter() - t
@@ -232,13 +257,13 @@ def quality_part(embedder, ds, cache: Path, photos: int = 1000, n_train: int = 0
     return out
 
 
-def scale_part(embedder, ds, cache: Path, n: int, queries: int = 1000, threads: int = 0) -> dict:
+def scale_part(embedder, ds, train: np.ndarray, spread: float, n: int, queries: int = 1000, threads: int = 0) -> dict:
     """One catalogue size with the default engine: build, size, latency, recall against exact."""
     import tempfile
 
     from .search_index import DEFAULT_ENGINE, EngineSettings
 
-    vectors = catalogue_vectors(embedder, ds.train_images, n, cache)
+    vectors = catalogue_vectors(train, n, spread)
     q = embedder.embed_images(ds.test_images[:queries])
     s = EngineSettings()
     threads = threads or os.cpu_count()
@@ -252,7 +277,7 @@ def scale_part(embedder, ds, cache: Path, n: int, queries: int = 1000, threads: 
         engine.save(f)
         save_s = time.perf_counter() - t
         disk = f.stat().st_size
-    out = {"items": n, "engine": DEFAULT_ENGINE, "engine_version": engine.version(), "settings": s.__dict__,
+    out = {"items": n, "real_items": min(n, len(train)), "engine": DEFAULT_ENGINE, "engine_version": engine.version(), "settings": s.__dict__,
            "dim": int(vectors.shape[1]), "vectors_bytes": int(vectors.nbytes), "build_threads": threads,
            "build_s": secs, "save_s": save_s, "disk_bytes": disk, "memory_bytes": mem, "queries": queries,
            "exact_search_ms_per_query_all_threads": 1000 * exact_s / queries}
@@ -297,17 +322,25 @@ def run(args, env: dict) -> dict:
              "model": embedder.model_record}
     doc.setdefault("command", "fmnist bench search --out DIR [--search-parts ...] [--sizes ...]")
     dry = getattr(args, "dry_run", False)
+    train = train_vectors(embedder, ds.train_images[:2000] if dry else ds.train_images, cache)
+    sizes = [3000] if dry else [int(x) for x in args.sizes.split(",")]
+    spread = None
+    if ("engines" in parts or "scale" in parts) and max(sizes + [0 if dry else 100_000]) > len(train):
+        doc["augmentation_spread"] = {**stamp, **augmentation_spread(embedder, ds.train_images,
+                                                                     n=200 if dry else 2000)}
+        spread = doc["augmentation_spread"]["mean_cosine_distance"]
+        write_json(out, doc)
     if "engines" in parts:
-        doc["engines"] = {**stamp, **engines_part(embedder, ds, cache, n=3000 if dry else 100_000,
+        doc["engines"] = {**stamp, **engines_part(embedder, ds, train, spread, n=3000 if dry else 100_000,
                                                   queries=50 if dry else 1000, threads=args.threads)}
         write_json(out, doc)
     if "quality" in parts:
-        doc["quality"] = {**stamp, **quality_part(embedder, ds, cache, **(
-            {"photos": 20, "n_train": 2000, "n_test": 200} if dry else {}))}
+        doc["quality"] = {**stamp, **quality_part(embedder, ds, train, **(
+            {"photos": 20, "n_test": 200} if dry else {}))}
         write_json(out, doc)
     if "scale" in parts:
-        for n in ([2000] if dry else [int(x) for x in args.sizes.split(",")]):
-            doc.setdefault("scale", {})[str(n)] = {**stamp, **scale_part(embedder, ds, cache, n,
+        for n in sizes:
+            doc.setdefault("scale", {})[str(n)] = {**stamp, **scale_part(embedder, ds, train, spread, n,
                                                                          queries=50 if dry else 1000,
                                                                          threads=args.threads)}
             write_json(out, doc)

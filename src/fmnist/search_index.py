@@ -109,9 +109,12 @@ class FaissEngine:
         try:
             index = faiss.read_index(str(path))
         except RuntimeError as e:
-            raise SearchIndexError(f"{path}: not a readable FAISS index ({str(e).splitlines()[0][:200]})") from None
+            why = str(e).splitlines()[0].rsplit("Error: ", 1)[-1][:120]
+            raise SearchIndexError(f"{path}: not a readable FAISS index ({why}); rebuild the index: "
+                                   f"{HOW_TO_BUILD}") from None
         if index.d != dim:
-            raise SearchIndexError(f"{path}: vectors of {index.d} numbers, the manifest says {dim}")
+            raise SearchIndexError(f"{path}: vectors of {index.d} numbers, the manifest says {dim}; rebuild the "
+                                   f"index: {HOW_TO_BUILD}")
         return cls(dim, s, index)
 
 
@@ -163,9 +166,11 @@ class UsearchEngine:
         try:
             index = Index.restore(str(path))
         except Exception as e:  # usearch raises plain RuntimeError/ValueError on a bad file
-            raise SearchIndexError(f"{path}: not a readable usearch index ({e})") from None
+            raise SearchIndexError(f"{path}: not a readable usearch index ({e}); rebuild the index: "
+                                   f"{HOW_TO_BUILD}") from None
         if index is None or index.ndim != dim:
-            raise SearchIndexError(f"{path}: not a usearch index of {dim}-number vectors")
+            raise SearchIndexError(f"{path}: not a usearch index of {dim}-number vectors; rebuild the index: "
+                                   f"{HOW_TO_BUILD}")
         return cls(dim, s, index)
 
 
