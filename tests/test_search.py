@@ -256,3 +256,16 @@ def test_serve_refuses_an_index_of_another_model(catalogue_index, tmp_path):
     r = subprocess.run([sys.executable, "-m", "fmnist", "serve", "--port", "0", "--index", str(tmp_path / "none")],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 1 and "no index at" in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_search_doc_tables_match_the_committed_json():
+    """docs/search.md's tables are what scripts/search_tables.py renders from bench/cpu/search.json."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    out = subprocess.run([sys.executable, str(root / "scripts" / "search_tables.py"),
+                          str(root / "bench" / "cpu" / "search.json")], capture_output=True, text=True, check=True)
+    lines = [line for line in out.stdout.splitlines() if line.strip()]
+    doc = (root / "docs" / "search.md").read_text()
+    missing = [line for line in lines if line not in doc]
+    assert len(lines) > 20 and not missing, missing[:3]

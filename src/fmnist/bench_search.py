@@ -36,11 +36,6 @@ from .atomic import write_json
 log = logging.getLogger(__name__)
 
 
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
 def augmented_copy(images: torch.Tensor, copy: int) -> torch.Tensor:
     """(N, 28, 28) uint8 -> the same images shifted up to 2 px each way, half mirrored, half with
     a rectangle erased; copy c of the catalogue uses generator seed c, so it is reproducible."""
@@ -145,32 +140,52 @@ def time_queries(engine, q: np.ndarray, k: int = 10, batch: int = 1, threads: in
     """Wall time per call of engine.search on `batch` queries at a time, on `threads` threads."""
     batch = min(batch, len(q))
     engine.search(q[:batch], k, threads=threads)   # warm-up: first touch of the index pages
-    times = []
+    times, cpu = [], []
     for i in range(0, len(q) - batch + 1, batch):
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.thread_time()
         engine.search(q[i:i + batch], k, threads=threads)
         times.append(time.perf_counter() - t)
+        cpu.append(time.thread_time() - c)
     out = _ms(times)
     out["batch"] = batch
     out["per_query_ms"] = out["mean_ms"] / batch
+    if threads == 1:
+        # The search's own CPU time (it runs in this thread): wall time also holds the moments
+        # the OS gave the core to another process, on a machine shared as this one is.
+        out["cpu"] = _ms(cpu)
     return out
 
 
-def _dir_bytes(d: Path) -> int:
-    return sum(f.stat().st_size for f in d.iterdir() if f.is_file())
+def loaded_bytes(engine_name: str, path: Path, dim: int) -> int:
+    """Resident memory an index file takes once loaded, in a fresh process (this one's heap
+    reuses freed memory, so its growth says little)."""
+    import subprocess
+    import sys
+
+    code = ("import os, sys\n"
+            "from pathlib import Path\n"
+            "from fmnist.search_index import EngineSettings, engine_class\n"
+            "cls = engine_class(sys.argv[1])\n"
+            "cls.version()\n"   # the engine's library imported before the first reading
+            "rss = lambda: int(open('/proc/self/statm').read().split()[1]) * os.sysconf('SC_PAGE_SIZE')\n"
+            "before = rss()\n"
+            "e = cls.load(Path(sys.argv[2]), int(sys.argv[3]), EngineSettings())\n"
+            "print(rss() - before)\n")
+    r = subprocess.run([sys.executable, "-c", code, engine_name, str(path), str(dim)], capture_output=True,
+                       text=True, check=True)
+    return int(r.stdout.strip())
 
 
-def build_engine(name: str, vectors: np.ndarray, settings, threads: int) -> tuple[object, float, int]:
-    """-> (engine, build seconds, resident bytes the build added)."""
+def build_engine(name: str, vectors: np.ndarray, settings, threads: int) -> tuple[object, float]:
+    """-> (engine, build seconds)."""
     from .search_index import engine_class
 
     gc.collect()
-    rss = _rss_bytes()
     engine = engine_class(name)(vectors.shape[1], settings)
     t = time.perf_counter()
     for i in range(0, len(vectors), 100_000):   # in steps, as `fmnist index add` would grow it
         engine.add(vectors[i:i + 100_000], threads=threads)
-    return engine, time.perf_counter() - t, _rss_bytes() - rss
+    return engine, time.perf_counter() - t
 
 
 # ---------------------------------------------------------------------------- parts
@@ -189,11 +204,12 @@ def engines_part(embedder, ds, train: np.ndarray, spread: float, n: int = 100_00
     out = {"catalogue": n, "real_items": min(n, len(train)), "queries": queries, "settings": s.__dict__,
            "engines": {}}
     for name in ("faiss", "usearch"):
-        engine, secs, mem = build_engine(name, vectors, s, threads or os.cpu_count())
+        engine, secs = build_engine(name, vectors, s, threads or os.cpu_count())
         with tempfile.TemporaryDirectory() as d:
             f = Path(d) / f"index.{engine.ext}"
             engine.save(f)
             disk = f.stat().st_size
+            mem = loaded_bytes(name, f, vectors.shape[1])
         _, ids = engine.search(q, 10, threads=1)
         out["engines"][name] = {"version": engine_class(name).version(), "build_s": secs, "memory_bytes": mem,
                                 "disk_bytes": disk, "recall_at_10": recall_at(ids, truth),
@@ -270,13 +286,14 @@ def scale_part(embedder, ds, train: np.ndarray, spread: float, n: int, queries: 
     t = time.perf_counter()
     truth = exact_search(q, vectors, 10)
     exact_s = time.perf_counter() - t
-    engine, secs, mem = build_engine(DEFAULT_ENGINE, vectors, s, threads)
+    engine, secs = build_engine(DEFAULT_ENGINE, vectors, s, threads)
     with tempfile.TemporaryDirectory() as d:
         f = Path(d) / f"index.{engine.ext}"
         t = time.perf_counter()
         engine.save(f)
         save_s = time.perf_counter() - t
         disk = f.stat().st_size
+        mem = loaded_bytes(DEFAULT_ENGINE, f, vectors.shape[1])
     out = {"items": n, "real_items": min(n, len(train)), "engine": DEFAULT_ENGINE, "engine_version": engine.version(), "settings": s.__dict__,
            "dim": int(vectors.shape[1]), "vectors_bytes": int(vectors.nbytes), "build_threads": threads,
            "build_s": secs, "save_s": save_s, "disk_bytes": disk, "memory_bytes": mem, "queries": queries,
@@ -318,30 +335,32 @@ def run(args, env: dict) -> dict:
     cache = data.cache_dir() / "search-bench"
     import faiss
     import usearch
-    stamp = {"environment": {**env, "faiss": faiss.__version__, "usearch": usearch.__version__},
+    # The load average: this machine's two cores are shared, and timings say more beside it.
+    stamp = {"environment": {**env, "faiss": faiss.__version__, "usearch": usearch.__version__,
+                             "load_average_1_5_15_min_at_start": list(os.getloadavg())},
              "model": embedder.model_record}
     doc.setdefault("command", "fmnist bench search --out DIR [--search-parts ...] [--sizes ...]")
     dry = getattr(args, "dry_run", False)
-    train = train_vectors(embedder, ds.train_images[:2000] if dry else ds.train_images, cache)
-    sizes = [3000] if dry else [int(x) for x in args.sizes.split(",")]
+    train = train_vectors(embedder, ds.train_images[:1000] if dry else ds.train_images, cache)
+    sizes = [1500] if dry else [int(x) for x in args.sizes.split(",")]
     spread = None
     if ("engines" in parts or "scale" in parts) and max(sizes + [0 if dry else 100_000]) > len(train):
         doc["augmentation_spread"] = {**stamp, **augmentation_spread(embedder, ds.train_images,
-                                                                     n=200 if dry else 2000)}
+                                                                     n=100 if dry else 2000)}
         spread = doc["augmentation_spread"]["mean_cosine_distance"]
         write_json(out, doc)
     if "engines" in parts:
-        doc["engines"] = {**stamp, **engines_part(embedder, ds, train, spread, n=3000 if dry else 100_000,
-                                                  queries=50 if dry else 1000, threads=args.threads)}
+        doc["engines"] = {**stamp, **engines_part(embedder, ds, train, spread, n=1500 if dry else 100_000,
+                                                  queries=20 if dry else 1000, threads=args.threads)}
         write_json(out, doc)
     if "quality" in parts:
         doc["quality"] = {**stamp, **quality_part(embedder, ds, train, **(
-            {"photos": 20, "n_test": 200} if dry else {}))}
+            {"photos": 10, "n_test": 100} if dry else {}))}
         write_json(out, doc)
     if "scale" in parts:
         for n in sizes:
             doc.setdefault("scale", {})[str(n)] = {**stamp, **scale_part(embedder, ds, train, spread, n,
-                                                                         queries=50 if dry else 1000,
+                                                                         queries=20 if dry else 1000,
                                                                          threads=args.threads)}
             write_json(out, doc)
     log.info(f"wrote {out}")

@@ -137,9 +137,12 @@ def _embed_source(src: Source, embedder: Embedder) -> tuple[np.ndarray, list[dic
               leave=False) as bar:
         for imgs, its, th in src.batches():
             vecs.append(embedder.embed_images(imgs))
-            probs = embedder.predictor.probabilities(imgs)
-            for it, p in zip(its, probs):
-                it["predicted"] = embedder.predictor.class_names[int(np.argmax(p))]
+            # The model's class, shown for items the catalogue gives no label (a labelled
+            # catalogue, the dataset's, skips this second forward pass).
+            unlabelled = [i for i, it in enumerate(its) if not it.get("label")]
+            probs = embedder.predictor.probabilities(imgs[unlabelled]) if unlabelled else []
+            for i, p in zip(unlabelled, probs):
+                its[i]["predicted"] = embedder.predictor.class_names[int(np.argmax(p))]
             items += its
             thumbs.append(th)
             bar.update(len(its))

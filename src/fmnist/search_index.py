@@ -4,7 +4,7 @@ items' sources and labels, and small thumbnails.
     DIR/manifest.json           format, model record (embedding.py), engine and its settings,
                                 item count, the files below; written last, atomically
     DIR/vectors-<count>.<ext>   the engine's index file holding items 0 .. count-1
-    DIR/items-<start>.json      one chunk per build or add: [{source, label, predicted}, ...]
+    DIR/items-<start>.json      one chunk per build or add: [{source, label or predicted}, ...]
     DIR/thumbs-<start>.npy      that chunk's thumbnails, (n, 28, 28) or (n, 64, 64, 3) uint8
 
 Item ids are positions, 0 .. count-1, in the order items were added. Adding items writes a
@@ -206,7 +206,7 @@ class Neighbour:
     distance: float
     source: str
     label: str | None          # the catalogue's own label (dataset, photo-set manifest), if known
-    predicted: str | None      # the model's class for the item
+    predicted: str | None      # the model's class, for an item the catalogue gives no label
 
     @property
     def shown_class(self) -> str:
