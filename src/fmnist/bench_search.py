@@ -109,8 +109,9 @@ def exact_search(q: np.ndarray, c: np.ndarray, k: int, metric: str = "ip") -> np
     qt, ct = torch.from_numpy(np.ascontiguousarray(q, np.float32)), torch.from_numpy(np.ascontiguousarray(c, np.float32))
     cn = (ct * ct).sum(1) if metric == "l2" else None
     out = []
-    for i in range(0, len(qt), 500):
-        s = qt[i:i + 500] @ ct.T
+    step = max(1, min(500, 50_000_000 // len(ct)))   # a (step, len(c)) score block of at most 200 MB
+    for i in range(0, len(qt), step):
+        s = qt[i:i + step] @ ct.T
         if cn is not None:
             s = 2 * s - cn            # -|q - c|^2 + |q|^2: same order
         out.append(s.topk(k, 1).indices)

@@ -5,8 +5,8 @@ shipped ensemble, each member's pooled features L2-normalised and set side by si
 384 numbers), then normalised as a whole, so the inner product of two embeddings is their cosine
 similarity. Photos go through the same conversion as `fmnist predict` (Predictor.prepare).
 
-Measured on Fashion-MNIST (docs/search.md): same-class precision@10 0.920 for this vector against
-0.914 for one member alone and 0.920 with flip averaging, which costs twice the forward passes.
+No mirror averaging (the flip TTA of classification): it would double the forward passes of
+every catalogue item. Retrieval quality is measured by `fmnist bench search` (docs/search.md).
 
 An embedding is only comparable with embeddings of the same weights: `model_record` names them
 by a SHA-256 of the weights (not of the file, which calibration rewrites without touching them).
