@@ -48,7 +48,9 @@ class EngineSettings:
     # HNSW graph degree: 32 neighbours per node (64 on the bottom layer). Measured at 1M items
     # (docs/search.md): recall@10 >= 0.95 needs a wide enough graph; 16 lost recall at 1M.
     M: int = 32
-    ef_construction: int = 80    # candidate list while inserting: build time against graph quality
+    # Candidate list while inserting: build time against graph quality. 40 (FAISS's default)
+    # builds 1M items in about half the time of 80, and still met recall@10 >= 0.95 at 1M.
+    ef_construction: int = 40
     ef_search: int = 64          # candidate list while searching (at least k): latency against recall
 
 
