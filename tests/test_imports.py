@@ -41,21 +41,14 @@ def test_no_import_cycles():
     assert not cycles, " ; ".join(" -> ".join(c) for c in cycles)
 
 
-def test_inference_path_loads_no_training_code():
+def test_inference_path_loads_no_training_code_nor_search_engines():
+    """Also: faiss and usearch are optional (pip install 'fmnist[search]'): predicting, and
+    serving without --index, never import them, so neither needs them installed."""
     code = ("import sys, fmnist.predict, fmnist.serve, fmnist.export, fmnist.onnx_backend; "
+            "from fmnist.serve import create_app; create_app(); "
             "print(sorted(m for m in sys.modules if m in "
-            "('fmnist.train', 'fmnist.augment', 'fmnist.distributed', 'fmnist.config', 'fmnist.bench')))")
+            "('fmnist.train', 'fmnist.augment', 'fmnist.distributed', 'fmnist.config', 'fmnist.bench') "
+            "or m.split('.')[0] in ('faiss', 'usearch')))")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "[]", f"importing the inference path loaded {r.stdout.strip()}"
-
-
-def test_the_search_engines_load_only_for_search():
-    """faiss and usearch are optional (pip install 'fmnist[search]'): predicting and serving
-    without --index never import them, so neither needs them installed."""
-    code = ("import sys, fmnist.cli, fmnist.predict, fmnist.serve, fmnist.serve_search, fmnist.search_index; "
-            "from fmnist.serve import create_app; create_app(); "
-            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('faiss', 'usearch')))")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, r.stderr
-    assert r.stdout.strip() == "[]", f"importing the serving path loaded {r.stdout.strip()}"

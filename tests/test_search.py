@@ -249,12 +249,11 @@ def test_thumbnails_only_by_id(search_server, path, status):
         assert "fmnist-catalogue-index" not in r.text   # no file of the index is reachable by path
 
 
-def test_serve_refuses_an_index_of_another_model(catalogue_index, tmp_path):
-    r = subprocess.run([sys.executable, "-m", "fmnist", "serve", "--port", "0", "--index", str(catalogue_index),
-                        "--checkpoint", str(other_model(tmp_path, True))], capture_output=True, text=True, timeout=120)
+def test_serve_refuses_a_missing_index_or_one_of_another_model(cli, catalogue_index, tmp_path):
+    """Checked before the server listens: one line, exit status 1, no traceback."""
+    r = cli("serve", "--port", 0, "--index", catalogue_index, "--checkpoint", other_model(tmp_path, True))
     assert r.returncode == 1 and "built with another model" in r.stderr and "Traceback" not in r.stderr, r.stderr
-    r = subprocess.run([sys.executable, "-m", "fmnist", "serve", "--port", "0", "--index", str(tmp_path / "none")],
-                       capture_output=True, text=True, timeout=120)
+    r = cli("serve", "--port", 0, "--index", tmp_path / "none")
     assert r.returncode == 1 and "no index at" in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 
