@@ -48,6 +48,15 @@ def engines(e: dict) -> list[str]:
         q = r["one_query"]
         out.append(f"| {name} {r['version']} | {r['build_s']:.1f} s | {mb(r['disk_bytes'])} | {mb(r['memory_bytes'])} "
                    f"| {r['recall_at_10']:.4f} | {ms(q['p50_ms'])} ms | {ms(q['p99_ms'])} ms | {ms(q['cpu']['p99_ms'])} ms |")
+    sweeps = {name: r["ef_search_sweep"] for name, r in e["engines"].items() if "ef_search_sweep" in r}
+    if sweeps:
+        names = list(sweeps)
+        out += ["", "The same graphs at each ef_search (recall@10; search CPU time p50 of one query):", "",
+                "| ef_search | " + " | ".join(f"{n} recall@10 | {n} CPU p50" for n in names) + " |",
+                "|---|" + "---|---|" * len(names)]
+        for i, row in enumerate(sweeps[names[0]]):
+            cells = [f"{sweeps[n][i]['recall_at_10']:.4f} | {ms(sweeps[n][i]['cpu_p50_ms'])} ms" for n in names]
+            out.append(f"| {row['ef_search']} | " + " | ".join(cells) + " |")
     return out
 
 

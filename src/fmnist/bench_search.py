@@ -191,6 +191,22 @@ def build_engine(name: str, vectors: np.ndarray, settings, threads: int) -> tupl
 
 # ---------------------------------------------------------------------------- parts
 
+def ef_sweep(engine, q: np.ndarray, truth: np.ndarray, s, efs=(16, 32, 64, 128, 256)) -> list[dict]:
+    """Recall@10 and one-query latency (wall and search CPU, one thread) at each ef_search: the
+    trade-off behind the default, and engines compared at equal recall."""
+    from .search_index import EngineSettings
+
+    out = []
+    for ef in efs:
+        engine.settings = EngineSettings(s.M, s.ef_construction, ef)
+        _, ids = engine.search(q, 10, threads=1)
+        t = time_queries(engine, q, batch=1, threads=1)
+        out.append({"ef_search": ef, "recall_at_10": recall_at(ids, truth), "p50_ms": t["p50_ms"],
+                    "p99_ms": t["p99_ms"], "cpu_p50_ms": t["cpu"]["p50_ms"], "cpu_p99_ms": t["cpu"]["p99_ms"]})
+    engine.settings = s
+    return out
+
+
 def engines_part(embedder, ds, train: np.ndarray, spread: float, n: int = 100_000, queries: int = 1000,
                  threads: int = 0) -> dict:
     """FAISS against usearch: the same HNSW settings, the same vectors and queries."""
@@ -214,7 +230,8 @@ def engines_part(embedder, ds, train: np.ndarray, spread: float, n: int = 100_00
         _, ids = engine.search(q, 10, threads=1)
         out["engines"][name] = {"version": engine_class(name).version(), "build_s": secs, "memory_bytes": mem,
                                 "disk_bytes": disk, "recall_at_10": recall_at(ids, truth),
-                                "one_query": time_queries(engine, q, batch=1)}
+                                "one_query": time_queries(engine, q, batch=1),
+                                "ef_search_sweep": ef_sweep(engine, q, truth, s)}
         log.info(f"engines: {name}: build {secs:.1f} s, recall@10 {out['engines'][name]['recall_at_10']:.4f}, "
                  f"p99 {out['engines'][name]['one_query']['p99_ms']:.3f} ms")
         del engine
@@ -274,20 +291,63 @@ def quality_part(embedder, ds, train: np.ndarray, photos: int = 1000, n_test: in
     return out
 
 
-def scale_part(embedder, ds, train: np.ndarray, spread: float, n: int, queries: int = 1000, threads: int = 0) -> dict:
-    """One catalogue size with the default engine: build, size, latency, recall against exact."""
+STEP = 100_000         # items added per engine.add call, as `fmnist index add` would grow an index
+BUILD_BUDGET_S = 420   # adding past this, a sitting saves the index and stops: the next one goes on
+
+
+def build_in_sittings(name: str, vectors: np.ndarray, settings, threads: int, state: Path):
+    """Add `vectors` to a new index STEP items at a time. A build that runs past BUILD_BUDGET_S is
+    saved to `state` (the index file and the seconds spent) and continued by the next command,
+    so no command holds the bench lock much past 10 minutes: one index grown by adding, which is
+    also how a catalogue grows. -> (engine, total seconds of adding, seconds per step), or None
+    when not done."""
+    import json
+
+    from .atomic import atomic_path, write_json
+    from .search_index import engine_class
+
+    cls = engine_class(name)
+    meta, index_file = state.with_suffix(".json"), state.with_suffix("." + cls.ext)
+    done = json.loads(meta.read_text()) if meta.exists() and index_file.exists() else {"added": 0, "step_s": []}
+    engine = cls.load(index_file, vectors.shape[1], settings) if done["added"] else cls(vectors.shape[1], settings)
+    start = time.perf_counter()
+    for i in range(done["added"], len(vectors), STEP):
+        t = time.perf_counter()
+        engine.add(vectors[i:i + STEP], threads=threads)
+        done["step_s"].append(time.perf_counter() - t)
+        done["added"] = min(len(vectors), i + STEP)
+        if done["added"] < len(vectors) and time.perf_counter() - start > BUILD_BUDGET_S:
+            with atomic_path(index_file) as tmp:
+                engine.save(tmp)
+            write_json(meta, done)
+            log.warning(f"built {done['added']:,} of {len(vectors):,} items in this sitting ({sum(done['step_s']):.0f} s "
+                        f"of adding so far); run the same command again to go on")
+            return None
+    meta.unlink(missing_ok=True)
+    index_file.unlink(missing_ok=True)
+    return engine, sum(done["step_s"]), done["step_s"]
+
+
+def scale_part(embedder, ds, train: np.ndarray, spread: float, n: int, queries: int = 1000, threads: int = 0,
+               cache: Path | None = None) -> dict | None:
+    """One catalogue size with the default engine: build, size, latency, recall against exact.
+    None: the build goes on in the next sitting (build_in_sittings)."""
     import tempfile
 
     from .search_index import DEFAULT_ENGINE, EngineSettings
 
     vectors = catalogue_vectors(train, n, spread)
-    q = embedder.embed_images(ds.test_images[:queries])
     s = EngineSettings()
     threads = threads or os.cpu_count()
+    state = (cache or Path(tempfile.gettempdir())) / f"build-{DEFAULT_ENGINE}-{n}-M{s.M}-efc{s.ef_construction}"
+    built = build_in_sittings(DEFAULT_ENGINE, vectors, s, threads, state)
+    if built is None:
+        return None
+    engine, secs, steps = built
+    q = embedder.embed_images(ds.test_images[:queries])
     t = time.perf_counter()
     truth = exact_search(q, vectors, 10)
     exact_s = time.perf_counter() - t
-    engine, secs = build_engine(DEFAULT_ENGINE, vectors, s, threads)
     with tempfile.TemporaryDirectory() as d:
         f = Path(d) / f"index.{engine.ext}"
         t = time.perf_counter()
@@ -297,21 +357,14 @@ def scale_part(embedder, ds, train: np.ndarray, spread: float, n: int, queries: 
         mem = loaded_bytes(DEFAULT_ENGINE, f, vectors.shape[1])
     out = {"items": n, "real_items": min(n, len(train)), "engine": DEFAULT_ENGINE, "engine_version": engine.version(), "settings": s.__dict__,
            "dim": int(vectors.shape[1]), "vectors_bytes": int(vectors.nbytes), "build_threads": threads,
-           "build_s": secs, "save_s": save_s, "disk_bytes": disk, "memory_bytes": mem, "queries": queries,
+           "build_s": secs, "build_step_s": steps, "save_s": save_s, "disk_bytes": disk, "memory_bytes": mem, "queries": queries,
            "exact_search_ms_per_query_all_threads": 1000 * exact_s / queries}
     _, ids = engine.search(q, 10, threads=1)
     out["recall_at_10"] = recall_at(ids, truth)
     out["one_query_one_thread"] = time_queries(engine, q, batch=1, threads=1)
     out["batches_one_thread"] = [time_queries(engine, q, batch=b, threads=1) for b in (32, 256)]
     out["batch_256_all_threads"] = time_queries(engine, q, batch=256, threads=threads)
-    sweep = []
-    for ef in (16, 32, 64, 128, 256):   # the latency/recall trade-off behind the default ef_search
-        engine.settings = EngineSettings(s.M, s.ef_construction, ef)
-        _, ids = engine.search(q, 10, threads=1)
-        sweep.append({"ef_search": ef, "recall_at_10": recall_at(ids, truth),
-                      **{k: v for k, v in time_queries(engine, q, batch=1, threads=1).items()
-                         if k in ("p50_ms", "p99_ms")}})
-    out["ef_search_sweep"] = sweep
+    out["ef_search_sweep"] = ef_sweep(engine, q, truth, s)
     log.info(f"scale {n}: build {secs:.1f} s, {disk / 1e6:.0f} MB on disk, recall@10 {out['recall_at_10']:.4f}, "
              f"one query p99 {out['one_query_one_thread']['p99_ms']:.3f} ms")
     return out
@@ -360,9 +413,11 @@ def run(args, env: dict) -> dict:
         write_json(out, doc)
     if "scale" in parts:
         for n in sizes:
-            doc.setdefault("scale", {})[str(n)] = {**stamp, **scale_part(embedder, ds, train, spread, n,
-                                                                         queries=20 if dry else 1000,
-                                                                         threads=args.threads)}
+            r = scale_part(embedder, ds, train, spread, n, queries=20 if dry else 1000, threads=args.threads,
+                           cache=cache / embedder.model_record["weights_sha256"][:16])
+            if r is None:
+                break
+            doc.setdefault("scale", {})[str(n)] = {**stamp, **r}
             write_json(out, doc)
     log.info(f"wrote {out}")
     return doc
