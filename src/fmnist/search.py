@@ -260,7 +260,7 @@ def figure(results: list[SimilarResult], index: CatalogueIndex, path: str | Path
             a.axis("off")
         if photo is not None:
             row[0].imshow(photo_thumbnail(open_image(photo) if isinstance(photo, (str, Path)) else photo))
-        row[0].set_title(Path(r.source).name[:18], fontsize=7)
+        row[0].set_title(Path(r.source).stem[:20], fontsize=7)
         row[1].imshow(r.image, cmap="gray", vmin=0, vmax=255)
         row[1].set_title(f"model saw\n{r.label}", fontsize=7)
         for a, n in zip(row[2:], r.neighbours):
