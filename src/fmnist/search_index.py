@@ -9,8 +9,10 @@ items' sources and labels, and small thumbnails.
 
 Item ids are positions, 0 .. count-1, in the order items were added. Adding items writes a
 new chunk and a new vectors file (the engine's graph extended, nothing re-embedded or rebuilt),
-then the manifest that names them, then removes the old vectors file: a reader, or a crash at
-any point, sees the old index or the new one, never a mix. One writer at a time (a lock file).
+then the manifest that names them, then removes the old vectors file: a crash at any point
+leaves the old index or the new one, never a mix, and a process that has an index open keeps
+searching it (opening one in the instant between the manifest and the removal fails with
+"missing": open it again). One writer at a time (a lock file).
 
 Engines (both HNSW graphs, inner product on unit vectors, so distance = 1 - cosine similarity):
 faiss (the default, chosen by `fmnist bench search`'s engines part: docs/search.md) and usearch.
