@@ -163,3 +163,19 @@ def _drop_cli_log_handler():
         logger.removeHandler(h)
     logger.setLevel(logging.NOTSET)
     logger.propagate = True
+
+
+# The tests' catalogue: the first 300 test images, indexed with the shipped model (a few seconds).
+CATALOGUE_ITEMS = 300
+
+
+@pytest.fixture(scope="session")
+def catalogue_index(tmp_path_factory, dataset) -> Path:
+    """A small catalogue index built once per session (shared by xdist workers): the tests that
+    modify an index work on a copy (shutil.copytree)."""
+    def make(d: Path):
+        from fmnist.search.catalogue import build_index
+
+        build_index("fashion-mnist:test", d / "index", limit=CATALOGUE_ITEMS)
+
+    return shared_dir(tmp_path_factory, "catalogue-index", make) / "index"

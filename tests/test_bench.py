@@ -75,3 +75,17 @@ def test_serve(tmp_path):
     for row in s["settings"]["torch"]["rows"]:
         assert row["requests"] > 0 and row["errors"] == 0 and row["rps"] > 0, row
     assert s["settings"]["torch"]["soak"]["errors"] == 0
+
+
+def test_search(tmp_path, dataset):
+    """Every search part at tiny sizes: 1,000 training images, copies past them, 10 photos."""
+    pytest.importorskip("faiss")
+    pytest.importorskip("usearch")
+    assert main(["bench", "search", "--dry-run", "--out", str(tmp_path)]) == 0
+    r = _strict((tmp_path / "search.json").read_text())
+    assert r["quality"]["embedding"]["precision_at_10"] > r["quality"]["baseline_pixels"]["precision_at_10"]
+    assert 0 < r["augmentation_spread"]["mean_cosine_distance"] < 0.5
+    assert set(r["engines"]["engines"]) == {"faiss", "usearch"}
+    (size,) = r["scale"].values()
+    assert size["items"] == 1500 and size["real_items"] == 1000 and size["recall_at_10"] > 0.9
+    assert size["memory_bytes"] > size["vectors_bytes"] and size["one_query_one_thread"]["cpu"]["p99_ms"] > 0

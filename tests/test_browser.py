@@ -22,8 +22,9 @@ ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--
 
 
 @pytest.fixture(scope="module")
-def page_url():
-    proc, url = start_server()
+def page_url(catalogue_index):
+    # With a catalogue index: the page shows "more like this" under each prediction.
+    proc, url = start_server("--index", str(catalogue_index))
     yield url
     proc.terminate()
     proc.wait(10)
@@ -55,6 +56,25 @@ def test_upload_photo_shows_label(browser, page_url, dataset, tmp_path):
     assert src.startswith("data:image/png;base64,")
     page.screenshot(path=str(tmp_path / "page.png"))
     assert external == []  # every asset came from the app itself
+    page.close()
+
+
+def test_more_like_this_under_a_prediction(browser, page_url, dataset, tmp_path):
+    """A product photo of catalogue item i: under its prediction, 8 catalogue items with their
+    thumbnails (served by the app, by id), the item itself first, the rest mostly its class."""
+    trouser = int(np.flatnonzero(dataset.test_labels.numpy()[:300] == 1)[0])
+    photo = tmp_path / "trousers.jpg"
+    photo.write_bytes(render_product_photo(dataset.test_images[trouser].numpy(), np.random.default_rng(2)))
+    page = browser.new_page()
+    page.goto(page_url)
+    page.set_input_files("#file", str(photo))
+    page.wait_for_function("document.querySelectorAll('#neighbours figure').length === 8", timeout=15000)
+    figs = page.locator("#neighbours figure")
+    assert figs.first.get_attribute("data-id") == str(trouser)
+    captions = [figs.nth(i).inner_text() for i in range(8)]
+    assert sum(c.startswith("Trouser") for c in captions) >= 6, captions
+    page.wait_for_function("[...document.querySelectorAll('#neighbours img')].every(i => i.complete && i.naturalWidth === 28)")
+    assert "catalogue items" in page.inner_text("#similar-info")
     page.close()
 
 

@@ -11,9 +11,10 @@ import pytest
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "fmnist"
 # A layer may import the ones to its left, never one to its right (utils and classes: anyone).
-LAYERS = ["data", "models", "evaluation", "photos", "inference", "training", "serving", "bench", "cli"]
-NOT_FROM = {"inference": {"training", "serving", "bench"}, "serving": {"training", "bench"},
-            "photos": {"training", "serving", "bench", "inference"}, "models": {"training", "inference", "serving"},
+LAYERS = ["data", "models", "evaluation", "photos", "inference", "search", "training", "serving", "bench", "cli"]
+NOT_FROM = {"inference": {"training", "serving", "bench", "search"}, "serving": {"training", "bench"},
+            "photos": {"training", "serving", "bench", "inference", "search"},
+            "search": {"training", "serving", "bench"}, "models": {"training", "inference", "serving"},
             "evaluation": {"training", "serving", "bench"}, "data": {"models", "training", "inference", "serving"}}
 
 
@@ -77,10 +78,14 @@ def test_every_module_says_its_concern():
     assert not missing, f"modules without a docstring: {missing}"
 
 
-def test_inference_path_loads_no_training_code():
+def test_inference_path_loads_no_training_code_nor_search_engines():
+    """Also: faiss and usearch are optional (pip install 'fmnist[search]'): predicting, and
+    serving without --index, never import them, so neither needs them installed."""
     code = ("import sys, fmnist, fmnist.inference.predict, fmnist.serving.app, fmnist.inference.export, "
             "fmnist.inference.onnx_backend; fmnist.Predictor; "
-            "print(sorted(m for m in sys.modules if m.startswith(('fmnist.training', 'fmnist.bench'))))")
+            "from fmnist.serving.app import create_app; create_app(); "
+            "print(sorted(m for m in sys.modules if m.startswith(('fmnist.training', 'fmnist.bench')) "
+            "or m.split('.')[0] in ('faiss', 'usearch')))")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "[]", f"importing the inference path loaded {r.stdout.strip()}"

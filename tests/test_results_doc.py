@@ -14,7 +14,8 @@ TABLES = ROOT / "scripts" / "results_tables.py"
 # Records kept in bench/ for a tool rather than for a figure in docs/results.md: photo_cv.py's
 # baseline (the shipped recipe's seeds), which a change to photo training is compared against.
 # Records quoted in prose rather than rendered as a table (each figure names its file).
-NOT_RENDERED = {"bench/cpu/photos/photo_cv.json", "bench/cpu/dataset_pngs.json"}
+NOT_RENDERED = {"bench/cpu/photos/photo_cv.json", "bench/cpu/dataset_pngs.json",
+                "bench/cpu/search.json"}  # docs/search.md's tables (scripts/search_tables.py; tests/test_search.py)
 
 
 def tables(*args, cwd=ROOT):

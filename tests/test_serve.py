@@ -311,3 +311,11 @@ def test_samples_and_page_assets(server):
     assert "/static/app.js" in page and "http://" not in page and "https://" not in page  # no CDN
     for asset in ("/static/app.js", "/static/app.css"):
         assert httpx.get(server + asset).status_code == 200
+
+
+def test_similar_without_an_index_says_how_to_enable_it(server):
+    assert httpx.get(server + "/v1/index").json() == {"enabled": False}
+    r = httpx.post(server + "/v1/similar", files={"files": ("a.png", png(np.zeros((28, 28), np.uint8)), "image/png")})
+    assert r.status_code == 404 and r.json()["error"]["code"] == "search_disabled"
+    assert "fmnist serve --index" in r.json()["error"]["message"]
+    assert httpx.get(server + "/v1/thumbnails/0").status_code == 404

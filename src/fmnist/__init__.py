@@ -9,6 +9,8 @@ The public API (each name is imported on first use, so `import fmnist` stays lig
     run_dir = fmnist.train(cfg)                              # trains; writes best.pt, history, config
     metrics = fmnist.evaluate(run_dir)                       # test-set report (run dir or checkpoint)
     results = fmnist.Predictor().predict(["photo.jpg"])      # photos, arrays, PIL images, file objects
+    fmnist.build_index("fashion-mnist:train", "catalogue")   # a visual-search index (needs fmnist[search])
+    fmnist.similar("photo.jpg", "catalogue", k=8)            # its nearest catalogue items
 """
 
 __version__ = "0.1.0"
@@ -21,6 +23,8 @@ _API = {
     "train": ("fmnist.training.train", "train"),
     "evaluate": ("fmnist.evaluation", "evaluate"),
     "Predictor": ("fmnist.inference.predict", "Predictor"),
+    "build_index": ("fmnist.search", "build_index"),
+    "similar": ("fmnist.search", "similar"),
     "CLASS_NAMES": ("fmnist.classes", "CLASS_NAMES"),
 }
 __all__ = ["__version__", *_API]

@@ -303,6 +303,45 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--access-log", action="store_true", help="log every request (default: off)")
     p.add_argument("--pipeline", choices=["robust", "paper"], default="robust",
                    help="photo conversion: robust (find the item) or paper (the dataset's recipe) (default: robust)")
+    p.add_argument("--index", metavar="DIR", default=None,
+                   help="catalogue index (fmnist index build) that enables POST /v1/similar and the page's "
+                        "'more like this'; built with the served model (default: off)")
+
+    # ---- index, similar
+    p = sub.add_parser("index", help="build or extend a catalogue index for visual search",
+                       description="A catalogue index for `fmnist similar` and `fmnist serve --index`: each item's "
+                                   "embedding (the model's penultimate features) in a vector-search engine, with a "
+                                   "manifest, the items' sources and thumbnails. Needs pip install 'fmnist[search]'.")
+    isub = p.add_subparsers(dest="index_command", metavar="ACTION", required=True)
+    for action, text in (("build", "embed every item of SOURCE into a new index in --out"),
+                         ("add", "embed the items of SOURCE and add them to the existing --index")):
+        q = isub.add_parser(action, help=text, description=text + ". SOURCE: a folder of product photos (labels "
+                            "from its manifest.csv if it has one), a photo set by name (a folder under "
+                            "$FMNIST_PHOTOS or ./photos), or fashion-mnist:train / fashion-mnist:test (the dataset "
+                            "as a demo catalogue).")
+        q.add_argument("source", metavar="SOURCE")
+        if action == "build":
+            q.add_argument("--out", required=True, metavar="DIR", help="directory for the new index (created)")
+            q.add_argument("--engine", choices=["faiss", "usearch"], default="faiss",
+                           help="vector-search engine (default: faiss; chosen by fmnist bench search)")
+        else:
+            q.add_argument("--index", required=True, metavar="DIR", help="the index to add to")
+        q.add_argument("--checkpoint", default=None, help="checkpoint or run directory (default: shipped model)")
+        q.add_argument("--limit", type=_at_least(1, int), default=None,
+                       help="take only the first N items of SOURCE (default: all)")
+        _add_data_dir(q)
+    p = sub.add_parser("similar", help="find the catalogue items that look most like your photos",
+                       description="Convert each photo as `fmnist predict` does, embed it, and print its k nearest "
+                                   "items in a catalogue index (id, class, distance = 1 - cosine similarity). A "
+                                   "class the catalogue does not know is the model's, marked '?'.")
+    p.add_argument("paths", nargs="+", metavar="PHOTO", help="image files or folders (searched recursively)")
+    p.add_argument("--index", required=True, metavar="DIR", help="catalogue index (fmnist index build)")
+    p.add_argument("-k", type=_at_least(1, int), default=8, help="neighbours per photo (default: 8)")
+    p.add_argument("--checkpoint", default=None,
+                   help="checkpoint the index was built with (default: the shipped model)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table (default: table)")
+    p.add_argument("--out", metavar="PNG", default=None,
+                   help="also draw each photo, what the model saw and its neighbours into this picture (default: off)")
 
     # ---- export
     p = sub.add_parser("export", help="export a checkpoint to ONNX (optionally int8)",
@@ -333,7 +372,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="any of: throughput, accuracy, profile (where fast's training step spends its time), "
                         "photos (product-photo round trip), onnx (PyTorch vs ONNX "
                         "Runtime fp32/int8), serve (HTTP load test on loopback with wrk where installed, ~10 min: "
-                        "adds an entry to OUT/serve.json) (default: throughput accuracy)")
+                        "adds an entry to OUT/serve.json), search (visual search: engines, quality, scale; "
+                        "writes OUT/search.json as it goes) (default: throughput accuracy)")
+    p.add_argument("--search-parts", default="engines,quality,scale",
+                   help="search part: which of engines, quality, scale to run (default: engines,quality,scale)")
+    p.add_argument("--sizes", default="10000,100000,1000000",
+                   help="search part: catalogue sizes for scale, one entry each in search.json; the 1M one takes "
+                        "minutes (default: 10000,100000,1000000)")
     p.add_argument("--checkpoint", default=None,
                    help="model for the photos/onnx/serve parts (default: the shipped model)")
     p.add_argument("--real", metavar="SET", default=None,
@@ -385,9 +430,52 @@ SERVE_MODULES = ("fastapi", "uvicorn", "multipart", "httptools", "swagger_ui_bun
 
 def cmd_serve(args) -> int:
     need_extra("serve", "fmnist serve", *SERVE_MODULES)
+    if args.index:
+        need_extra("search", "fmnist serve --index", "faiss")
     from fmnist.serving.app import main as serve_main
 
     return serve_main(args)
+
+
+def cmd_index(args) -> int:
+    need_extra("search", "fmnist index", "faiss")
+    from fmnist.search.catalogue import add_to_index, build_index
+
+    if args.index_command == "build":
+        _check_dir_arg("--out", args.out)
+        idx = build_index(args.source, args.out, args.checkpoint, args.limit, engine=args.engine,
+                          data_dir=args.data_dir)
+    else:
+        idx = add_to_index(args.source, args.index, args.checkpoint, args.limit, data_dir=args.data_dir)
+    print(f"{idx.root}: {len(idx)} items ({idx.engine_name}, model {idx.model.get('description')}), "
+          f"sources: {', '.join(idx.sources)}")
+    return 0
+
+
+def cmd_similar(args) -> int:
+    import json
+
+    need_extra("search", "fmnist similar", "faiss")
+    from fmnist.search.embed import Embedder
+    from fmnist.photos.preprocess import IMAGE_EXTENSIONS, iter_image_files
+    from fmnist.search.catalogue import figure, format_results, query
+    from fmnist.search.index import CatalogueIndex
+
+    _check_file_arg("--out", args.out)
+    files = iter_image_files(args.paths)
+    if not files:
+        raise ValueError(f"no image files found in {' '.join(args.paths)} "
+                         f"(folders are searched for {' '.join(sorted(IMAGE_EXTENSIONS))})")
+    index = CatalogueIndex.open(args.index)   # before the model: a bad --index fails at once
+    results = query(files, index, Embedder(args.checkpoint), args.k)
+    print(json.dumps([r.to_dict() for r in results], indent=2) if args.json else format_results(results))
+    if args.out:
+        figure(results, index, args.out, photos=files)
+        log.info(f"wrote {args.out}")
+    failed = sum(not r.ok for r in results)
+    if failed:
+        print(f"{failed} of {len(results)} file(s) could not be searched", file=sys.stderr)
+    return 1 if failed else 0
 
 
 def cmd_export(args) -> int:
@@ -402,10 +490,12 @@ def cmd_bench(args) -> int:
     from fmnist.bench.runner import run
 
     args.parts = args.parts or ["throughput", "accuracy"]
-    bad = set(args.parts) - {"throughput", "accuracy", "profile", "photos", "onnx", "serve"}
+    bad = set(args.parts) - {"throughput", "accuracy", "profile", "photos", "onnx", "serve", "search"}
     if bad:
         raise ValueError(f"unknown bench part(s) {', '.join(sorted(bad))}; "
-                         f"choose from throughput, accuracy, profile, photos, onnx, serve")
+                         f"choose from throughput, accuracy, profile, photos, onnx, serve, search")
+    if "search" in args.parts:
+        need_extra("search", "fmnist bench search", "faiss", "usearch")
     if "serve" in args.parts:
         need_extra("serve", "fmnist bench serve", *SERVE_MODULES, "httpx")
     if "onnx" in args.parts:
@@ -608,10 +698,11 @@ def main(argv=None) -> int:
     setup_logging(_log_level(args))
     from fmnist.models.checkpoint import CheckpointError
     from fmnist.data import DataError
-    from fmnist.photos.sets import PhotoSetError
+    from fmnist.photos.realphotos import PhotoSetError
+    from fmnist.search.index import SearchIndexError
 
-    handlers = {"data": cmd_data, "photos": cmd_photos, "calibrate": cmd_calibrate, "ensemble": cmd_ensemble, "train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict,
-                "bench": cmd_bench, "serve": cmd_serve,
+    handlers = {"data": cmd_data, "calibrate": cmd_calibrate, "ensemble": cmd_ensemble, "train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict,
+                "bench": cmd_bench, "serve": cmd_serve, "index": cmd_index, "similar": cmd_similar,
                 "export": cmd_export}
     try:
         rc = handlers[args.command](args)
@@ -621,7 +712,7 @@ def main(argv=None) -> int:
         # `fmnist data | head -1`: the reader has what it wanted; stop quietly, as Unix tools do.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the flush at exit cannot fail
         return EXIT_SIGPIPE
-    except (DataError, CheckpointError, PhotoSetError, ValueError, ImportError) as e:
+    except (DataError, CheckpointError, PhotoSetError, SearchIndexError, ValueError, ImportError) as e:
         print(f"fmnist {args.command}: error: {e}", file=sys.stderr)
         return 1
     except OSError as e:  # a path we were given cannot be written or read: one line, not a traceback

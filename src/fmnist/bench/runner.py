@@ -481,6 +481,12 @@ def run(args) -> int:
         write_json(out / "bench.json", report)
     if "onnx" in args.parts:
         report["onnx"] = onnx_backends(checkpoint_path=args.checkpoint, **dry.get("onnx", {}))
+    if "search" in args.parts:
+        # Its own file (OUT/search.json), each catalogue size written when done.
+        from fmnist.bench import search as bench_search
+        bench_search.run(args, env)
+        if set(args.parts) == {"search"}:
+            return 0
     if "serve" in args.parts:
         # Its own file, one entry per call: earlier figures are never replaced.
         from fmnist.utils.atomic import append_sitting

@@ -287,6 +287,12 @@ class Ensemble(nn.Module):
     def forward(self, x):
         return torch.stack([F.log_softmax(m(x).float(), 1) for m in self.members]).mean(0)
 
+    def forward_penultimate(self, x):
+        """(B, n * member width): each member's penultimate features, L2-normalised so that
+        every member weighs the same, side by side (members' feature bases differ: averaging
+        them would mix unrelated units)."""
+        return torch.cat([F.normalize(m.forward_penultimate(x).float(), dim=1) for m in self.members], 1)
+
 
 # ---------------------------------------------------------------------------- registry
 

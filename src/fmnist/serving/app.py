@@ -4,6 +4,7 @@
                      body (Content-Type image/*) -> top-k per image
   GET  /v1/model     name, classes, parameters, accuracy
   GET  /v1/samples   random test images for the page's strip
+  POST /v1/similar   with --index: the catalogue items most like each image (serve_search.py)
   GET  /healthz      liveness: 503 when inference cannot run; batcher, conversion and request
                      counters of the process that answered (its pid: with --workers, each has its own);
                      never refused for load (HEAD too, as on /)
@@ -237,7 +238,9 @@ def _slash_redirect(router: Router):
     return default
 
 
-def create_app(predictor: Predictor | None = None, cfg: ServeConfig | None = None) -> FastAPI:
+def create_app(predictor: Predictor | None = None, cfg: ServeConfig | None = None, catalogue=None) -> FastAPI:
+    """catalogue: an open search_index.CatalogueIndex built with `predictor`'s model (enables
+    /v1/similar), or None."""
     cfg = cfg or ServeConfig()
     predictor = predictor or Predictor()
     slots = ConversionSlots(cfg.max_conversions, cfg.conversion_wait_s)
@@ -288,7 +291,8 @@ def create_app(predictor: Predictor | None = None, cfg: ServeConfig | None = Non
         for e in exc.errors():
             where = ".".join(str(x) for x in e.get("loc", ()) if x != "body")
             parts.append(f"{where}: {e.get('msg')}")
-        hint = " (POST images as multipart/form-data field 'files')" if request.url.path == "/v1/predict" else ""
+        hint = (" (POST images as multipart/form-data field 'files')"
+                if request.url.path in ("/v1/predict", "/v1/similar") else "")
         return _err(422, "invalid_request", "; ".join(parts) + hint)
 
     @app.exception_handler(Exception)
@@ -367,6 +371,14 @@ def create_app(predictor: Predictor | None = None, cfg: ServeConfig | None = Non
         # Encoded here: FastAPI would first walk the dict through jsonable_encoder.
         return Response(json.dumps({"predictions": out}).encode(), media_type="application/json")
 
+    from fmnist.serving import search as serve_search
+    embedder = None
+    if catalogue is not None:
+        from fmnist.search.embed import Embedder
+        embedder = Embedder(predictor=predictor)
+        catalogue.check_model(embedder.model_record)
+    serve_search.mount(app, index=catalogue, embedder=embedder, cfg=cfg, slots=slots, converters=converters,
+                       prepare=_prepare, uploads=_uploads, png_data_url=png_data_url, body=PREDICT_BODY)
     return app
 
 
@@ -434,7 +446,11 @@ def _serve(args, sock: socket.socket, worker: bool = False, ready=None) -> None:
     torch.set_num_threads(cfg.threads)
     predictor = Predictor(args.checkpoint, backend=args.backend, pipeline=getattr(args, "pipeline", "robust"),
                           threads=cfg.threads)
-    app = create_app(predictor, cfg)
+    catalogue = None
+    if getattr(args, "index", None):
+        from fmnist.search.index import CatalogueIndex
+        catalogue = CatalogueIndex.open(args.index)
+    app = create_app(predictor, cfg, catalogue)
     protocol = protocol_with_head_deadline(cfg.header_timeout_s, cfg.http, cfg.max_head_bytes)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                             access_log=args.access_log, http=protocol, loop=cfg.loop,

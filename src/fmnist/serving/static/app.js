@@ -1,4 +1,5 @@
-// The fmnist page: upload or pick an image, POST it to /v1/predict, draw the top-3 as bars.
+// The fmnist page: upload or pick an image, POST it to /v1/predict, draw the top-3 as bars; with a
+// catalogue index on the server, show the most similar catalogue items under the prediction.
 "use strict";
 const $ = (id) => document.getElementById(id);
 
@@ -37,6 +38,54 @@ function render(pred, originalUrl, truth) {
   }
 }
 
+// "More like this": the catalogue items nearest to what the model saw. The 28x28 image goes back
+// to /v1/similar, so the photo is not converted a second time (a 28x28 upload is taken as is).
+let search = { enabled: false };
+
+async function loadSearch() {
+  try {
+    const r = await fetch("/v1/index");
+    if (r.ok) search = await r.json();
+  } catch (e) {
+    console.error("index info:", e);
+  }
+}
+
+async function showSimilar(pred) {
+  const box = $("similar");
+  if (!search.enabled || !pred.preprocessed) { box.hidden = true; return; }
+  const list = $("neighbours");
+  list.replaceChildren();
+  $("similar-info").textContent = "…";
+  box.hidden = false;
+  try {
+    const form = new FormData();
+    form.append("files", await (await fetch(pred.preprocessed)).blob(), "seen.png");
+    const r = await fetch("/v1/similar?k=8", { method: "POST", body: form });
+    const body = await r.json();
+    if (!r.ok) {
+      $("similar-info").textContent = body.error ? body.error.message : `search failed (${r.status})`;
+      return;
+    }
+    $("similar-info").textContent = `(nearest of ${body.index.count.toLocaleString()} catalogue items; distance = 1 − cosine similarity)`;
+    for (const n of body.results[0].neighbours) {
+      const fig = document.createElement("figure");
+      fig.className = "neighbour";
+      fig.dataset.id = n.id;
+      const img = document.createElement("img");
+      img.src = n.thumbnail;
+      img.alt = `catalogue item ${n.id}`;
+      img.title = n.source;
+      const cap = document.createElement("figcaption");
+      cap.textContent = `${n.label || n.predicted + "?"} · ${n.distance.toFixed(3)}`;
+      fig.append(img, cap);
+      list.append(fig);
+    }
+  } catch (e) {
+    $("similar-info").textContent = `search failed: ${e}`;
+  }
+}
+
 async function classify(blob, filename, truth) {
   showError("");
   const form = new FormData();
@@ -48,9 +97,11 @@ async function classify(blob, filename, truth) {
     if (!r.ok) {
       showError(body.error ? body.error.message : `request failed (${r.status})`);
       $("result").hidden = true;
+      $("similar").hidden = true;
       return;
     }
     render(body.predictions[0], URL.createObjectURL(blob), truth);
+    showSimilar(body.predictions[0]);
   } catch (e) {
     showError(`could not reach the server: ${e}`);
   }
@@ -107,4 +158,5 @@ drop.addEventListener("drop", (e) => { e.preventDefault(); drop.classList.remove
 $("file").addEventListener("change", (e) => handleFiles(e.target.files));
 $("shuffle").addEventListener("click", loadSamples);
 loadModel();
+loadSearch();
 loadSamples();
