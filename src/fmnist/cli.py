@@ -698,10 +698,10 @@ def main(argv=None) -> int:
     setup_logging(_log_level(args))
     from fmnist.models.checkpoint import CheckpointError
     from fmnist.data import DataError
-    from fmnist.photos.realphotos import PhotoSetError
+    from fmnist.photos.sets import PhotoSetError
     from fmnist.search.index import SearchIndexError
 
-    handlers = {"data": cmd_data, "calibrate": cmd_calibrate, "ensemble": cmd_ensemble, "train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict,
+    handlers = {"data": cmd_data, "photos": cmd_photos, "calibrate": cmd_calibrate, "ensemble": cmd_ensemble, "train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict,
                 "bench": cmd_bench, "serve": cmd_serve, "index": cmd_index, "similar": cmd_similar,
                 "export": cmd_export}
     try:
