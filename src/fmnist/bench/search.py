@@ -16,7 +16,7 @@ embedding space by as much as a real augmented copy (shifted up to 2 px, mirrore
 rectangle erased) moves an embedding, measured on 2,000 training images (augmentation_spread).
 
 Each part and catalogue size is its own entry of OUT/search.json, written when it is done, so a
-sitting can be split over several commands (--search-parts, --sizes). The training images'
+measurement can be split over several commands (--search-parts, --sizes). The training images'
 embeddings are cached in ~/.cache/fmnist/search-bench/, keyed by the model's weights.
 """
 
@@ -292,10 +292,10 @@ def quality_part(embedder, ds, train: np.ndarray, photos: int = 1000, n_test: in
 
 
 STEP = 100_000         # items added per engine.add call, as `fmnist index add` would grow an index
-BUILD_BUDGET_S = 420   # adding past this, a sitting saves the index and stops: the next one goes on
+BUILD_BUDGET_S = 420   # adding past this, a command saves the index and stops: the next command goes on
 
 
-def build_in_sittings(name: str, vectors: np.ndarray, settings, threads: int, state: Path):
+def build_in_steps(name: str, vectors: np.ndarray, settings, threads: int, state: Path):
     """Add `vectors` to a new index STEP items at a time. A build that runs past BUILD_BUDGET_S is
     saved to `state` (the index file and the seconds spent) and continued by the next command,
     so no command holds the bench lock much past 10 minutes: one index grown by adding, which is
@@ -320,7 +320,7 @@ def build_in_sittings(name: str, vectors: np.ndarray, settings, threads: int, st
             with atomic_path(index_file) as tmp:
                 engine.save(tmp)
             write_json(meta, done)
-            log.warning(f"built {done['added']:,} of {len(vectors):,} items in this sitting ({sum(done['step_s']):.0f} s "
+            log.warning(f"built {done['added']:,} of {len(vectors):,} items in this command ({sum(done['step_s']):.0f} s "
                         f"of adding so far); run the same command again to go on")
             return None
     meta.unlink(missing_ok=True)
@@ -331,7 +331,7 @@ def build_in_sittings(name: str, vectors: np.ndarray, settings, threads: int, st
 def scale_part(embedder, ds, train: np.ndarray, spread: float, n: int, queries: int = 1000, threads: int = 0,
                cache: Path | None = None) -> dict | None:
     """One catalogue size with the default engine: build, size, latency, recall against exact.
-    None: the build goes on in the next sitting (build_in_sittings)."""
+    None: the build goes on in the next command (build_in_steps)."""
     import tempfile
 
     from fmnist.search.index import DEFAULT_ENGINE, EngineSettings
@@ -340,7 +340,7 @@ def scale_part(embedder, ds, train: np.ndarray, spread: float, n: int, queries: 
     s = EngineSettings()
     threads = threads or os.cpu_count()
     state = (cache or Path(tempfile.gettempdir())) / f"build-{DEFAULT_ENGINE}-{n}-M{s.M}-efc{s.ef_construction}"
-    built = build_in_sittings(DEFAULT_ENGINE, vectors, s, threads, state)
+    built = build_in_steps(DEFAULT_ENGINE, vectors, s, threads, state)
     if built is None:
         return None
     engine, secs, steps = built
