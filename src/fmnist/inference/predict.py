@@ -171,14 +171,10 @@ class Predictor:
     def predict(self, items, top_k: int = 3) -> list[Prediction]:
         """Paths, bytes, binary file objects, PIL images or arrays, one or a list of them. A bad
         item gets .error; the others still run."""
-        if isinstance(items, (str, Path, np.ndarray, bytes, bytearray, memoryview)) or is_file_object(items) \
-                or hasattr(items, "size") and hasattr(items, "mode"):
-            items = [items]
+        items = as_items(items)
         preds, batch, slots, prepared = [], [], [], []
         for i, item in enumerate(items):
-            named = getattr(item, "name", None)  # an open file's path; None or a number for others
-            src = str(item) if isinstance(item, (str, Path)) else \
-                named if isinstance(named, str) else f"<{type(item).__name__} #{i}>"
+            src = item_name(item, i)
             try:
                 pre = self.prepare(item)
             except PreprocessError as e:
@@ -196,6 +192,21 @@ class Predictor:
             preds[slot].probabilities = [float(v) for v in p]
             preds[slot].unsure, preds[slot].reason = self.verdict(pre, p)
         return preds
+
+
+def as_items(items) -> list:
+    """One item (a path, bytes, a binary file object, a PIL image or an array) or a list of them."""
+    if isinstance(items, (str, Path, np.ndarray, bytes, bytearray, memoryview)) or is_file_object(items) \
+            or hasattr(items, "size") and hasattr(items, "mode"):
+        return [items]
+    return list(items)
+
+
+def item_name(item, i: int) -> str:
+    """How results name item number i: its path, an open file's name, else its type and place."""
+    named = getattr(item, "name", None)  # an open file's path; None or a number for others
+    return str(item) if isinstance(item, (str, Path)) else \
+        named if isinstance(named, str) else f"<{type(item).__name__} #{i}>"
 
 
 def format_table(preds: list[Prediction], top_k: int) -> str:

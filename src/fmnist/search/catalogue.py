@@ -21,6 +21,7 @@ from typing import Iterator
 import numpy as np
 
 from fmnist.classes import CLASS_NAMES
+from fmnist.inference.predict import as_items, item_name
 from fmnist.search.embed import Embedder
 from fmnist.photos.preprocess import PreprocessError, iter_image_files, open_image
 from fmnist.search.index import DEFAULT_ENGINE, CatalogueIndex, EngineSettings, Neighbour
@@ -200,11 +201,11 @@ class SimilarResult:
 
 
 def query(items, index: CatalogueIndex, embedder: Embedder, k: int = 8) -> list[SimilarResult]:
-    """Photos (paths, bytes, PIL images, arrays) -> their k nearest catalogue items each."""
+    """Photos (as Predictor.predict takes them: one or a list) -> their k nearest catalogue items each."""
     index.check_model(embedder.model_record)
     results, images = [], []
-    for i, item in enumerate(items):
-        src = str(item) if isinstance(item, (str, Path)) else f"<{type(item).__name__} #{i}>"
+    for i, item in enumerate(as_items(items)):
+        src = item_name(item, i)
         try:
             pre = embedder.prepare(item)
         except PreprocessError as e:
@@ -223,10 +224,8 @@ def query(items, index: CatalogueIndex, embedder: Embedder, k: int = 8) -> list[
 
 def similar(photos, index: str | Path, k: int = 8, checkpoint: str | Path | None = None) -> list[SimilarResult]:
     """The k catalogue items most like each photo: one call, model and index loaded for it."""
-    if isinstance(photos, (str, Path)):
-        photos = [photos]
     idx = CatalogueIndex.open(index)
-    return query(list(photos), idx, Embedder(checkpoint), k)
+    return query(photos, idx, Embedder(checkpoint), k)
 
 
 def format_results(results: list[SimilarResult]) -> str:

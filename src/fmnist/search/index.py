@@ -365,17 +365,22 @@ class CatalogueIndex:
         if self._items is None:
             out = []
             for c in self.chunks:
-                try:
-                    part = json.loads((self.root / c.items).read_text())
-                except (OSError, ValueError) as e:
-                    raise SearchIndexError(f"{self.root / c.items}: unreadable ({e}); rebuild the index: "
-                                           f"{HOW_TO_BUILD}") from None
-                if len(part) != c.count:
-                    raise SearchIndexError(f"{self.root / c.items}: {len(part)} items, the manifest says {c.count}; "
-                                           f"rebuild the index: {HOW_TO_BUILD}")
-                out.extend(part)
+                out.extend(self._chunk_file(c.items, c.count, "items",
+                                            lambda p: json.loads(p.read_text())))
             self._items = out
         return self._items
+
+    def _chunk_file(self, name: str, count: int, what: str, read):
+        """A chunk's file read by `read`, holding the `count` entries the manifest says."""
+        path = self.root / name
+        try:
+            part = read(path)
+        except (OSError, ValueError) as e:
+            raise SearchIndexError(f"{path}: unreadable ({e}); rebuild the index: {HOW_TO_BUILD}") from None
+        if len(part) != count:
+            raise SearchIndexError(f"{path}: {len(part)} {what}, the manifest says {count}; "
+                                   f"rebuild the index: {HOW_TO_BUILD}")
+        return part
 
     def thumbnail(self, item_id: int) -> np.ndarray:
         """The thumbnail of item `item_id` (28x28 grey or 64x64 RGB uint8), read from its chunk."""
@@ -383,14 +388,7 @@ class CatalogueIndex:
             raise KeyError(item_id)
         for c in self.chunks:
             if c.start <= item_id < c.start + c.count:
-                try:
-                    a = np.load(self.root / c.thumbs, mmap_mode="r")
-                except (OSError, ValueError) as e:
-                    raise SearchIndexError(f"{self.root / c.thumbs}: unreadable ({e}); rebuild the index: "
-                                           f"{HOW_TO_BUILD}") from None
-                if len(a) != c.count:
-                    raise SearchIndexError(f"{self.root / c.thumbs}: {len(a)} thumbnails, the manifest says "
-                                           f"{c.count}; rebuild the index: {HOW_TO_BUILD}")
+                a = self._chunk_file(c.thumbs, c.count, "thumbnails", lambda p: np.load(p, mmap_mode="r"))
                 return np.array(a[item_id - c.start])
         raise KeyError(item_id)
 
