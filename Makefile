@@ -4,41 +4,43 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: setup train test dataset browser wrk bench clean
+.PHONY: setup train test test-deps dataset browser wrk bench clean
 
-# The venv is byte-compiled after install: this machine (CI runs on one like it) sets
-# PYTHONDONTWRITEBYTECODE=1, so nothing compiled on first import is kept, and every Python process
-# the tests start (training runs, torchrun workers, servers) would compile torch again. Measured on
-# a fresh clone: the suite's pytest took 146 s without compiled files and 111 s with them.
-# compileall on all cores (-j 0) took 11 s here against ~22 s for pip's own serial compile. It
-# reports as failures the few files in packages that are not Python 3.11 (torch's py312 test
-# helpers), which pip's compile skips too: hence `|| true`.
+# Bytecode: this machine (CI runs on one like it) sets PYTHONDONTWRITEBYTECODE=1, so nothing
+# compiled on first import would be kept, and every Python process the tests start (training runs,
+# torchrun workers, servers) would compile torch again. make lets Python write its .pyc files, so the
+# first process compiles the modules it imports and the rest reuse them; compiling the whole venv
+# up front (compileall) took 11-36 s here and compiled thousands of torch files nothing imports.
+unexport PYTHONDONTWRITEBYTECODE
 # constraints.txt pins torch to the CPU build on this project's machines' disk: without it,
 # pip resolves the package's torch range to a multi-GB CUDA build.
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet --no-compile -c constraints.txt -e '.[dev]'
-	$(BIN)/python -m compileall -q -j 0 $(VENV)/lib > /dev/null || true
 	touch $(STAMP)
 
-# Debian's dataset-fashion-mnist package where apt and root are available; elsewhere
-# fmnist downloads the files into ~/.cache/fmnist on first use.
+# Debian packages, in one apt call per target (each call reads the package lists again):
+# dataset-fashion-mnist for training (elsewhere fmnist downloads the files into ~/.cache/fmnist on
+# first use); for the tests also chromium (the Playwright browser test; Playwright's own download
+# cannot work here) and wrk (the load generator `fmnist bench serve` drives the server with;
+# without it the bench uses a slower Python client and the wrk test skips).
 dataset:
 	@sh scripts/install-system-deps.sh dataset-fashion-mnist
 
-# Debian's chromium for the Playwright browser test (Playwright's own download cannot work here).
+test-deps:
+	@sh scripts/install-system-deps.sh dataset-fashion-mnist chromium wrk
+
 browser:
 	@sh scripts/install-system-deps.sh chromium
 
-# Debian's wrk, the load generator `fmnist bench serve` drives the server with (without it the
-# bench falls back to a slower Python client, and the wrk test skips).
 wrk:
 	@sh scripts/install-system-deps.sh wrk
 
 setup: $(STAMP) dataset
 
-train: setup
+train:
+	@$(MAKE) --no-print-directory -j2 setup
 	$(BIN)/fmnist train
 
 # Photos are data kept outside the tree: the tests read the local copy in ../shared/photos where
@@ -51,7 +53,9 @@ endif
 
 # FMNIST_REQUIRE_BROWSER: the browser test fails instead of skipping if chromium is missing.
 # -n 2: two pytest-xdist workers (DEVELOPERS.md, Tests).
-test: setup browser wrk
+# The venv (pip) and the Debian packages (apt) are set up side by side (-j2): neither needs the other.
+test:
+	@$(MAKE) --no-print-directory -j2 $(STAMP) test-deps
 	FMNIST_REQUIRE_BROWSER=1 $(BIN)/python -m pytest -n 2 --durations=15
 
 bench: setup wrk

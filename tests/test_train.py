@@ -170,16 +170,21 @@ def test_whitened_stem_is_fitted_from_the_data_then_frozen(dataset):
 def test_flip_tta_and_bf16_inference(dataset):
     from fmnist.inference.predict import default_checkpoint
 
+    from fmnist.inference.forward import bf16_fast
+
     model, _ = checkpoint.load_model(default_checkpoint())
     x = dataset.test_images[:512]
     plain, mirrored = predict_logits(model, x), predict_logits(model, x.flip(2))  # (N, 28, 28): width is dim 2
     tta = predict_logits(model, x, tta_flip=True)
     assert torch.allclose(tta, (plain + mirrored) / 2, atol=1e-5)
-    bf16 = predict_logits(model, x, tta_flip=True, amp="bf16")
-    assert bf16.dtype == torch.float32 and not torch.equal(bf16, tta)  # bf16 ran, logits come back fp32
-    agree = (bf16.argmax(1) == tta.argmax(1)).float().mean().item()
-    print(f"bf16 vs fp32 (flip TTA): same class for {agree:.1%} of 512 test images")
-    assert agree > 0.98
+    # bf16 is emulated, ~15x slower than fp32, on CPUs without AVX512-BF16 or AMX (AVX2 ones):
+    # 32 images there (14 s for 128 on one such core), 512 where it runs natively.
+    n = 512 if bf16_fast(torch.device("cpu")) else 32
+    bf16 = predict_logits(model, x[:n], tta_flip=True, amp="bf16")
+    assert bf16.dtype == torch.float32 and not torch.equal(bf16, tta[:n])  # bf16 ran, logits come back fp32
+    agree = (bf16.argmax(1) == tta[:n].argmax(1)).float().mean().item()
+    print(f"bf16 vs fp32 (flip TTA): same class for {agree:.1%} of {n} test images")
+    assert agree >= 1 - max(0.02, 1 / n)  # at most one image in 32, 2 % of 512
 
 
 def _train_compiled(tmp_path):
