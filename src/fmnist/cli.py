@@ -151,9 +151,10 @@ def build_parser() -> argparse.ArgumentParser:
     # ---- photos
     p = sub.add_parser("photos", help="the real-photo sets: list, fetch (download or copy) and verify them",
                        description="Real labelled photos live outside the package: each set (real, train, outliers, "
-                                   "nonclothing) is a manifest of source URLs pinned to a commit, licences and "
-                                   "SHA-256s; its files are fetched into $FMNIST_PHOTOS or ~/.cache/fmnist/photos "
-                                   "and verified on every use.")
+                                   "nonclothing, everyday) is a manifest of sources pinned to a commit or a package "
+                                   "version, licences and SHA-256s; its files are fetched into $FMNIST_PHOTOS or "
+                                   "~/.cache/fmnist/photos and verified on every use. Files inside Debian packages "
+                                   "come from $FMNIST_DEBIAN_MIRROR (default: the official Debian archive).")
     psub = p.add_subparsers(dest="photos_command", metavar="ACTION", required=True)
     q = psub.add_parser("list", help="the sets, their counts per class, kind, split and licence, and whether "
                                      "this machine has them")

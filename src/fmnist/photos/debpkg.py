@@ -7,9 +7,9 @@ A photo-set row names its source as `deb:PACKAGE=VERSION/POOL_PATH#MEMBER`, e.g.
 POOL_PATH is the package's `Filename:` as `apt-cache show PACKAGE=VERSION` prints it (the pool folder
 is named after the source package, which may differ from the binary package's name), and MEMBER is
 the file's path as installed. The .deb is fetched from `$FMNIST_DEBIAN_MIRROR/POOL_PATH`, by default
-the official archive; a version that has left it is still on snapshot.debian.org
-(FMNIST_DEBIAN_MIRROR=https://snapshot.debian.org/archive/debian/YYYYMMDDTHHMMSSZ). No dpkg is
-needed: a .deb is an `ar` archive whose `data.tar.*` holds the files.
+the official archive; a version that has left it is still in Debian's snapshot archive (point the
+variable at a snapshot's debian/ folder). No dpkg is needed: a .deb is an `ar` archive whose
+`data.tar.*` holds the files.
 
 A pool file never changes once published (the archive refuses a second upload of a version), and
 each row's `source_sha256` is the member's own SHA-256, checked after it is read, as for the other
