@@ -78,14 +78,22 @@ def test_serve(tmp_path):
 
 
 def test_search(tmp_path, dataset):
-    """Every search part at tiny sizes: 1,000 training images, copies past them, 10 photos."""
+    """Every search part at tiny sizes: 1,000 training images, copies past them, 10 photos; then
+    one engine measured again, merged into the engines entry beside the others."""
     pytest.importorskip("faiss")
     pytest.importorskip("usearch")
-    assert main(["bench", "search", "--dry-run", "--out", str(tmp_path)]) == 0
+    pytest.importorskip("milvus_lite")
+    assert main(["bench", "search", "--dry-run", "--out", str(tmp_path), "--search-engines", "faiss,usearch"]) == 0
     r = _strict((tmp_path / "search.json").read_text())
     assert r["quality"]["embedding"]["precision_at_10"] > r["quality"]["baseline_pixels"]["precision_at_10"]
     assert 0 < r["augmentation_spread"]["mean_cosine_distance"] < 0.5
     assert set(r["engines"]["engines"]) == {"faiss", "usearch"}
+    assert main(["bench", "search", "--dry-run", "--out", str(tmp_path), "--search-parts", "engines",
+                 "--search-engines", "milvus"]) == 0
+    e = _strict((tmp_path / "search.json").read_text())["engines"]
+    assert e["engines"]["faiss"] == r["engines"]["engines"]["faiss"] and e["environment"] == r["engines"]["environment"]
+    m = e["engines"]["milvus"]
+    assert m["recall_at_10"] > 0.9 and m["one_query"]["n"] == 20 and m["environment"]["pymilvus"]
     (size,) = r["scale"].values()
     assert size["items"] == 1500 and size["real_items"] == 1000 and size["recall_at_10"] > 0.9
     assert size["memory_bytes"] > size["vectors_bytes"] and size["one_query_one_thread"]["cpu"]["p99_ms"] > 0

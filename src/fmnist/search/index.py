@@ -303,12 +303,20 @@ class MilvusEngine:
     def _calls(self, doing: str):
         """Milvus' and gRPC's errors as SearchIndexError naming the server and collection."""
         import grpc
+        from pymilvus.client.types import Status
         from pymilvus.exceptions import MilvusException
 
         try:
             yield
         except (MilvusException, grpc.RpcError) as e:
             why = getattr(e, "message", None) or str(e).splitlines()[0]
+            gone = (getattr(e, "code", None) == Status.CONNECT_FAILED
+                    or (isinstance(e, grpc.RpcError) and e.code() in (grpc.StatusCode.UNAVAILABLE,
+                                                                      grpc.StatusCode.DEADLINE_EXCEEDED)))
+            if gone:   # a client made earlier in this process reconnects on each call: the server went away
+                raise SearchIndexError(f"Milvus at {self.shown_uri} cannot be reached while {doing} ({why}): start "
+                                       f"it or correct the URI; a server that needs a token reads it from "
+                                       f"${MILVUS_TOKEN_ENV}") from None
             raise SearchIndexError(f"Milvus at {self.shown_uri}, collection {self.collection}: {doing} failed "
                                    f"({why}); check that the server is up and holds the collection") from None
 
@@ -321,6 +329,8 @@ class MilvusEngine:
         if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,254}", collection):
             raise SearchIndexError(f"Milvus collection name {collection!r}: use letters, digits and underscores, "
                                    f"starting with a letter or underscore")
+        if uri and "://" not in uri:
+            uri = str(Path(uri).resolve())    # a Lite file named on the command line: from the current directory
         client, target, shown, lite = cls._connect(root, uri)
         e = cls(client, dim, s, target, shown, collection, 0, uuid.uuid4().hex)
         from pymilvus import DataType, MilvusClient
