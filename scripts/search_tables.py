@@ -52,6 +52,10 @@ def engines(e: dict) -> list[str]:
         label = f"{name} {r['version']}" + (f" ({r['server']})" if r.get("server") else "")
         out.append(f"| {label} | {r['build_s']:.1f} s | {mb(r['disk_bytes'])} | {memory} "
                    f"| {r['recall_at_10']:.4f} | {ms(q['p50_ms'])} ms | {ms(q['p99_ms'])} ms | {cpu} |")
+    for name, r in e["engines"].items():
+        if r["one_query"]["n"] != e["queries"]:
+            out += ["", f"{name}: recall@10 from all {e['queries']:,} queries in one call; latency from the first "
+                        f"{r['one_query']['n']:,}, one call each."]
     sweeps = {name: r["ef_search_sweep"] for name, r in e["engines"].items() if "ef_search_sweep" in r}
     if sweeps:
         names = list(sweeps)
