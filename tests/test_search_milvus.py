@@ -26,13 +26,14 @@ pytest.importorskip("milvus_lite")
 def start_milvus(data_dir) -> tuple[subprocess.Popen, str]:
     """A Milvus Lite gRPC server in its own process on a free loopback port -> (process, URI)."""
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "milvus_lite", "server", "--data-dir", str(data_dir),
-                             "--host", "127.0.0.1", "--port", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    log = data_dir.parent / f"{data_dir.name}.log"   # a file, not a pipe nobody drains
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "milvus_lite", "server", "--data-dir", str(data_dir),
+                                 "--host", "127.0.0.1", "--port", str(port)], stdout=out, stderr=subprocess.STDOUT)
     deadline = time.time() + 60
     while time.time() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError("Milvus Lite server exited: " + proc.stderr.read())
+            raise RuntimeError("Milvus Lite server exited: " + log.read_text())
         try:
             socket.create_connection(("127.0.0.1", port), timeout=1).close()
             return proc, f"http://127.0.0.1:{port}"
