@@ -283,6 +283,19 @@ def engines_part(embedder, ds, train: np.ndarray, spread: float, n: int = 100_00
     return out
 
 
+def merge_engines(old: dict, new: dict) -> dict:
+    """The engines entry after a run of some engines: theirs replace their own rows, each with its
+    own environment, beside the rest, when both runs measured the same catalogue, queries,
+    settings and model; otherwise (or a run of every engine) the new entry alone."""
+    same = ("catalogue", "real_items", "queries", "settings", "model")
+    if set(new["engines"]) == set(ENGINES) or any(old.get(k) != new.get(k) for k in same):
+        return new
+    merged = {**old, "engines": dict(old["engines"])}
+    for name, r in new["engines"].items():
+        merged["engines"][name] = {**r, "environment": new["environment"]}
+    return merged
+
+
 def quality_part(embedder, ds, train: np.ndarray, photos: int = 1000, n_test: int = 0) -> dict:
     """Same-class retrieval against two baselines, and the same item found from its photo.
     train: the embeddings of the first len(train) training images (the catalogue); n_test: the
@@ -460,15 +473,7 @@ def run(args, env: dict) -> dict:
     if "engines" in parts:
         new = engines_part(embedder, ds, train, spread, n=1500 if dry else 100_000, queries=20 if dry else 1000,
                            threads=args.threads, names=names)
-        old = doc.get("engines", {})
-        same = ("catalogue", "real_items", "queries", "settings", "model")
-        if set(names) != set(ENGINES) and all(old.get(k) == {**new, **stamp}.get(k) for k in same):
-            # Some engines measured again: theirs replaced, each with its own environment; the rest kept.
-            for name, r in new["engines"].items():
-                old["engines"][name] = {**r, "environment": stamp["environment"]}
-            doc["engines"] = old
-        else:
-            doc["engines"] = {**stamp, **new}
+        doc["engines"] = merge_engines(doc.get("engines", {}), {**stamp, **new})
         write_json(out, doc)
     if "quality" in parts:
         doc["quality"] = {**stamp, **quality_part(embedder, ds, train, **(
