@@ -6,7 +6,7 @@
 The rule (fmnist.photos.sets.split_for): all photos of one contributor share a split; a contributor
 is held out when sha256(contributor) mod 10 < 3, unless they hold more than 100 photos over all sets
 (those stay in training). Rows not held out get their set's open split (dev for `real` and
-`nonclothing`, train for `train` and `outliers`).
+`nonclothing`, train for `train`, `outliers` and `everyday`).
 """
 
 from __future__ import annotations

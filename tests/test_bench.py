@@ -81,11 +81,34 @@ def test_search(tmp_path, dataset):
     """Every search part at tiny sizes: 1,000 training images, copies past them, 10 photos."""
     pytest.importorskip("faiss")
     pytest.importorskip("usearch")
+    pytest.importorskip("milvus_lite")
     assert main(["bench", "search", "--dry-run", "--out", str(tmp_path)]) == 0
     r = _strict((tmp_path / "search.json").read_text())
     assert r["quality"]["embedding"]["precision_at_10"] > r["quality"]["baseline_pixels"]["precision_at_10"]
     assert 0 < r["augmentation_spread"]["mean_cosine_distance"] < 0.5
-    assert set(r["engines"]["engines"]) == {"faiss", "usearch"}
+    assert set(r["engines"]["engines"]) == {"faiss", "usearch", "milvus"}
+    m = r["engines"]["engines"]["milvus"]
+    assert m["recall_at_10"] > 0.9 and m["one_query"]["n"] == 20 and m["server"].startswith("milvus_lite")
     (size,) = r["scale"].values()
     assert size["items"] == 1500 and size["real_items"] == 1000 and size["recall_at_10"] > 0.9
     assert size["memory_bytes"] > size["vectors_bytes"] and size["one_query_one_thread"]["cpu"]["p99_ms"] > 0
+
+
+def test_search_engines_measured_again_join_the_entry():
+    """--search-engines milvus after a run of all: milvus's row replaced (with its environment),
+    the others kept; a run on another catalogue replaces the entry."""
+    from fmnist.bench.search import merge_engines
+
+    def entry(when, names, catalogue=100_000):
+        return {"environment": {"time": when}, "model": {"weights_sha256": "ab"}, "catalogue": catalogue,
+                "real_items": 60_000, "queries": 1000, "settings": {"M": 32},
+                "engines": {n: {"recall_at_10": when} for n in names}}
+
+    old = entry("t1", ["faiss", "usearch", "milvus"])
+    merged = merge_engines(old, entry("t2", ["milvus"]))
+    assert merged["environment"] == {"time": "t1"} and merged["engines"]["faiss"] == {"recall_at_10": "t1"}
+    assert merged["engines"]["milvus"] == {"recall_at_10": "t2", "environment": {"time": "t2"}}
+    assert old["engines"]["milvus"] == {"recall_at_10": "t1"}   # the old entry itself untouched
+    assert merge_engines(old, entry("t2", ["milvus"], catalogue=10_000)) == entry("t2", ["milvus"], 10_000)
+    assert merge_engines({}, entry("t2", ["milvus"])) == entry("t2", ["milvus"])
+    assert merge_engines(old, entry("t3", ["faiss", "usearch", "milvus"]))["environment"] == {"time": "t3"}

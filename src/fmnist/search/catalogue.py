@@ -154,12 +154,15 @@ def _embed_source(src: Source, embedder: Embedder) -> tuple[np.ndarray, list[dic
 
 def build_index(source: str, out: str | Path, checkpoint: str | Path | None = None, limit: int | None = None,
                 engine: str = DEFAULT_ENGINE, settings: EngineSettings | None = None,
-                embedder: Embedder | None = None, data_dir=None) -> CatalogueIndex:
+                embedder: Embedder | None = None, data_dir=None,
+                engine_options: dict | None = None) -> CatalogueIndex:
     """Embed every item of `source` with the model (default: the shipped one) and write a new
-    index into directory `out`. -> the index, open."""
+    index into directory `out`. engine_options: milvus's {"uri", "collection"} (index.py). -> the
+    index, open."""
     embedder = embedder or Embedder(checkpoint)
     src = resolve_source(source, embedder, limit, data_dir)
-    index = CatalogueIndex.create(out, embedder.model_record, engine, settings)
+    # Before embedding: a server that cannot be reached fails now, not after the catalogue's embedding.
+    index = CatalogueIndex.create(out, embedder.model_record, engine, settings, engine_options)
     vecs, items, thumbs = _embed_source(src, embedder)
     index.add(vecs, items, thumbs, src.name)
     log.info(f"indexed {len(items)} items of {src.name} into {out} ({index.engine_name})"

@@ -3,7 +3,8 @@ items' sources and labels, and small thumbnails.
 
     DIR/manifest.json           format, model record (embedding.py), engine and its settings,
                                 item count, the files below; written last, atomically
-    DIR/vectors-<count>.<ext>   the engine's index file holding items 0 .. count-1
+    DIR/vectors-<count>.<ext>   the engine's index file holding items 0 .. count-1 (none for
+                                milvus: its vectors live in a collection, below)
     DIR/items-<start>.json      one chunk per build or add: [{source, label or predicted}, ...]
     DIR/thumbs-<start>.npy      that chunk's thumbnails, (n, 28, 28) or (n, 64, 64, 3) uint8
 
@@ -14,9 +15,22 @@ leaves the old index or the new one, never a mix, and a process that has an inde
 searching it (opening one in the instant between the manifest and the removal fails with
 "missing": open it again). One writer at a time (a lock file).
 
-Engines (both HNSW graphs, inner product on unit vectors, so distance = 1 - cosine similarity):
-faiss (the default, chosen by `fmnist bench search`'s engines part: docs/search.md) and usearch.
-Both are optional (`pip install 'fmnist[search]'`) and imported only here, only when used.
+Engines (all HNSW graphs, inner product on unit vectors, so distance = 1 - cosine similarity):
+faiss (the default, chosen by `fmnist bench search`'s engines part: docs/search.md), usearch,
+and milvus. All are optional (`pip install 'fmnist[search]'`) and imported only here, only when used.
+
+milvus keeps the vectors in a collection of a Milvus database instead of a file in DIR: a
+Milvus server or cluster by URI (http://host:19530, a token from $FMNIST_MILVUS_TOKEN, never
+written down), or Milvus Lite, a local database, by default DIR/milvus.db. Rows are (id = item
+position, vector). A collection cannot be renamed into place, so the order of writing is what
+keeps it consistent: an add inserts its rows first (ids count .. count+n-1), confirms them with
+a strongly consistent count, then writes the manifest. The manifest's count is the truth: an
+opened index searches only ids < count, so rows of an add in progress, or of one that stopped
+before its manifest, are never returned, and the next add deletes them before inserting its
+own. Fewer rows than the manifest says, a missing collection, or another catalogue's is an
+error. DIR (manifest, items, thumbnails) still lives on one disk; a copy of a DIR whose URI is
+a server points at the same collection, so add to one copy only. Milvus Lite serves one process
+at a time (`fmnist serve --index DIR` and `fmnist index add` on it cannot run together).
 """
 
 from __future__ import annotations
@@ -25,7 +39,10 @@ import contextlib
 import fcntl
 import json
 import logging
+import os
+import re
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -178,9 +195,255 @@ class UsearchEngine:
         return cls(dim, s, index)
 
 
-ENGINES = {"faiss": FaissEngine, "usearch": UsearchEngine}
+MILVUS_TOKEN_ENV = "FMNIST_MILVUS_TOKEN"
+MILVUS_LITE_FILE = "milvus.db"          # the default URI: a Milvus Lite database inside DIR
+MILVUS_COLLECTION = "fmnist_catalogue"
+MILVUS_INSERT_ROWS = 5000   # rows per insert call: 5,000 x 384 float32 = 7.7 MB, under gRPC's 64 MB message cap
+MILVUS_TIMEOUT_S = 30       # per call: a server that stops answering is an error, not a hang
+_CATALOGUE_KEY = "fmnist.catalogue"     # collection property: the id of the catalogue that owns the rows
+
+
+class _Captured(logging.Handler):
+    """Keeps the messages a library logs instead of answering (Milvus Lite's reason it did not start)."""
+
+    def __init__(self):
+        super().__init__()
+        self.messages: list[str] = []
+
+    def emit(self, record):
+        self.messages.append(str(record.exc_info[1]) if record.exc_info else record.getMessage())
+
+
+def _quiet_pymilvus() -> None:
+    """pymilvus installs its own stderr handlers when imported and logs each failed call with a
+    traceback; its errors reach our callers as SearchIndexError naming the URI, so its loggers go
+    back to the application's logging, and only its critical records pass."""
+    for name in ("pymilvus", "pymilvus.milvus_client", "pymilvus.bulk_writer"):
+        lg = logging.getLogger(name)
+        lg.handlers.clear()
+        lg.propagate = True
+        lg.setLevel(logging.CRITICAL if name == "pymilvus" else logging.NOTSET)
+
+
+class MilvusEngine:
+    """A Milvus collection, (id = item position, vector) rows with an HNSW index on inner product:
+    the same client code for a Milvus server or cluster (http(s)://host:port) and Milvus Lite (a
+    local .db, by default DIR/milvus.db). No index file in DIR: ext is None."""
+
+    name = "milvus"
+    ext = None
+
+    def __init__(self, client, dim: int, s: EngineSettings, uri: str, shown_uri: str, collection: str, count: int,
+                 catalogue: str):
+        self.client, self.dim, self.settings = client, dim, s
+        self.uri, self.shown_uri, self.collection = uri, shown_uri, collection
+        self.count, self.catalogue = count, catalogue     # count: the rows the manifest vouches for
+
+    @staticmethod
+    def version() -> str:
+        import pymilvus
+        return pymilvus.__version__
+
+    # -- connecting
+
+    @staticmethod
+    def _where(root: Path, uri: str | None) -> tuple[str, str, bool]:
+        """-> (the URI to connect to, the URI the manifest records, whether it is Milvus Lite).
+        A Lite file inside DIR is recorded relative to DIR, so the directory can move."""
+        uri = uri or MILVUS_LITE_FILE
+        if "://" in uri:
+            from urllib.parse import urlsplit
+
+            if urlsplit(uri).username or urlsplit(uri).password:
+                raise SearchIndexError(f"Milvus URI {uri.split('://')[0]}://...@{uri.split('@')[-1]}: the URI is "
+                                       f"written into the manifest, so it may not hold credentials; put the token "
+                                       f"(user:password or an API key) in ${MILVUS_TOKEN_ENV} instead")
+            return uri, uri, False
+        if not uri.endswith(".db"):
+            raise SearchIndexError(f"Milvus URI {uri!r}: pass a server (http://host:19530) or a Milvus Lite "
+                                   f"database file ending in .db")
+        path = (root / uri).resolve()
+        try:
+            shown = path.relative_to(root.resolve()).as_posix()
+        except ValueError:
+            shown = str(path)
+        return str(path), shown, True
+
+    @classmethod
+    def _connect(cls, root: Path, uri: str | None):
+        import importlib.util
+
+        target, shown, lite = cls._where(root, uri)
+        if lite and importlib.util.find_spec("milvus_lite") is None:
+            raise ImportError("a Milvus Lite index (a local .db) needs the optional extra: pip install "
+                              "'fmnist[search]' (milvus_lite not installed)")
+        from pymilvus import MilvusClient
+        from pymilvus.exceptions import MilvusException
+
+        _quiet_pymilvus()
+        lite_log, captured = logging.getLogger("milvus_lite.server_manager"), _Captured()
+        lite_log.addHandler(captured)
+        lite_log.propagate = False      # its reason comes back in our error, without its traceback
+        try:
+            client = MilvusClient(uri=target, token="" if lite else os.environ.get(MILVUS_TOKEN_ENV, ""),
+                                  timeout=MILVUS_TIMEOUT_S)
+        except MilvusException as e:
+            if lite:
+                why = "; ".join(captured.messages) or e.message
+                raise SearchIndexError(f"Milvus Lite could not open {target} ({why}); Milvus Lite serves one "
+                                       f"process at a time: stop the other one (such as `fmnist serve --index` on "
+                                       f"this index), or use a Milvus server") from None
+            raise SearchIndexError(f"Milvus at {shown} cannot be reached ({e.message}): start it or correct the "
+                                   f"URI; a server that needs a token reads it from ${MILVUS_TOKEN_ENV}") from None
+        finally:
+            lite_log.removeHandler(captured)
+        return client, target, shown, lite
+
+    @contextlib.contextmanager
+    def _calls(self, doing: str):
+        """Milvus' and gRPC's errors as SearchIndexError naming the server and collection."""
+        import grpc
+        from pymilvus.client.types import Status
+        from pymilvus.exceptions import MilvusException
+
+        try:
+            yield
+        except (MilvusException, grpc.RpcError) as e:
+            why = getattr(e, "message", None) or str(e).splitlines()[0]
+            gone = (getattr(e, "code", None) == Status.CONNECT_FAILED
+                    or (isinstance(e, grpc.RpcError) and e.code() in (grpc.StatusCode.UNAVAILABLE,
+                                                                      grpc.StatusCode.DEADLINE_EXCEEDED)))
+            if gone:   # a client made earlier in this process reconnects on each call: the server went away
+                raise SearchIndexError(f"Milvus at {self.shown_uri} cannot be reached while {doing} ({why}): start "
+                                       f"it or correct the URI; a server that needs a token reads it from "
+                                       f"${MILVUS_TOKEN_ENV}") from None
+            raise SearchIndexError(f"Milvus at {self.shown_uri}, collection {self.collection}: {doing} failed "
+                                   f"({why}); check that the server is up and holds the collection") from None
+
+    # -- creating and opening
+
+    @classmethod
+    def create(cls, root: Path, dim: int, s: EngineSettings, uri: str | None = None,
+               collection: str | None = None) -> "MilvusEngine":
+        collection = collection or MILVUS_COLLECTION
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,254}", collection):
+            raise SearchIndexError(f"Milvus collection name {collection!r}: use letters, digits and underscores, "
+                                   f"starting with a letter or underscore")
+        if uri and "://" not in uri:
+            uri = str(Path(uri).resolve())    # a Lite file named on the command line: from the current directory
+        client, target, shown, lite = cls._connect(root, uri)
+        e = cls(client, dim, s, target, shown, collection, 0, uuid.uuid4().hex)
+        from pymilvus import DataType, MilvusClient
+
+        with e._calls("creating the collection"):
+            if client.has_collection(collection):
+                if not (lite and Path(target).parent == root.resolve()):
+                    raise SearchIndexError(f"Milvus at {shown} already has a collection {collection!r}: choose "
+                                           f"another --collection, or drop it if no index uses it (pymilvus: "
+                                           f"MilvusClient(URI).drop_collection(NAME))")
+                # A Lite database inside DIR belongs to DIR, which has no manifest: a build that stopped.
+                log.warning(f"{shown}: dropping collection {collection}, left by a build that did not finish")
+                client.drop_collection(collection, timeout=MILVUS_TIMEOUT_S)
+            schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
+            schema.add_field("id", DataType.INT64, is_primary=True)
+            schema.add_field("vector", DataType.FLOAT_VECTOR, dim=dim)
+            index = client.prepare_index_params()
+            index.add_index(field_name="vector", index_type="HNSW", metric_type="IP",
+                            params={"M": s.M, "efConstruction": s.ef_construction})
+            client.create_collection(collection, schema=schema, index_params=index, timeout=MILVUS_TIMEOUT_S,
+                                     properties={_CATALOGUE_KEY: e.catalogue})
+        log.info(f"created Milvus collection {collection} at {shown}")
+        return e
+
+    @classmethod
+    def open(cls, root: Path, dim: int, s: EngineSettings, info: dict, count: int) -> "MilvusEngine":
+        try:
+            uri, collection, catalogue = info["uri"], info["collection"], info["catalogue"]
+        except KeyError as e:
+            raise SearchIndexError(f"{root / MANIFEST}: damaged (no engine {e}); rebuild the index: "
+                                   f"{HOW_TO_BUILD}") from None
+        client, target, shown, _ = cls._connect(root, uri)
+        e = cls(client, dim, s, target, shown, collection, count, catalogue)
+        rebuild = (f"rebuild the index: {HOW_TO_BUILD} --engine milvus --milvus-uri {shown} "
+                   f"--collection {collection}")
+        with e._calls("opening the collection"):
+            if not client.has_collection(collection):
+                raise SearchIndexError(f"Milvus at {shown} has no collection {collection!r} (the manifest of "
+                                       f"{root} names it): its vectors are gone; {rebuild}")
+            desc = client.describe_collection(collection)
+            theirs = dict(desc.get("properties") or {}).get(_CATALOGUE_KEY)
+            if theirs != catalogue:
+                raise SearchIndexError(f"Milvus at {shown}, collection {collection}: holds another catalogue "
+                                       f"({theirs}) than the one {root} was built with ({catalogue}); {rebuild}")
+            field = next((f for f in desc["fields"] if f["name"] == "vector"), {})
+            if int(field.get("params", {}).get("dim", -1)) != dim:
+                raise SearchIndexError(f"Milvus at {shown}, collection {collection}: not vectors of {dim} numbers; "
+                                       f"{rebuild}")
+            if str(client.get_load_state(collection).get("state")) != "Loaded":
+                log.info(f"loading Milvus collection {collection} at {shown}")
+                client.load_collection(collection, timeout=MILVUS_TIMEOUT_S)
+            rows = e.rows()
+        if rows < count:
+            raise SearchIndexError(f"Milvus at {shown}, collection {collection}: holds {rows} vectors, the manifest "
+                                   f"says {count}; {rebuild}")
+        if rows > count:
+            log.warning(f"Milvus at {shown}, collection {collection}: {rows - count} rows past the manifest's {count} "
+                        f"(an add in progress, or one that stopped before its manifest); searches ignore them")
+        return e
+
+    def location(self) -> dict:
+        """What the manifest records to find the collection again (no credentials), and the server's version."""
+        with self._calls("asking its version"):
+            server = self.client.get_server_version(timeout=MILVUS_TIMEOUT_S)
+        return {"uri": self.shown_uri, "collection": self.collection, "catalogue": self.catalogue, "server": server}
+
+    # -- rows
+
+    def __len__(self) -> int:
+        return self.count
+
+    def rows(self) -> int:
+        """Rows in the collection now, every write so far included (a strongly consistent count)."""
+        r = self.client.query(self.collection, filter="", output_fields=["count(*)"], consistency_level="Strong",
+                              timeout=MILVUS_TIMEOUT_S)
+        return int(r[0]["count(*)"])
+
+    def add(self, vectors: np.ndarray, threads: int = 0) -> None:
+        start, n = self.count, len(vectors)
+        vectors = np.ascontiguousarray(vectors, np.float32)
+        with self._calls("adding vectors"):
+            extra = self.rows() - start
+            if extra > 0:
+                log.warning(f"Milvus at {self.shown_uri}, collection {self.collection}: deleting {extra} rows past "
+                            f"the manifest's {start}, left by an add that did not finish")
+                self.client.delete(self.collection, filter=f"id >= {start}", timeout=MILVUS_TIMEOUT_S)
+            for i in range(0, n, MILVUS_INSERT_ROWS):
+                self.client.insert(self.collection, [{"id": start + j, "vector": vectors[j]}
+                                                     for j in range(i, min(n, i + MILVUS_INSERT_ROWS))],
+                                   timeout=MILVUS_TIMEOUT_S)
+            rows = self.rows()
+        if rows != start + n:
+            raise SearchIndexError(f"Milvus at {self.shown_uri}, collection {self.collection}: {rows} rows after "
+                                   f"adding {n} to {start}; is another process writing to it?")
+        self.count = start + n
+
+    def search(self, q: np.ndarray, k: int, threads: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        with self._calls("searching"):
+            found = self.client.search(
+                self.collection, data=np.ascontiguousarray(q, np.float32), limit=k, output_fields=[],
+                filter=f"id < {self.count}",   # rows past the manifest's count are not the index's yet
+                search_params={"metric_type": "IP", "params": {"ef": max(self.settings.ef_search, k)}},
+                timeout=MILVUS_TIMEOUT_S)
+        ids, dist = np.full((len(q), k), -1, np.int64), np.full((len(q), k), np.inf, np.float32)
+        for i, hits in enumerate(found):        # fewer than k hits: padded as FAISS pads (-1)
+            for j, h in enumerate(list(hits)[:k]):
+                ids[i, j], dist[i, j] = h["id"], 1.0 - h["distance"]
+        return dist, ids
+
+
+ENGINES = {"faiss": FaissEngine, "usearch": UsearchEngine, "milvus": MilvusEngine}
 DEFAULT_ENGINE = "faiss"
-ENGINE_MODULES = {"faiss": "faiss", "usearch": "usearch"}
+ENGINE_MODULES = {"faiss": "faiss", "usearch": "usearch", "milvus": "pymilvus"}
 
 
 def engine_class(name: str):
@@ -236,15 +499,21 @@ class CatalogueIndex:
 
     @classmethod
     def create(cls, root: str | Path, model: dict, engine: str = DEFAULT_ENGINE,
-               settings: EngineSettings | None = None) -> "CatalogueIndex":
+               settings: EngineSettings | None = None, engine_options: dict | None = None) -> "CatalogueIndex":
+        """A new, empty index in directory `root`. engine_options: the milvus engine's uri and
+        collection (default: a Milvus Lite database in `root`, collection fmnist_catalogue)."""
         root = Path(root)
         if (root / MANIFEST).exists():
             raise SearchIndexError(f"{root} already holds an index; add to it with `fmnist index add SOURCE "
                                    f"--index {root}`, or choose another --out")
+        cls_ = engine_class(engine)
+        options = {k: v for k, v in (engine_options or {}).items() if v is not None}
+        if options and cls_.ext is not None:
+            raise ValueError(f"the {engine} engine keeps its vectors in DIR and takes no {', '.join(options)}")
         root.mkdir(parents=True, exist_ok=True)
         settings = settings or EngineSettings()
-        return cls(root, model, engine_class(engine)(model["dim"], settings), settings,
-                   created=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+        eng = cls_.create(root, model["dim"], settings, **options) if cls_.ext is None else cls_(model["dim"], settings)
+        return cls(root, model, eng, settings, created=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
 
     @classmethod
     def open(cls, root: str | Path) -> "CatalogueIndex":
@@ -271,7 +540,9 @@ class CatalogueIndex:
                                    f"{count}); rebuild the index: {HOW_TO_BUILD}")
         cls_ = engine_class(name)
         vec = root / m["vectors"] if m.get("vectors") else None
-        if vec is None:
+        if cls_.ext is None:      # vectors in a database's collection: it checks its rows against count
+            engine = cls_.open(root, dim, settings, m["engine"], count)
+        elif vec is None:
             engine = cls_(dim, settings)
         elif not vec.is_file():
             raise SearchIndexError(f"{vec}: missing (the manifest names it); rebuild the index: {HOW_TO_BUILD}")
@@ -332,11 +603,13 @@ class CatalogueIndex:
                 with open(tmp, "wb") as fh:
                     np.save(fh, np.ascontiguousarray(thumbs, np.uint8))
             write_json(self.root / chunk.items, items)
-            old_vectors = self._vectors_name(start) if start else None
+            old_vectors = self._vectors_name(start) if start and self.engine.ext else None
             self.engine.add(vectors, threads=threads)
-            name = self._vectors_name(len(self))
-            with atomic_path(self.root / name) as tmp:
-                self.engine.save(tmp)
+            name = None
+            if self.engine.ext:      # a file engine: a new vectors file; a database's rows are in already
+                name = self._vectors_name(len(self))
+                with atomic_path(self.root / name) as tmp:
+                    self.engine.save(tmp)
             self.chunks.append(chunk)
             if source not in self.sources:
                 self.sources.append(source)
@@ -349,12 +622,13 @@ class CatalogueIndex:
     def _vectors_name(self, count: int) -> str:
         return f"vectors-{count:09d}.{self.engine.ext}"
 
-    def _manifest(self, vectors: str) -> dict:
+    def _manifest(self, vectors: str | None) -> dict:
         from dataclasses import asdict
 
+        where = self.engine.location() if self.engine.ext is None else {}
         return {"format": FORMAT, "version": VERSION, "count": len(self), "model": self.model,
                 "engine": {"name": self.engine.name, "version": self.engine.version(),
-                           "settings": asdict(self.settings)},
+                           "settings": asdict(self.settings), **where},
                 "vectors": vectors, "chunks": [asdict(c) for c in self.chunks], "sources": self.sources,
                 "created": self.created, "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
 

@@ -444,12 +444,12 @@ def _serve(args, sock: socket.socket, worker: bool = False, ready=None) -> None:
     _raise_open_files_limit()
     cfg = _config(args)
     torch.set_num_threads(cfg.threads)
-    predictor = Predictor(args.checkpoint, backend=args.backend, pipeline=getattr(args, "pipeline", "robust"),
-                          threads=cfg.threads)
     catalogue = None
-    if getattr(args, "index", None):
+    if getattr(args, "index", None):   # before the model: a bad index (or a database not reached) fails at once
         from fmnist.search.index import CatalogueIndex
         catalogue = CatalogueIndex.open(args.index)
+    predictor = Predictor(args.checkpoint, backend=args.backend, pipeline=getattr(args, "pipeline", "robust"),
+                          threads=cfg.threads)
     app = create_app(predictor, cfg, catalogue)
     protocol = protocol_with_head_deadline(cfg.header_timeout_s, cfg.http, cfg.max_head_bytes)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,

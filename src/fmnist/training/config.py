@@ -85,7 +85,7 @@ class TrainConfig:
                                     "schedule; --epochs may only extend a constant-lr run", metavar="RUN_DIR",
                               shown="default: start a new run")
     real_photos: str | None = flag(None, "also train on the dev and train splits of real labelled photos: "
-                                         "photo sets or folders, comma-separated (e.g. real,train,outliers), "
+                                         "photo sets or folders, comma-separated (e.g. real,train,outliers,everyday), "
                                          "converted as predict does; held-out photos are never read; photos "
                                          "labelled 'none' are trained towards 'unsure'", metavar="SETS",
                                    shown="default: off")
