@@ -19,7 +19,7 @@ from fmnist.inference.forward import predict_logits  # noqa: E402
 def exported(tmp_path_factory):
     d = tmp_path_factory.mktemp("onnx")
     fp32 = export(default_checkpoint(), d / "m.onnx")
-    int8 = export(default_checkpoint(), d / "m.int8.onnx", int8=True, calib_n=512)
+    int8 = export(default_checkpoint(), d / "m.int8.onnx", int8=True, calib_n=256)
     return fp32, int8
 
 
@@ -37,12 +37,12 @@ def test_fp32_matches_pytorch_on_test_images(exported, dataset):
 
 
 def test_int8_accuracy_change_is_bounded(exported, dataset):
-    y = dataset.test_labels[:2000].numpy()
-    x = dataset.test_images[:2000].numpy()
+    y = dataset.test_labels[:1000].numpy()
+    x = dataset.test_images[:1000].numpy()
     acc32 = (OnnxModel(exported[0]).probabilities(x).argmax(1) == y).mean()
     acc8 = (OnnxModel(exported[1]).probabilities(x).argmax(1) == y).mean()
-    print(f"accuracy on 2,000 test images: fp32 {acc32:.4f}, int8 {acc8:.4f} ({(acc8 - acc32) * 100:+.2f} points)")
-    assert acc32 > 0.92  # measured (the model card says 93.68 % on all 10,000; 94.6 % on these)
+    print(f"accuracy on 1,000 test images: fp32 {acc32:.4f}, int8 {acc8:.4f} ({(acc8 - acc32) * 100:+.2f} points)")
+    assert acc32 > 0.92  # the model card says 93.9 % on all 10,000
     assert abs(acc8 - acc32) < 0.01  # the same images: the difference is int8's alone
 
 

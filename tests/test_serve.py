@@ -231,10 +231,10 @@ def test_a_heic_photo_gets_415_with_how_to_send_it(server):
 
 
 def test_concurrent_requests_are_batched_and_accurate(server, dataset):
-    """256 single-image requests from 16 clients at once: the batcher serves them in fewer
+    """128 single-image requests from 16 clients at once: the batcher serves them in fewer
     forward passes than requests (its counters in /healthz; with --max-batch 1 they stay at 0,
     so this fails with batching off), and the answers are right as often as the model is."""
-    n = 256
+    n = 128
     bodies = [png(dataset.test_images[i].numpy()) for i in range(n)]
     truth = [CLASS_NAMES[int(dataset.test_labels[i])] for i in range(n)]
     before = httpx.get(server + "/healthz").json()["batcher"]
@@ -251,7 +251,7 @@ def test_concurrent_requests_are_batched_and_accurate(server, dataset):
     print(f"{n} requests: {batches} forward passes")
     assert items == n and 0 < batches < n
     acc = sum(label == t for (_, label), t in zip(results, truth)) / n
-    assert acc > 0.88, acc  # the shipped model measures 93.7 %; 256 images, standard error ~1.5 points
+    assert acc > 0.87, acc  # the shipped model measures 93.9 %; 128 images, standard error ~2.1 points
 
 
 @pytest.mark.parametrize("case,status,code", [
