@@ -13,7 +13,9 @@ Per score: AUROC and the share of non-clothing accepted when 95 % of clothing is
 AUROC on dev (the `real` set's dev photos against the `nonclothing` set's dev rows: what a score is
 chosen by); and thresholds chosen on the dev photos alone (keeping 95 % and 85 % of them), with the
 held-out clothing and non-clothing each calls unsure. A photo in which no item is found is unsure
-under every score. The model's accuracy per kind, class and set is written beside. One entry per
+under every score. With --everyday, the `everyday` set's held-out rows are scored too (a share unsure per
+score: a source the model may have trained on, so apart from the detector table). The model's accuracy per kind,
+class and set is written beside. One entry per
 --name in OUT (rewritten whole).
 """
 
@@ -89,6 +91,8 @@ def main() -> None:
                     help="leave out photos that were dev or train rows at this commit (the model trained on them)")
     ap.add_argument("--trained-sets", default="real,train,outliers",
                     help="with --trained-on: the photo sets the model trained on (default: real,train,outliers)")
+    ap.add_argument("--everyday", action="store_true",
+                    help="also score the `everyday` set's held-out rows (non-clothing from a source models may train on)")
     ap.add_argument("--fit-images", type=int, default=5000,
                     help="Fashion-MNIST training images beside the training photos that the feature scores are fitted on (default: 5000)")
     args = ap.parse_args()
@@ -101,12 +105,15 @@ def main() -> None:
               "heldout_other": [("nonclothing", "heldout"), ("outliers", "heldout")],
               "dev_clothing": [("real", "dev")], "dev_other": [("nonclothing", "dev")],
               "fit": [("train", "train")]}
+    if args.everyday:  # the everyday set's held-out photographers: a source a model may train on (its other rows)
+        groups["heldout_everyday"] = [("everyday", "heldout")]
+    other = {"heldout_other", "dev_other", "heldout_everyday"}
     got = {}
     for g, parts in groups.items():
         ps, src = [], []
         for name, split in parts:
             chosen = [p for p in photos(name, split, skip if g != "fit" else set())
-                      if (p.label in CLASS_NAMES) == (g != "heldout_other" and g != "dev_other")]
+                      if (p.label in CLASS_NAMES) == (g not in other)]
             ps += chosen
             src += [name] * len(chosen)
         log.info("%s: %d photos, converting", g, len(ps))
@@ -150,8 +157,11 @@ def main() -> None:
                         "dev_other_unsure": share(scores["dev_other"][k] < thr),
                         "ship_threshold": ship, "ship_heldout_clothing_unsure": share(hc < ship),
                         "ship_heldout_other_unsure": share(ho < ship)}
+        if "heldout_everyday" in scores:
+            detectors[k]["heldout_everyday_unsure"] = share(scores["heldout_everyday"][k] < thr)
     # what the Predictor does today: no item, or calibrated top probability under its own threshold
-    in_use = {g: share(scores[g]["msp"] < predictor.threshold) for g in ("heldout_clothing", "heldout_other", "dev_other")}
+    in_use = {g: share(scores[g]["msp"] < predictor.threshold) for g in ("heldout_clothing", "heldout_other", "dev_other",
+                                                                         "heldout_everyday") if g in scores}
 
     hcg = got["heldout_clothing"]
     pred = hcg["probs"].argmax(1)
