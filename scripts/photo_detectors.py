@@ -26,6 +26,7 @@ import csv
 import io
 import logging
 import subprocess
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +44,27 @@ from fmnist.utils.runinfo import environment
 log = logging.getLogger("photo_detectors")
 KEPT = 0.95       # the standard operating point the acceptance figure is reported at
 SHIP_KEPT = 0.85  # the point a shipped threshold is chosen at on dev: held-out clothing kept less often than dev
+
+
+def one_member(path: Path, n: int, out: Path) -> Path:
+    """Member n of the ensemble checkpoint at `path`, written to `out` as a checkpoint of its own
+    and calibrated on its validation split (the ensemble's temperature and threshold are the average's)."""
+    from fmnist.evaluation.calibrate import calibrate
+    from fmnist.models import checkpoint
+
+    ens = checkpoint.load(path)
+    if ens["model"] != "ensemble" or not 0 <= n < ens["model_config"]["n"]:
+        raise SystemExit(f"--member {n}: {path} is not an ensemble with a member {n}")
+    prefix = f"members.{n}."
+    state = {k[len(prefix):]: v for k, v in ens["state_dict"].items() if k.startswith(prefix)}
+    info = ens["members"][n]
+    ck = checkpoint.make(ens["model_config"]["member"], ens["model_config"]["member_config"], state,
+                         metrics={"val_acc": info.get("val_acc")}, epoch=info.get("epoch"),
+                         train_config={**ens["train_config"], "seed": info.get("seed")})
+    ck["normalization"] = ens["normalization"]
+    checkpoint.save(ck, out)
+    calibrate(out)
+    return out
 
 
 def trained_rows(ref: str, trained_sets: list[str]) -> set[tuple[str, str]]:
@@ -91,6 +113,9 @@ def main() -> None:
                     help="leave out photos that were dev or train rows at this commit (the model trained on them)")
     ap.add_argument("--trained-sets", default="real,train,outliers",
                     help="with --trained-on: the photo sets the model trained on (default: real,train,outliers)")
+    ap.add_argument("--member", type=int, metavar="N",
+                    help="score member N (0-based) of an ensemble checkpoint alone, calibrated anew on its validation "
+                         "split: the like of one run of a recipe, to set beside one run of another")
     ap.add_argument("--everyday", action="store_true",
                     help="also score the `everyday` set's held-out rows (non-clothing from a source models may train on)")
     ap.add_argument("--fit-images", type=int, default=5000,
@@ -98,7 +123,10 @@ def main() -> None:
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     skip = trained_rows(args.trained_on, args.trained_sets.split(",")) if args.trained_on else set()
-    predictor = Predictor(args.checkpoint or default_checkpoint())
+    source = args.checkpoint or default_checkpoint()
+    if args.member is not None:
+        source = one_member(source, args.member, Path(tempfile.mkdtemp()) / "member.pt")
+    predictor = Predictor(source)
     model = predictor.model
 
     groups = {"heldout_clothing": [("real", "heldout"), ("train", "heldout")],
@@ -168,7 +196,7 @@ def main() -> None:
     sure = scores["heldout_clothing"]["msp"] >= predictor.threshold
     hog = got["heldout_other"]
     entry = {
-        "environment": environment("cpu"), "checkpoint": str(args.checkpoint or "shipped default.pt"),
+        "environment": environment("cpu"), "checkpoint": str(args.checkpoint or "shipped default.pt"), "member": args.member,
         "test_acc_28x28": predictor.meta.get("metrics", {}).get("test_acc"),
         "trained_on_ref": args.trained_on, "kept": KEPT, "fit": f"{len(got['fit']['photos'])} train-split photos + "
                                                                   f"{args.fit_images} Fashion-MNIST training images",
