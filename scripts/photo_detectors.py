@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import csv
 import io
+import json
 import logging
 import subprocess
 import tempfile
@@ -65,6 +66,13 @@ def one_member(path: Path, n: int, out: Path) -> Path:
     checkpoint.save(ck, out)
     calibrate(out)
     return out
+
+
+def run_test_acc(ckpt: Path | None) -> float | None:
+    """A run's test accuracy from the metrics.json `fmnist train` writes beside its best.pt (the
+    checkpoint itself holds validation figures only)."""
+    m = ckpt.parent / "metrics.json" if ckpt else None
+    return json.loads(m.read_text()).get("test_acc") if m and m.is_file() else None
 
 
 def trained_rows(ref: str, trained_sets: list[str]) -> set[tuple[str, str]]:
@@ -197,7 +205,7 @@ def main() -> None:
     hog = got["heldout_other"]
     entry = {
         "environment": environment("cpu"), "checkpoint": str(args.checkpoint or "shipped default.pt"), "member": args.member,
-        "test_acc_28x28": predictor.meta.get("metrics", {}).get("test_acc"),
+        "test_acc_28x28": predictor.meta.get("metrics", {}).get("test_acc") or run_test_acc(args.checkpoint),
         "trained_on_ref": args.trained_on, "kept": KEPT, "fit": f"{len(got['fit']['photos'])} train-split photos + "
                                                                   f"{args.fit_images} Fashion-MNIST training images",
         "counts": {g: len(v["photos"]) for g, v in got.items()},

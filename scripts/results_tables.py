@@ -249,9 +249,12 @@ def detectors(doc: dict, name: str) -> str:
     per kind, set and class, then each not-clothing score."""
     e = doc[name]
     a, c = e["accuracy"], e["counts"]
-    skip = (f" Photos the model trained on under the per-file split of commit `{e['trained_on_ref']}` are left "
-            f"out." if e.get("trained_on_ref") else "")
-    out = [f"Entry `{name}`; environment: {environment(e['environment'])}. 28x28 test accuracy of the model: "
+    skip = (f" Left out: the photos that a model trained under the per-file split of commit `{e['trained_on_ref']}` "
+            f"read (the shipped model's training photos), so entries with it are scored on the same photos."
+            if e.get("trained_on_ref") else "")
+    member = (f" Member {e['member']} of the ensemble alone, calibrated on its own validation split."
+              if e.get("member") is not None else "")
+    out = [f"Entry `{name}`; environment: {environment(e['environment'])}.{member} 28x28 test accuracy of the model: "
            f"{pct(e.get('test_acc_28x28'))}.{skip} Held-out: {c['heldout_clothing']} clothing photos, "
            f"{c['heldout_other']} of no class of ours; dev: {c['dev_clothing']} clothing, {c['dev_other']} not clothing.", "",
            "| held-out clothing photos | right |", "|---|---:|", f"| **all** | {_cell(a)} |"]
@@ -262,8 +265,10 @@ def detectors(doc: dict, name: str) -> str:
     out += ["", f"In use today (no item found, or calibrated top probability under {u['threshold']:.0%}): "
                 f"{u['heldout_clothing']['unsure']}/{u['heldout_clothing']['n']} held-out clothing photos unsure "
                 f"({u['heldout_clothing']['fraction']:.0%}), {u['heldout_other']['unsure']}/{u['heldout_other']['n']} "
-                f"held-out photos of no class of ours ({u['heldout_other']['fraction']:.0%}); answers it is sure of "
-                f"are right {pct(a.get('acc_when_sure'))} of the time.", "",
+                f"held-out photos of no class of ours ({u['heldout_other']['fraction']:.0%})"
+                + (f", {u['heldout_everyday']['unsure']}/{u['heldout_everyday']['n']} held-out photos of the `everyday` set "
+                   f"({u['heldout_everyday']['fraction']:.0%})" if "heldout_everyday" in u else "")
+                + f"; answers it is sure of are right {pct(a.get('acc_when_sure'))} of the time.", "",
            "| score | held-out AUROC | not clothing accepted at 95 % of clothing kept | dev AUROC | "
            "threshold keeping 95 % of dev clothing: held-out clothing / not clothing unsure | "
            "keeping 85 % of dev: clothing / not clothing unsure |", "|---|---:|---:|---:|---:|---:|"]

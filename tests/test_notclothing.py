@@ -36,3 +36,12 @@ def test_outputs_give_each_members_logits_and_features(name):
     logits, feats = nc.outputs(model, images)
     assert len(logits) == 1 and logits[0].shape == (4, 10) and feats[0].ndim == 2
     assert np.allclose(nc.energy(logits), torch.logsumexp(torch.from_numpy(logits[0]), 1).numpy())
+
+
+def test_a_photo_with_no_item_is_never_accepted_as_clothing():
+    """-inf is 'no item found': unsure whatever the threshold, also when over 5 % of the clothing
+    photos have it (the threshold keeping 95 % of them is then -inf itself)."""
+    pos = np.array([-np.inf] * 10 + list(np.linspace(0, 1, 90)))
+    neg = np.array([-np.inf, -np.inf, 0.5, 2.0])
+    assert nc.accepted_at_kept(pos, neg, 0.95) == 0.5
+    assert nc.accepted_at_kept(np.linspace(0, 1, 100), neg, 0.95) == 0.5

@@ -107,9 +107,12 @@ def auroc(pos: np.ndarray, neg: np.ndarray) -> float:
 
 
 def accepted_at_kept(pos: np.ndarray, neg: np.ndarray, kept: float = 0.95) -> float:
-    """Share of negatives scoring at or above the threshold that keeps `kept` of the positives."""
+    """Share of negatives scoring at or above the threshold that keeps `kept` of the positives. A
+    score of -inf (no item found) is unsure at any threshold: such a negative is never accepted,
+    even where so many positives have it that keeping `kept` of them needs no threshold at all."""
     thr = np.quantile(np.asarray(pos, float), 1 - kept, method="lower")
-    return float((np.asarray(neg) >= thr).mean())
+    neg = np.asarray(neg, float)
+    return float(((neg >= thr) & np.isfinite(neg)).mean())
 
 
 def threshold_keeping(pos: np.ndarray, kept: float = 0.95) -> float:
