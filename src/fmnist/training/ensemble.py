@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import replace
 from pathlib import Path
 
 from fmnist import data
@@ -96,6 +97,13 @@ def make(paths: list, out_dir, calibrated: bool = True, dataset=None) -> dict:
         _, val_idx = data.stratified_split(ds.train_labels, tc.get("val_fraction", 0.1), tc["split_seed"])
         val_logits = predict_logits(model, ds.train_images[val_idx], tta_flip=tta, tta_shift=shift)
         ckpt["metrics"] = {"val_acc": (val_logits.argmax(1) == ds.train_labels[val_idx]).float().mean().item()}
+    # The test images the members' own figures were measured on (evaluate_run's rule): with a
+    # --test-subset, the ensemble's figure is comparable to theirs only on the same first images.
+    subsets = [c.get("train_config", {}).get("test_subset") for _, c in members]
+    ckpt["train_config"]["test_subset"] = min(subsets) if all(subsets) else None
+    if all(subsets):
+        n = min(subsets)
+        ds = replace(ds, test_images=ds.test_images[:n], test_labels=ds.test_labels[:n])
     test_logits = predict_logits(model, ds.test_images, tta_flip=tta, tta_shift=shift)
     out.mkdir(parents=True, exist_ok=True)
     checkpoint.save(ckpt, path)
