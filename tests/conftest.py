@@ -96,10 +96,13 @@ def shared_dir(tmp_path_factory, name: str, make) -> Path:
 def tiny_train(tmp_path_factory, dataset):
     """One short real training run by `fmnist train` in its own process (1 thread, so other
     load cannot stall it), shared by the tests that need a trained model or the command's
-    output: .run (the run directory), .stdout, .stderr."""
+    output: .run (the run directory), .stdout, .stderr. Its validation split is 1,200 images
+    (--val-fraction 0.02): enough to pick the best epoch and fit a calibration, and every test
+    that evaluates or calibrates the run goes through it."""
     def make(d: Path):
         r = subprocess.run([sys.executable, "-m", "fmnist", "train", "--preset", "seed", "--epochs", "2", "--subset",
-                            "2000", "--test-subset", "2000", "--threads", "1", "--out-dir", str(d / "runs")],
+                            "2000", "--test-subset", "2000", "--val-fraction", "0.02", "--threads", "1",
+                            "--out-dir", str(d / "runs")],
                            capture_output=True, text=True, timeout=300)
         assert r.returncode == 0, r.stderr
         (d / "stdout").write_text(r.stdout)
@@ -119,10 +122,11 @@ def tiny_run(tiny_train):
 # A tiny `fast`-style run that holds every piece of state a resume must restore and every
 # training path a short run can take: the augmentation stream (shifts, flips, erasing, photo
 # artefacts, shoe pairs), the one-cycle schedule, the weight EMA, BatchNorm statistics, and the
-# calibration at the end. 2,000 images, 2 epochs, 1 thread so every run uses the same kernels.
+# calibration at the end. 1,000 images (1,200 for validation, 1,000 for test), 2 epochs, 1 thread
+# so every run uses the same kernels.
 FAST_RUN_ARGS = ["--preset", "fast", "--ema", "0.9", "--erase", "0.25", "--photo", "0.2", "--pairs", "0.5",
-                 "--subset", "2000", "--test-subset", "2000", "--batch-size", "64", "--epochs", "2", "--threads", "1",
-                 "--quiet"]
+                 "--subset", "1000", "--test-subset", "1000", "--val-fraction", "0.02", "--batch-size", "64",
+                 "--epochs", "2", "--threads", "1", "--quiet"]
 
 
 @pytest.fixture(scope="session")
@@ -134,7 +138,7 @@ def fast_run(tmp_path_factory, dataset):
                        check=True, timeout=300)
 
     (run,) = [p for p in shared_dir(tmp_path_factory, "fast-run", make).iterdir() if p.is_dir()]
-    return SimpleNamespace(run=run, args=FAST_RUN_ARGS, steps=2 * (2000 // 64 + 1))
+    return SimpleNamespace(run=run, args=FAST_RUN_ARGS, steps=2 * (1000 // 64 + 1))
 
 
 @pytest.fixture

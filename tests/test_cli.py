@@ -180,7 +180,7 @@ def test_train_flags_are_the_config_fields():
 
 # A bad value must be refused before anything is trained or written. The safe flags come first
 # (the bad one after them wins), so that a regression trains 500 images for one epoch, not a run.
-SAFE = ["--subset", "500", "--test-subset", "500", "--epochs", "1", "--threads", "1", "--quiet"]
+SAFE = ["--subset", "500", "--test-subset", "500", "--val-fraction", "0.02", "--epochs", "1", "--threads", "1", "--quiet"]
 
 
 @pytest.mark.parametrize("argv, words, code", [

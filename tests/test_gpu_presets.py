@@ -48,7 +48,8 @@ def _val_acc(run_dir):
 def test_gpu_preset_runs_and_learns_on_cpu(tmp_path, dataset):
     """The gpu recipe (wide network at a tiny width, bf16 autocast as on CUDA, AdamW) at batch 64
     on 1,024 images."""
-    cfg = config.resolve("gpu", {"subset": 1024, "epochs": 2, "batch_size": 64, "threads": 1, "amp": "bf16",
+    cfg = config.resolve("gpu", {"subset": 1024, "test_subset": 500, "val_fraction": 0.02, "epochs": 2, "batch_size": 64,
+                                 "threads": 1, "amp": "bf16",
                                  "model_config": TINY_WIDE, "out_dir": str(tmp_path)})
     run = train(cfg)
     assert json.loads((run / "config.json").read_text())["model"] == "wide"
@@ -57,8 +58,8 @@ def test_gpu_preset_runs_and_learns_on_cpu(tmp_path, dataset):
 
 def test_best_gpu_preset_runs_and_learns_on_cpu(tmp_path, dataset):
     """best-gpu's recipe (28x28 first stage, EMA, erasing, shifts of 2) at a tiny width."""
-    cfg = config.resolve("best-gpu", {"subset": 1024, "epochs": 2, "batch_size": 64, "threads": 1,
-                                      "model_config": TINY_WRN, "out_dir": str(tmp_path)})
+    cfg = config.resolve("best-gpu", {"subset": 1024, "test_subset": 500, "val_fraction": 0.02, "epochs": 2,
+                                      "batch_size": 64, "threads": 1, "model_config": TINY_WRN, "out_dir": str(tmp_path)})
     assert (cfg.model, cfg.ema, cfg.augment.erase) == ("wrn", 0.999, 0.5)
     run = train(cfg)
     saved = json.loads((run / "config.json").read_text())["model_config"]

@@ -17,12 +17,12 @@ def predictor():
 
 
 def test_shipped_model_is_accurate_on_the_test_set(predictor, dataset):
-    """Measured here, not read from the file: the shipped model on 2,000 test images (its card
-    says 93.68 % on all 10,000; 2,000 images put the standard error near 0.5 points)."""
+    """Measured here, not read from the file: the shipped model on 1,000 test images (its card
+    says 93.93 % on all 10,000; 1,000 images put the standard error near 0.75 points)."""
     assert default_checkpoint().is_file() and predictor.class_names[0] == "T-shirt/top"
-    x, y = dataset.test_images[:2000].numpy(), dataset.test_labels[:2000].numpy()
+    x, y = dataset.test_images[:1000].numpy(), dataset.test_labels[:1000].numpy()
     acc = (predictor.probabilities(x).argmax(1) == y).mean()
-    print(f"shipped model: {acc:.4f} on the first 2,000 test images")
+    print(f"shipped model: {acc:.4f} on the first 1,000 test images")
     assert acc > 0.91
     assert abs(acc - predictor.meta["metrics"]["test_acc"]) < 0.02  # the card's figure is this model's
 

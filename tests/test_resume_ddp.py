@@ -44,7 +44,7 @@ def test_kill_mid_epoch_then_resume_matches_uninterrupted(tmp_path, fast_run, cl
         if runs and len(runs[0].read_text().splitlines()) == 2:
             break
         time.sleep(0.05)
-    time.sleep(0.3)  # an epoch takes 1-4 s (2,000 images), by machine
+    time.sleep(0.3)  # an epoch takes 0.5-2 s (1,000 images), by machine
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     run = only_run(crash_out)
@@ -126,7 +126,7 @@ def test_ddp_two_processes_match_one(tmp_path, fast_run):
     a1 = json.loads((reference / "metrics.json").read_text())["test_acc"]
     a2 = json.loads((multi / "metrics.json").read_text())["test_acc"]
     print(f"1 process {a1:.4f}, 2 processes {a2:.4f} test accuracy after {s1['steps']} steps")
-    assert a1 > 0.7 and a2 > 0.7 and abs(a1 - a2) < 0.03
+    assert a1 > 0.6 and a2 > 0.6 and abs(a1 - a2) < 0.05   # 2 epochs on 1,000 images: chance is 0.1
     assert len(list(tmp_path.iterdir())) == 1  # rank 0 alone writes
 
 
