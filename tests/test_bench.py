@@ -91,6 +91,7 @@ def test_search(tmp_path, dataset):
     assert m["recall_at_10"] > 0.9 and m["one_query"]["n"] == 20 and m["server"].startswith("milvus_lite")
     (size,) = r["scale"].values()
     assert size["items"] == 1500 and size["real_items"] == 1000 and size["recall_at_10"] > 0.9
+    assert size["copies"] == r["engines"]["copies"] == "embedded augmented copies"   # the default, --copies embedded
     assert size["memory_bytes"] > size["vectors_bytes"] and size["one_query_one_thread"]["cpu"]["p99_ms"] > 0
 
 
@@ -112,3 +113,17 @@ def test_search_engines_measured_again_join_the_entry():
     assert merge_engines(old, entry("t2", ["milvus"], catalogue=10_000)) == entry("t2", ["milvus"], 10_000)
     assert merge_engines({}, entry("t2", ["milvus"])) == entry("t2", ["milvus"])
     assert merge_engines(old, entry("t3", ["faiss", "usearch", "milvus"]))["environment"] == {"time": "t3"}
+
+
+def test_a_catalogue_past_the_training_images_holds_copies_in_order():
+    """Items past the training images: copy 1 of each training image, then copy 2, ...; the
+    embedded ones as the model embedded them, the moved ones unit vectors near their originals."""
+    import numpy as np
+
+    from fmnist.bench.search import catalogue_vectors
+
+    train = np.eye(4, 8, dtype=np.float32)
+    embedded = catalogue_vectors(train, 10, copies=lambda c: train * 0 + c)
+    assert (embedded[:4] == train).all() and (embedded[4:8] == 1).all() and (embedded[8:] == 2).all()
+    moved = catalogue_vectors(train, 10, spread=0.05)
+    assert np.allclose(np.linalg.norm(moved, axis=1), 1) and (moved[4:8] * train).sum(1).min() > 0.5

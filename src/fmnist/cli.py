@@ -390,6 +390,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sizes", default="10000,100000,1000000",
                    help="search part: catalogue sizes for scale, one entry each in search.json; the 1M one takes "
                         "minutes (default: 10000,100000,1000000)")
+    p.add_argument("--copies", choices=("embedded", "moved"), default="embedded",
+                   help="search part: catalogue items past the 60,000 training images are augmented copies of them, "
+                        "embedded by the model (embedded: ~17 minutes of 2 cores for 1M, cached per copy), or the "
+                        "training embeddings moved as far as an augmented copy moves one (moved: seconds; "
+                        "default: embedded)")
     p.add_argument("--checkpoint", default=None,
                    help="model for the photos/onnx/serve parts (default: the shipped model)")
     p.add_argument("--real", metavar="SET", default=None,

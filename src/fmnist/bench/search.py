@@ -14,9 +14,12 @@
             and in memory, query latency of the index alone on one thread (one query and batches),
             recall@10 against exact search; embedding and conversion are timed apart (quality)
 
-Catalogues past 60,000 items: the training images' embeddings, then copies of them moved in
-embedding space by as much as a real augmented copy (shifted up to 2 px, mirrored, half with a
-rectangle erased) moves an embedding, measured on 2,000 training images (augmentation_spread).
+Catalogues past 60,000 items: the training images' embeddings, then augmented copies of the
+training images (shifted up to 2 px, half mirrored, half with a rectangle erased), each embedded by
+the model (--copies embedded, the default; ~17 minutes of this 2-core machine for 1M items, cached
+per copy); or, with --copies moved, the training embeddings moved in embedding space as far as a
+real augmented copy moves one, measured on 2,000 training images (augmentation_spread): seconds
+instead of minutes, for trying settings.
 
 Each part and catalogue size is its own entry of OUT/search.json, written when it is done, so a
 measurement can be split over several commands (--search-parts, --sizes). The training images'
@@ -85,15 +88,46 @@ def augmentation_spread(embedder, train_images: torch.Tensor, n: int = 2000, cop
             "p10": float(np.percentile(d, 10)), "p90": float(np.percentile(d, 90))}
 
 
-def catalogue_vectors(train: np.ndarray, n: int, spread: float | None = None) -> np.ndarray:
-    """(n, dim) float32 unit rows: the training images' embeddings, then copies of them moved in
-    embedding space as far as a real augmented copy moves (`spread`, the mean cosine distance
-    from augmentation_spread). Embedding 940,000 augmented images takes hours of this 2-core
-    machine's CPU; moving the vectors gives a catalogue with the same near-duplicate structure
-    around each item in seconds (copy c: noise from seed c, reproducible)."""
+def embedded_copies(embedder, train_images: torch.Tensor, cache: Path | None):
+    """copy(c) -> (len(train_images), dim): the embeddings of augmented copy c of the training
+    images (augmented_copy, seed c), cached per copy in `cache` (None: not cached), so a 1M
+    catalogue's 16 copies are embedded once, and a command stopped midway keeps the copies it did."""
+    from fmnist.utils.atomic import atomic_path
+
+    def copy(c: int) -> np.ndarray:
+        f = cache / f"copy-{c}.npy" if cache else None
+        if f and f.exists():
+            v = np.load(f)
+            if v.shape == (len(train_images), embedder.dim):
+                return v
+        t = time.perf_counter()
+        v = embedder.embed_images(augmented_copy(train_images, c))
+        log.info(f"embedded augmented copy {c} of the {len(v):,} training images in {time.perf_counter() - t:.0f} s")
+        if f:
+            f.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_path(f) as tmp:
+                with open(tmp, "wb") as fh:
+                    np.save(fh, v)
+        return v
+    return copy
+
+
+def catalogue_vectors(train: np.ndarray, n: int, spread: float | None = None, copies=None) -> np.ndarray:
+    """(n, dim) float32 unit rows: the training images' embeddings, then copies. copies(c): the
+    embeddings of augmented copy c (embedded_copies). Without it, the training embeddings moved
+    in embedding space as far as a real augmented copy moves (`spread`, the mean cosine distance
+    from augmentation_spread): the same near-duplicate structure around each item in seconds
+    instead of minutes (copy c: noise from seed c, reproducible)."""
     if n <= len(train):
         return np.ascontiguousarray(train[:n])
     d = train.shape[1]
+    if copies is not None:
+        out = np.empty((n, d), np.float32)
+        out[:len(train)] = train
+        for c, at in enumerate(range(len(train), n, len(train)), start=1):
+            take = min(len(train), n - at)
+            out[at:at + take] = copies(c)[:take]
+        return out
     # A unit vector plus isotropic noise of per-number sd s: cosine ~ 1 / sqrt(1 + d s^2).
     cos = 1.0 - float(spread)
     s = np.sqrt((1.0 / cos ** 2 - 1.0) / d)
@@ -246,18 +280,18 @@ ENGINES = ("faiss", "usearch", "milvus")
 
 
 def engines_part(embedder, ds, train: np.ndarray, spread: float, n: int = 100_000, queries: int = 1000,
-                 threads: int = 0, names=ENGINES) -> dict:
+                 threads: int = 0, names=ENGINES, copies=None) -> dict:
     """FAISS against usearch (and Milvus Lite): the same HNSW settings, the same vectors and queries."""
     import tempfile
 
     from fmnist.search.index import EngineSettings, engine_class
 
-    vectors = catalogue_vectors(train, n, spread)
+    vectors = catalogue_vectors(train, n, spread, copies)
     q = embedder.embed_images(ds.test_images[:queries])
     truth = exact_search(q, vectors, 10)
     s = EngineSettings()
-    out = {"catalogue": n, "real_items": min(n, len(train)), "queries": queries, "settings": s.__dict__,
-           "engines": {}}
+    out = {"catalogue": n, "real_items": min(n, len(train)), "copies": _copies_name(n, len(train), copies),
+           "queries": queries, "settings": s.__dict__, "engines": {}}
     for name in names:
         if engine_class(name).ext is None:
             with tempfile.TemporaryDirectory() as d:
@@ -385,18 +419,26 @@ def build_in_steps(name: str, vectors: np.ndarray, settings, threads: int, state
     return engine, sum(done["step_s"]), done["step_s"]
 
 
+def _copies_name(n: int, real: int, copies) -> str | None:
+    """What the catalogue's items past the training images are (None: there are none)."""
+    if n <= real:
+        return None
+    return "embedded augmented copies" if copies is not None else "moved training embeddings"
+
+
 def scale_part(embedder, ds, train: np.ndarray, spread: float, n: int, queries: int = 1000, threads: int = 0,
-               cache: Path | None = None) -> dict | None:
+               cache: Path | None = None, copies=None) -> dict | None:
     """One catalogue size with the default engine: build, size, latency, recall against exact.
     None: the build goes on in the next command (build_in_steps)."""
     import tempfile
 
     from fmnist.search.index import DEFAULT_ENGINE, EngineSettings
 
-    vectors = catalogue_vectors(train, n, spread)
+    vectors = catalogue_vectors(train, n, spread, copies)
     s = EngineSettings()
     threads = threads or os.cpu_count()
-    state = (cache or Path(tempfile.gettempdir())) / f"build-{DEFAULT_ENGINE}-{n}-M{s.M}-efc{s.ef_construction}"
+    kind = "-embedded" if n > len(train) and copies is not None else ""   # a build in steps goes on with its own vectors
+    state = (cache or Path(tempfile.gettempdir())) / f"build-{DEFAULT_ENGINE}-{n}{kind}-M{s.M}-efc{s.ef_construction}"
     built = build_in_steps(DEFAULT_ENGINE, vectors, s, threads, state)
     if built is None:
         return None
@@ -412,7 +454,8 @@ def scale_part(embedder, ds, train: np.ndarray, spread: float, n: int, queries: 
         save_s = time.perf_counter() - t
         disk = f.stat().st_size
         mem = loaded_bytes(DEFAULT_ENGINE, f, vectors.shape[1])
-    out = {"items": n, "real_items": min(n, len(train)), "engine": DEFAULT_ENGINE, "engine_version": engine.version(), "settings": s.__dict__,
+    out = {"items": n, "real_items": min(n, len(train)), "copies": _copies_name(n, len(train), copies),
+           "engine": DEFAULT_ENGINE, "engine_version": engine.version(), "settings": s.__dict__,
            "dim": int(vectors.shape[1]), "vectors_bytes": int(vectors.nbytes), "build_threads": threads,
            "build_s": secs, "build_step_s": steps, "save_s": save_s, "disk_bytes": disk, "memory_bytes": mem, "queries": queries,
            "exact_search_ms_per_query_all_threads": 1000 * exact_s / queries}
@@ -458,7 +501,13 @@ def run(args, env: dict) -> dict:
              "model": embedder.model_record}
     doc.setdefault("command", "fmnist bench search --out DIR [--search-parts ...] [--sizes ...]")
     dry = getattr(args, "dry_run", False)
-    train = train_vectors(embedder, ds.train_images[:1000] if dry else ds.train_images, cache)
+    images = ds.train_images[:1000] if dry else ds.train_images
+    train = train_vectors(embedder, images, cache)
+    model_cache = cache / embedder.model_record["weights_sha256"][:16]
+    how = getattr(args, "copies", "embedded")
+    if how not in ("embedded", "moved"):
+        raise ValueError(f"--copies {how}: choose embedded or moved")
+    copies = embedded_copies(embedder, images, None if dry else model_cache) if how == "embedded" else None
     sizes = [1500] if dry else [int(x) for x in args.sizes.split(",")]
     spread = None
     if ("engines" in parts or "scale" in parts) and max(sizes + [0 if dry else 100_000]) > len(train):
@@ -472,7 +521,7 @@ def run(args, env: dict) -> dict:
         spread = doc["augmentation_spread"]["mean_cosine_distance"]
     if "engines" in parts:
         new = engines_part(embedder, ds, train, spread, n=1500 if dry else 100_000, queries=20 if dry else 1000,
-                           threads=args.threads, names=names)
+                           threads=args.threads, names=names, copies=copies)
         doc["engines"] = merge_engines(doc.get("engines", {}), {**stamp, **new})
         write_json(out, doc)
     if "quality" in parts:
@@ -482,7 +531,7 @@ def run(args, env: dict) -> dict:
     if "scale" in parts:
         for n in sizes:
             r = scale_part(embedder, ds, train, spread, n, queries=20 if dry else 1000, threads=args.threads,
-                           cache=cache / embedder.model_record["weights_sha256"][:16])
+                           cache=model_cache, copies=copies)
             if r is None:
                 break
             doc.setdefault("scale", {})[str(n)] = {**stamp, **r}
