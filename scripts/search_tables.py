@@ -37,8 +37,21 @@ def quality(q: dict) -> list[str]:
     return out
 
 
+COPIES = {"embedded augmented copies": "embedded augmented copies", "moved training embeddings": "moved copies",
+          None: "–"}
+
+
+def made_of(n: int, real: int, copies: str | None) -> str:
+    """What a catalogue holds: the training images, and what the items past them are. Entries
+    from before --copies existed hold moved copies."""
+    if n <= real:
+        return f"{n:,} training images"
+    return f"{real:,} training images + {n - real:,} {COPIES[copies or 'moved training embeddings']}"
+
+
 def engines(e: dict) -> list[str]:
-    out = [f"{e['catalogue']:,} items, {e['queries']:,} queries, HNSW M={e['settings']['M']}, "
+    out = [f"{made_of(e['catalogue'], e['real_items'], e.get('copies'))}, {e['queries']:,} queries, "
+           f"HNSW M={e['settings']['M']}, "
            f"ef_construction={e['settings']['ef_construction']}, ef_search={e['settings']['ef_search']}; "
            f"one query at a time on one thread.", "",
            "| engine | build (2 threads) | on disk | in memory | recall@10 | one query p50 | p99 | p99, search CPU time |",
@@ -69,12 +82,14 @@ def engines(e: dict) -> list[str]:
 
 
 def scale(sc: dict) -> list[str]:
-    out = ["| items | build (threads) | on disk | in memory | recall@10 | one query p50 / p99 | p99, search CPU time "
-           "| batch of 32, per query | batch of 256, per query | exact search, per query (2 threads) |",
-           "|---|---|---|---|---|---|---|---|---|---|"]
+    out = ["| items | made of | build (threads) | on disk | in memory | recall@10 | one query p50 / p99 "
+           "| p99, search CPU time | batch of 32, per query | batch of 256, per query "
+           "| exact search, per query (2 threads) |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
     for n, r in sorted(sc.items(), key=lambda kv: int(kv[0])):
         b32, b256 = r["batches_one_thread"]
-        out.append(f"| {int(n):,} | {r['build_s']:.1f} s ({r['build_threads']}) | {mb(r['disk_bytes'])} "
+        out.append(f"| {int(n):,} | {made_of(int(n), r['real_items'], r.get('copies'))} "
+                   f"| {r['build_s']:.1f} s ({r['build_threads']}) | {mb(r['disk_bytes'])} "
                    f"| {mb(r['memory_bytes'])} | {r['recall_at_10']:.4f} "
                    f"| {ms(r['one_query_one_thread']['p50_ms'])} / {ms(r['one_query_one_thread']['p99_ms'])} ms "
                    f"| {ms(r['one_query_one_thread']['cpu']['p99_ms'])} ms "

@@ -12,6 +12,8 @@ import torch
 from fmnist.bench import runner as bench
 
 ROOT = Path(__file__).resolve().parent.parent
+# what the runs validate and report on: 1,200 and 1,000 images, enough to see that they learned
+SMALL_EVAL = {"val_fraction": 0.02, "test_subset": 1000}
 
 
 @pytest.fixture
@@ -25,7 +27,7 @@ def one_thread():
 def test_accuracy_runs_report_times_in_seed_epochs(tmp_path, dataset, one_thread):
     ref = bench.seed_epoch("cpu", subset=512, warmup_steps=2)
     assert ref["images"] == 512 and ref["seconds"] > 0 and ref["device"] == "cpu" and "seed" in ref["workload"]
-    acc = bench.accuracy_runs(["seed@1"], [0], tmp_path, overrides={"subset": 512, "device": "cpu", "threads": 1},
+    acc = bench.accuracy_runs(["seed@1"], [0], tmp_path, overrides={"subset": 512, "device": "cpu", "threads": 1, **SMALL_EVAL},
                               reference=ref)
     (run,) = acc["seed@1"]["runs"]
     assert run["seed_epoch_seconds"] == ref["seconds"]
@@ -53,7 +55,7 @@ def test_a_call_cut_off_mid_preset_keeps_the_seeds_it_finished(tmp_path, dataset
 
     monkeypatch.setattr(train_mod, "train", train_then_cut_off)
     with pytest.raises(KeyboardInterrupt):
-        bench.accuracy_runs(["seed@1"], [0, 1], tmp_path, overrides={"subset": 512, "device": "cpu", "threads": 1})
+        bench.accuracy_runs(["seed@1"], [0, 1], tmp_path, overrides={"subset": 512, "device": "cpu", "threads": 1, **SMALL_EVAL})
     saved = json.loads((tmp_path / "accuracy_partial.json").read_text())
     assert calls == [0, 1] and [r["seed"] for r in saved["seed@1"]["runs"]] == [0]
     assert saved["seed@1"]["summary"]["n"] == 1 and saved["seed@1"]["runs"][0]["final_test_acc"] > 0.3

@@ -422,7 +422,7 @@ def plot(results: dict, path: Path) -> None:
 DRY_RUN = {
     # batch 4, one timed step after one warm-up: wrn alone costs 11.7 GFLOP per training image
     "throughput": dict(batch=4, matmul_n=128, steps=1, compile_check=False),
-    "accuracy": dict(overrides={"subset": 500, "epochs": 1}),
+    "accuracy": dict(overrides={"subset": 500, "epochs": 1, "val_fraction": 0.02, "test_subset": 1000}),
     "seed_epoch": dict(subset=512, warmup_steps=2),
     "profile": dict(steps=2, warmup=1),
     "photos": dict(n=50),
