@@ -23,13 +23,15 @@ def pytest_configure(config):
         torch.set_num_threads(1)
 
 
-# The test files that cost the most CPU-seconds (measured on the 2-core machine, heaviest first).
-# `make test` hands files to its two workers in collection order (--dist loadfile
-# --no-loadscope-reorder): starting on the long files and ending on short ones keeps both cores
-# busy to the end. xdist's own order (most tests first) left these few-test, long files to the
-# end, run by one worker while the other had nothing left to do.
-HEAVY_FIRST = ("test_bench.py", "test_export.py", "test_resume_ddp.py", "test_ensemble.py", "test_train.py",
-               "test_checkpoint.py", "test_serve_workers.py", "test_tta_shift.py", "test_predict.py", "test_cli.py",
+# The test files that cost the most CPU-seconds (measured on the 2-core machine), in the order
+# `make test` hands them to its two workers (--dist loadfile --no-loadscope-reorder: collection
+# order; each worker starts with two files). Heaviest first, so that both cores stay busy to the
+# end: xdist's own order (most tests first) left the few-test, long files (the notebook, gpu_bench,
+# DDP) to one worker at the end. The first two files build the shared runs the others need, one
+# each and at once (test_resume_ddp: fast_run; test_checkpoint: tiny_train), so that no worker
+# starts by waiting for the other's.
+HEAVY_FIRST = ("test_resume_ddp.py", "test_checkpoint.py", "test_bench.py", "test_ensemble.py", "test_export.py",
+               "test_train.py", "test_serve_workers.py", "test_tta_shift.py", "test_predict.py", "test_cli.py",
                "test_notebook.py", "test_serve_hostile.py", "test_serve.py", "test_gpu_presets.py",
                "test_gpu_bench.py", "test_bench_reference.py", "test_search.py", "test_search_milvus.py")
 
