@@ -100,3 +100,14 @@ def test_public_api_names_resolve_lazily_and_the_old_predict_path_warns():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "warned True []"
+
+
+def test_the_index_layer_loads_without_torch():
+    """A process that only opens or measures an index (bench search's memory reading) does not
+    pay for torch; the search API's names still resolve, on first use."""
+    code = ("import sys; from fmnist.search.index import CatalogueIndex, engine_class; engine_class('faiss').version(); "
+            "light = 'torch' not in sys.modules; from fmnist.search import build_index, similar; "
+            "print(light, build_index.__module__, 'torch' in sys.modules)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "True fmnist.search.catalogue True"
