@@ -97,6 +97,9 @@ def test_metadata_in_file(exported):
     m = OnnxModel(exported[1])
     assert m.meta["class_names"][9] == "Ankle boot" and m.meta["quantization"] == "int8-static-qdq"
     assert m.meta["metrics"]["test_acc"] == pytest.approx(checkpoint.load(default_checkpoint())["metrics"]["test_acc"])
+    # ... the fp32 model's figure, and the file says so (/v1/model and the page show it)
+    assert m.meta["metrics_of"] == "the fp32 model before int8 quantization"
+    assert OnnxModel(exported[0]).meta["metrics_of"] == "this model"
     assert m.meta["parameters"] == Predictor(default_checkpoint()).meta["parameters"]  # was None: the page broke
     # the API's description comes from the file's model_config, as from the checkpoint's
     assert Predictor(exported[1], backend="onnx").meta["description"] == Predictor().meta["description"] \

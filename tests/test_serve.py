@@ -130,6 +130,7 @@ def test_health_model_docs(server):
     mc = meta["model_config"]   # the shipped ensemble is described by its members
     assert (m["name"], m["description"]) == ("ensemble", f"ensemble of {mc['n']} {mc['member']}")
     assert m["accuracy"] == meta["metrics"]["test_acc"]  # reports the served file's own figure
+    assert m["accuracy_of"] == "this model"
     assert m["threads"] == 1  # inference keeps to one core: conversions and the event loop need the rest
     assert httpx.get(server + "/docs").status_code == 200
     assert "/v1/predict" in httpx.get(server + "/openapi.json").json()["paths"]

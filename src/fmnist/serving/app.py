@@ -318,6 +318,8 @@ def create_app(predictor: Predictor | None = None, cfg: ServeConfig | None = Non
         m = predictor.meta
         return {"name": m.get("model"), "description": m.get("description"), "classes": predictor.class_names, "parameters": m.get("parameters"),
                 "accuracy": m.get("metrics", {}).get("test_acc"), "val_accuracy": m.get("metrics", {}).get("val_acc"),
+                # an int8 ONNX file carries its fp32 model's figures: say so beside them
+                "accuracy_of": m.get("metrics_of", "this model"),
                 "backend": predictor.backend, "threads": predictor.inference_threads(),
                 "max_batch": cfg.max_batch, "max_wait_ms": cfg.max_wait_ms,
                 "limits": {"max_upload_bytes": cfg.max_upload_bytes, "max_files": cfg.max_files,

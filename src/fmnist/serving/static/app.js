@@ -142,7 +142,10 @@ async function loadModel() {
     // parameters and accuracy are null when unknown (e.g. an ONNX file exported by an older fmnist)
     const facts = [m.backend];
     if (m.parameters != null) facts.push(`${m.parameters.toLocaleString()} parameters`);
-    if (m.accuracy != null) facts.push(`${(m.accuracy * 100).toFixed(1)}% test accuracy`);
+    if (m.accuracy != null) {
+      const before = m.accuracy_of && m.accuracy_of.includes("int8") ? " (fp32, before int8)" : "";
+      facts.push(`${(m.accuracy * 100).toFixed(1)}% test accuracy${before}`);
+    }
     $("model-info").textContent = `Model: ${m.description || m.name} (${facts.filter(Boolean).join(", ")}).`;
   } catch (e) {
     // The page still classifies without this line; say why it is missing instead of hiding it.
