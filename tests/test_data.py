@@ -247,3 +247,25 @@ def test_read_checks_sha256_of_the_decompressed_stream(tmp_path):
     good = hashlib.sha256(idx_bytes(big, "images")).hexdigest()
     assert np.array_equal(read_idx(p, "images", 3000, sha256=good), big)
     assert np.array_equal(read_idx(p, "images"), big)  # no count given: still read, under the largest file's size
+
+
+def test_a_process_reads_and_verifies_unchanged_files_once(tmp_path, dataset, monkeypatch):
+    """`fmnist train` loads the dataset to train and again to report: the second load reuses the
+    verified files, hands out its own copies, and a file changed since is read (and refused) anew."""
+    import shutil
+
+    for spec in data.FILES.values():
+        shutil.copy(data.find_file(dataset.root, spec.stem), tmp_path)
+    reads = []
+    real = data.read_idx
+    monkeypatch.setattr(data, "read_idx", lambda path, *a, **k: reads.append(path.name) or real(path, *a, **k))
+    first = data.load(tmp_path)
+    first.train_images[0] = 0     # the caller's own copy
+    second = data.load(tmp_path)
+    assert len(reads) == 4 and second.train_images[0].equal(dataset.train_images[0])
+    assert not second.train_images[0].equal(first.train_images[0])
+    labels = data.find_file(tmp_path, data.FILES["t10k-labels"].stem)
+    write_idx(labels, LABELS, "labels")
+    with pytest.raises(DataError, match="t10k-labels-idx1-ubyte.gz: checksum mismatch"):
+        data.load(tmp_path)
+    assert len(reads) == 5
