@@ -90,11 +90,16 @@ def augmentation_spread(embedder, train_images: torch.Tensor, n: int = 2000, cop
 
 def embedded_copies(embedder, train_images: torch.Tensor, cache: Path | None):
     """copy(c) -> (len(train_images), dim): the embeddings of augmented copy c of the training
-    images (augmented_copy, seed c), cached per copy in `cache` (None: not cached), so a 1M
-    catalogue's 16 copies are embedded once, and a command stopped midway keeps the copies it did."""
+    images (augmented_copy, seed c), cached per copy in `cache`, so a 1M catalogue's 16 copies are
+    embedded once, and a command stopped midway keeps the copies it did. cache None (a dry run's
+    few images): kept in memory for the command instead, which builds several catalogues."""
     from fmnist.utils.atomic import atomic_path
 
+    kept: dict[int, np.ndarray] = {}
+
     def copy(c: int) -> np.ndarray:
+        if cache is None and c in kept:
+            return kept[c]
         f = cache / f"copy-{c}.npy" if cache else None
         if f and f.exists():
             v = np.load(f)
@@ -108,6 +113,8 @@ def embedded_copies(embedder, train_images: torch.Tensor, cache: Path | None):
             with atomic_path(f) as tmp:
                 with open(tmp, "wb") as fh:
                     np.save(fh, v)
+        else:
+            kept[c] = v
         return v
     return copy
 
