@@ -110,18 +110,39 @@ def shared_dir(tmp_path_factory, name: str, make) -> Path:
     return d
 
 
+def run_cli(*argv) -> SimpleNamespace:
+    """`fmnist ARGV` in this process, its stdout and stderr captured (for session fixtures, which
+    cannot use the `cli` fixture): the command's whole code path without a new interpreter's
+    ~4.5 CPU-seconds of imports. torch's thread count is restored after it."""
+    import contextlib
+    import io
+
+    import torch
+
+    from fmnist.cli import main
+
+    out, err, threads = io.StringIO(), io.StringIO(), torch.get_num_threads()
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            rc = main([str(a) for a in argv])
+    finally:
+        torch.set_num_threads(threads)
+        logger = logging.getLogger("fmnist")
+        for h in [h for h in logger.handlers if getattr(h, "fmnist_cli", False)]:
+            logger.removeHandler(h)
+    return SimpleNamespace(returncode=rc, stdout=out.getvalue(), stderr=err.getvalue())
+
+
 @pytest.fixture(scope="session")
 def tiny_train(tmp_path_factory, dataset):
-    """One short real training run by `fmnist train` in its own process (1 thread, so other
-    load cannot stall it), shared by the tests that need a trained model or the command's
-    output: .run (the run directory), .stdout, .stderr. Its validation split is 1,200 images
-    (--val-fraction 0.02): enough to pick the best epoch and fit a calibration, and every test
-    that evaluates or calibrates the run goes through it."""
+    """One short real training run by `fmnist train` (1 thread, so other load cannot stall it),
+    shared by the tests that need a trained model or the command's output: .run (the run
+    directory), .stdout, .stderr. Its validation split is 1,200 images (--val-fraction 0.02):
+    enough to pick the best epoch and fit a calibration, and every test that evaluates or
+    calibrates the run goes through it."""
     def make(d: Path):
-        r = subprocess.run([sys.executable, "-m", "fmnist", "train", "--preset", "seed", "--epochs", "2", "--subset",
-                            "2000", "--test-subset", "2000", "--val-fraction", "0.02", "--threads", "1",
-                            "--out-dir", str(d / "runs")],
-                           capture_output=True, text=True, timeout=300)
+        r = run_cli("train", "--preset", "seed", "--epochs", "2", "--subset", "2000", "--test-subset", "2000",
+                    "--val-fraction", "0.02", "--threads", "1", "--out-dir", d / "runs")
         assert r.returncode == 0, r.stderr
         (d / "stdout").write_text(r.stdout)
         (d / "stderr").write_text(r.stderr)

@@ -2,8 +2,6 @@
 predict, evaluate and export use like any other; members that do not fit are refused."""
 
 import json
-import subprocess
-import sys
 from types import SimpleNamespace
 
 import numpy as np
@@ -11,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import shared_dir
+from conftest import run_cli, shared_dir
 from fmnist.models import checkpoint
 from fmnist.inference.forward import predict_logits
 from fmnist.inference.predict import Predictor
@@ -22,11 +20,10 @@ def second_seed(tmp_path_factory, tiny_train):
     """tiny_run's recipe again with seed 1 on the same validation split (seed 0's), on half as many
     images (members need not match there, and the test suite has a time budget)."""
     def make(d):
-        subprocess.run([sys.executable, "-m", "fmnist", "train", "--preset", "seed", "--epochs", "2", "--subset",
-                        "1000", "--test-subset", "2000", "--val-fraction", "0.02", "--threads", "1", "--seed", "1",
-                        "--split-seed", "0", "--quiet",
-                        "--out-dir", str(d)],
-                       check=True, timeout=300)
+        r = run_cli("train", "--preset", "seed", "--epochs", "2", "--subset", "1000", "--test-subset", "2000",
+                    "--val-fraction", "0.02", "--threads", "1", "--seed", "1", "--split-seed", "0", "--quiet",
+                    "--out-dir", d)
+        assert r.returncode == 0, r.stderr
     (run,) = [p for p in shared_dir(tmp_path_factory, "tiny-train-seed1", make).iterdir() if p.is_dir()]
     return run
 
