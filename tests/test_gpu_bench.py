@@ -1,8 +1,8 @@
 """scripts/gpu_bench.py, the one-call GPU benchmark, run here on CPU at
-tiny sizes (--smoke): what it writes, and that results_tables.py renders it."""
+tiny sizes (--smoke): what it writes, and that results_tables.py renders it. (`--help` and the
+script's start as a program: tests/test_scripts.py.)"""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,11 +13,23 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def gpu_bench(tmp_path, *args):
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
-    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "gpu_bench.py"), "--smoke", "--out", str(tmp_path),
-                        "--runs", str(tmp_path / "runs"), *args], capture_output=True, text=True, env=env, timeout=600)
-    assert r.returncode == 0, r.stderr
-    return json.loads((tmp_path / "gpu_bench.json").read_text()), r.stderr
+    """`scripts/gpu_bench.py --smoke ARGS` through its main() in this process (torch and the
+    package are imported already), its log captured; torch's thread count restored after."""
+    import contextlib
+    import io
+    import runpy
+
+    import torch
+
+    main = runpy.run_path(str(ROOT / "scripts" / "gpu_bench.py"))["main"]
+    err, threads = io.StringIO(), torch.get_num_threads()
+    try:
+        with contextlib.redirect_stderr(err):
+            rc = main(["--smoke", "--out", str(tmp_path), "--runs", str(tmp_path / "runs"), *args])
+    finally:
+        torch.set_num_threads(threads)
+    assert rc == 0, err.getvalue()
+    return json.loads((tmp_path / "gpu_bench.json").read_text()), err.getvalue()
 
 
 def test_gpu_bench_shortens_best_gpu_to_its_budget_and_writes_json(tmp_path, dataset):
