@@ -2,7 +2,6 @@
 JSON in bench/: no figure in them is typed by hand or left stale, and bench/ holds no record
 that no current figure uses."""
 
-import os
 import re
 import subprocess
 import sys
@@ -56,18 +55,36 @@ def test_readme_results_are_in_the_results_page():
     assert len(figures) >= 6 and not [f for f in figures if f not in doc]
 
 
-def test_photo_cv_refuses_a_conversion_change_for_models_it_trains(tmp_path):
+def photo_cv(monkeypatch, *argv):
+    """`python scripts/photo_cv.py ARGV` in this process (the package is imported already) ->
+    (exit status, stdout, stderr), a SystemExit's message on stderr as the interpreter prints it."""
+    import contextlib
+    import io
+    import runpy
+
+    script = ROOT / "scripts" / "photo_cv.py"
+    monkeypatch.setattr(sys, "argv", [str(script), *map(str, argv)])
+    monkeypatch.syspath_prepend(str(ROOT / "scripts"))
+    out, err, code = io.StringIO(), io.StringIO(), 0
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            runpy.run_path(str(script), run_name="__main__")
+        except SystemExit as e:
+            code = e.code
+    if isinstance(code, str):
+        err.write(code)
+        code = 1
+    return code or 0, out.getvalue(), err.getvalue()
+
+
+def test_photo_cv_refuses_a_conversion_change_for_models_it_trains(tmp_path, monkeypatch):
     """Models photo_cv trains convert their training photos with the default conversion, so
     --conversion (a test-time change) applies only to kept runs (--score) or --ensemble."""
-    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "photo_cv.py"), "--out", str(tmp_path / "cv.json"),
-                        "--conversion", "seed_k=0.6"], capture_output=True, text=True,
-                       env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
-    assert r.returncode != 0 and "--conversion needs --score or --ensemble" in r.stderr
+    code, _, err = photo_cv(monkeypatch, "--out", tmp_path / "cv.json", "--conversion", "seed_k=0.6")
+    assert code != 0 and "--conversion needs --score or --ensemble" in err
     assert not (tmp_path / "cv.json").exists()
 
 
-def test_photo_cv_renders_its_record():
-    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "photo_cv.py"), "--table", "--out",
-                        str(ROOT / "bench" / "cpu" / "photos" / "photo_cv.json")], capture_output=True, text=True,
-                       env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
-    assert r.returncode == 0 and r.stdout.count("\n| ") >= 30, r.stderr
+def test_photo_cv_renders_its_record(monkeypatch):
+    code, out, err = photo_cv(monkeypatch, "--table", "--out", ROOT / "bench" / "cpu" / "photos" / "photo_cv.json")
+    assert code == 0 and out.count("\n| ") >= 30, err
