@@ -31,7 +31,7 @@ def test_product_photo_round_trip(predictor, dataset):
     """Test images rendered as product photos (negated to white, enlarged, off-centre, JPEG) are
     classified like the originals for the large majority."""
     rng = np.random.default_rng(0)
-    idx = rng.choice(10000, 200, replace=False)
+    idx = rng.choice(10000, 100, replace=False)   # agreement ~0.95: 100 photos put it near 2 points
     imgs = dataset.test_images[idx].numpy()
     direct = predictor.probabilities(imgs).argmax(1)
     shots = [render_product_photo(im, rng) for im in imgs]
