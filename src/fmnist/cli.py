@@ -448,9 +448,16 @@ def cmd_serve(args) -> int:
     need_extra("serve", "fmnist serve", *SERVE_MODULES)
     if args.index:
         need_extra("search", "fmnist serve --index", "faiss")
+    sock = None
+    if args.workers <= 1:
+        # Bound before the app, torch and the model are imported (seconds): a port in use or a
+        # bad --host is reported at once. Worker processes bind their own (SO_REUSEPORT).
+        from fmnist.serving.httpserver import listen_socket
+
+        sock = listen_socket(args.host, args.port, reuse_port=False)
     from fmnist.serving.app import main as serve_main
 
-    return serve_main(args)
+    return serve_main(args, sock)
 
 
 def cmd_index(args) -> int:
@@ -709,6 +716,18 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+def _one_line_errors() -> tuple[type[Exception], ...]:
+    """What a command reports as one line. Imported only when something is raised: the modules
+    that define them import torch, which a command that fails before its work (`fmnist serve` on
+    a port in use) need not wait for."""
+    from fmnist.data import DataError
+    from fmnist.models.checkpoint import CheckpointError
+    from fmnist.photos.sets import PhotoSetError
+    from fmnist.search.index import SearchIndexError
+
+    return (DataError, CheckpointError, PhotoSetError, SearchIndexError, ValueError, ImportError)
+
+
 def main(argv=None) -> int:
     ap = build_parser()
     args = ap.parse_args(argv)
@@ -716,11 +735,6 @@ def main(argv=None) -> int:
         ap.print_help()
         return EXIT_USAGE
     setup_logging(_log_level(args))
-    from fmnist.models.checkpoint import CheckpointError
-    from fmnist.data import DataError
-    from fmnist.photos.sets import PhotoSetError
-    from fmnist.search.index import SearchIndexError
-
     handlers = {"data": cmd_data, "photos": cmd_photos, "calibrate": cmd_calibrate, "ensemble": cmd_ensemble, "train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict,
                 "bench": cmd_bench, "serve": cmd_serve, "index": cmd_index, "similar": cmd_similar,
                 "export": cmd_export}
@@ -732,12 +746,12 @@ def main(argv=None) -> int:
         # `fmnist data | head -1`: the reader has what it wanted; stop quietly, as Unix tools do.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the flush at exit cannot fail
         return EXIT_SIGPIPE
-    except (DataError, CheckpointError, PhotoSetError, SearchIndexError, ValueError, ImportError) as e:
-        print(f"fmnist {args.command}: error: {e}", file=sys.stderr)
-        return 1
     except OSError as e:  # a path we were given cannot be written or read: one line, not a traceback
         where = f"{e.filename}: " if e.filename else ""
         print(f"fmnist {args.command}: error: {where}{e.strerror or e}", file=sys.stderr)
+        return 1
+    except _one_line_errors() as e:   # evaluated only when an exception gets this far
+        print(f"fmnist {args.command}: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -49,6 +49,7 @@ from starlette.routing import Match, Router
 
 from fmnist.serving.batcher import BatcherUnavailable, DynamicBatcher
 from fmnist.serving.guards import Busy, ConversionSlots, RequestCount, RequestGuard, RequestLimit
+from fmnist.serving.httpserver import listen_socket
 from fmnist.inference.predict import Predictor
 from fmnist.photos.preprocess import AVIF, Preprocessed, PreprocessError, UnsupportedFormatError, format_names, open_image
 
@@ -396,24 +397,6 @@ def _config(args) -> ServeConfig:
                        body_timeout_s=args.body_timeout, threads=args.threads, http=args.http, loop=args.loop)
 
 
-def _listen_socket(host: str, port: int, reuse_port: bool = True) -> socket.socket:
-    """A bound TCP socket. reuse_port: one of the group of worker processes' sockets on the
-    same port (SO_REUSEPORT), among which the kernel spreads new connections evenly. A single
-    server goes without, so that a second one on its port fails rather than shares it."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    if reuse_port:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    try:
-        sock.bind((host, port))
-    except OSError as e:  # the port is taken, or the host is no address of ours (socket.gaierror)
-        sock.close()
-        raise OSError(e.errno, f"cannot listen on {host}:{port}: {e.strerror or e}; "
-                               f"choose another --port or --host") from None
-    return sock
-
-
 def _raise_open_files_limit() -> int:
     """Each connection is an open file, idle ones too: the soft limit (often 1,024) goes up to
     the hard one (ulimit -Hn; LimitNOFILE= in a systemd unit sets both). Returns the limit."""
@@ -480,7 +463,7 @@ def _worker(args, port: int, log_level: int, ready=None, listen_now: bool = True
     from fmnist.models.checkpoint import CheckpointError
 
     try:
-        sock = _listen_socket(args.host, port)
+        sock = listen_socket(args.host, port)
         if listen_now:
             sock.listen(2048)
         _serve(args, sock, worker=True, ready=ready)  # uvicorn listens on it if we did not
@@ -513,7 +496,7 @@ def _supervise(args) -> int:
                          f"several servers behind a reverse proxy")
     # Held, bound and never listening, so the port is ours and known (--port 0) before any
     # worker starts; a socket that does not listen is given no connections.
-    holder = _listen_socket(args.host, args.port)
+    holder = listen_socket(args.host, args.port)
     port = holder.getsockname()[1]
     ctx = mp.get_context("spawn")
     level = logging.getLogger("fmnist").getEffectiveLevel()
@@ -574,12 +557,14 @@ def _supervise(args) -> int:
     return 1
 
 
-def main(args) -> int:
+def main(args, sock: socket.socket | None = None) -> int:
+    """sock: the listening socket where the caller bound it already (`fmnist serve` does, before
+    importing this module); one process only."""
     if getattr(args, "workers", 1) > 1:
         return _supervise(args)
     # Bound before the model loads, as the workers' sockets are: a port in use or a bad --host
     # is a one-line error (the CLI's), and "serving" is announced only on a socket that is ours.
-    sock = _listen_socket(args.host, args.port, reuse_port=False)
+    sock = sock or listen_socket(args.host, args.port, reuse_port=False)
     try:
         _serve(args, sock)
     finally:

@@ -1,4 +1,5 @@
-"""uvicorn, plus the two limits on a request head it lacks: a deadline and a size.
+"""uvicorn, plus the two limits on a request head it lacks: a deadline and a size; and the
+listening socket it serves on.
 
 uvicorn times out idle keep-alive connections (`timeout_keep_alive`), but a client that
 connects and sends nothing, or one header line a second, holds its connection forever.
@@ -30,6 +31,7 @@ import asyncio
 import json
 import logging
 import re
+import socket
 
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
@@ -295,3 +297,21 @@ def protocol_with_head_deadline(header_timeout_s: float, http: str = "auto", max
                  "large": WarningSummary("request heads too large (431)", logger=log)}
     return type(base.__name__, (base,), {"header_timeout_s": header_timeout_s, "max_head_bytes": max_head_bytes,
                                          "implementation": http, "summaries": summaries})
+
+
+def listen_socket(host: str, port: int, reuse_port: bool = True) -> socket.socket:
+    """A bound TCP socket. reuse_port: one of the group of worker processes' sockets on the
+    same port (SO_REUSEPORT), among which the kernel spreads new connections evenly. A single
+    server goes without, so that a second one on its port fails rather than shares it."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_port:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:  # the port is taken, or the host is no address of ours (socket.gaierror)
+        sock.close()
+        raise OSError(e.errno, f"cannot listen on {host}:{port}: {e.strerror or e}; "
+                               f"choose another --port or --host") from None
+    return sock
