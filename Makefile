@@ -60,7 +60,7 @@ endif
 # -n 2: two pytest-xdist workers (DEVELOPERS.md, Tests). --dist loadfile keeps each test file on one worker,
 # so a module's fixtures (servers, exported models, an ensemble) are built once, not once per worker;
 # --no-loadscope-reorder hands out files heaviest first (tests/conftest.py, HEAVY_FIRST).
-# The venv (pip) and the Debian packages (apt) are set up side by side (-j2): neither needs the other.
+# The venv (uv) and the Debian packages (apt) are set up side by side (-j2): neither needs the other.
 test:
 	@$(MAKE) --no-print-directory -j2 $(STAMP) test-deps
 	FMNIST_REQUIRE_BROWSER=1 $(BIN)/python -m pytest -n 2 --dist loadfile --no-loadscope-reorder --durations=15

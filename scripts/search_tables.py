@@ -37,16 +37,12 @@ def quality(q: dict) -> list[str]:
     return out
 
 
-COPIES = {"embedded augmented copies": "embedded augmented copies", "moved training embeddings": "moved copies",
-          None: "–"}
-
-
 def made_of(n: int, real: int, copies: str | None) -> str:
     """What a catalogue holds: the training images, and what the items past them are. Entries
     from before --copies existed hold moved copies."""
     if n <= real:
         return f"{n:,} training images"
-    return f"{real:,} training images + {n - real:,} {COPIES[copies or 'moved training embeddings']}"
+    return f"{real:,} training images + {n - real:,} {copies or 'moved training embeddings'}"
 
 
 def engines(e: dict) -> list[str]:

@@ -19,7 +19,7 @@ import time
 import urllib.error
 import urllib.request
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -297,6 +297,11 @@ class FashionMNIST:
     test_images: torch.Tensor
     test_labels: torch.Tensor
     root: Path
+
+    def first_test(self, n: int | None) -> "FashionMNIST":
+        """Only the first n test images (all where n is None or 0): what a run trained with
+        --test-subset N reports on, so its figures compare on the same images."""
+        return replace(self, test_images=self.test_images[:n], test_labels=self.test_labels[:n]) if n else self
 
 
 # The files last read and verified in this process, by (path, size, modification time): `fmnist

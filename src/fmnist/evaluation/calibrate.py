@@ -127,10 +127,9 @@ def calibrate(path, dataset=None, device: str = "cpu", val_idx: torch.Tensor | N
     res = fit(v_logits, v_labels)
     t, thr = res["temperature"], res["threshold"]
     if report_test:
-        # the test images the run's own figures were measured on (evaluate_run's rule)
-        n = (ckpt.get("train_config") or {}).get("test_subset") or len(ds.test_labels)
-        te_labels = ds.test_labels[:n].numpy()
-        te_logits = logits_of(ds.test_images[:n]) if test_logits is None else test_logits.float().cpu()
+        test = ds.first_test((ckpt.get("train_config") or {}).get("test_subset"))   # as evaluate_run measures
+        te_labels = test.test_labels.numpy()
+        te_logits = logits_of(test.test_images) if test_logits is None else test_logits.float().cpu()
         p1, pt = torch.softmax(te_logits, 1).numpy(), torch.softmax(te_logits / t, 1).numpy()
         sure = pt.max(1) >= thr
         right = pt.argmax(1) == te_labels

@@ -4,7 +4,6 @@ saved as report.md + metrics.json + pictures next to the checkpoint."""
 from __future__ import annotations
 
 import json
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -99,10 +98,7 @@ def evaluate_run(run_dir, device="auto", dataset=None) -> dict:
     cfg = json.loads((run_dir / "config.json").read_text())
     if dataset is None:
         dataset = data.load(cfg.get("data_dir"))
-    if cfg.get("test_subset"):
-        n = cfg["test_subset"]
-        dataset = replace(dataset, test_images=dataset.test_images[:n], test_labels=dataset.test_labels[:n])
-    return evaluate_checkpoint(run_dir / "best.pt", device=device, dataset=dataset)
+    return evaluate_checkpoint(run_dir / "best.pt", device=device, dataset=dataset.first_test(cfg.get("test_subset")))
 
 
 def summary_text(m: dict) -> str:

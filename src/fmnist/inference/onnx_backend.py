@@ -41,10 +41,9 @@ class OnnxModel:
         self.meta = {"model": props.get("model", path.stem), "class_names": json.loads(props.get("class_names", "null")),
                      "metrics": {k: float(props[k]) for k in ("test_acc", "val_acc") if props.get(k)},
                      "quantization": props.get("quantization"), "tta_flip": props.get("tta_flip") == "true",
-                     # files exported before fmnist wrote it: their figures are the fp32 model's
-                     "metrics_of": props.get("metrics_of") or (
-                         "this model" if props.get("quantization") in (None, "none")
-                         else "the fp32 model before int8 quantization"),
+                     # a quantized file carries the figures of the fp32 model it was made from (export.py)
+                     "metrics_of": ("this model" if props.get("quantization") in (None, "none")
+                                    else "the fp32 model before int8 quantization"),
                      "tta_shift": props.get("tta_shift") == "true",
                      "checkpoint": str(path),
                      "calibration": json.loads(props.get("calibration", "null")),

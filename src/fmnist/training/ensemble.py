@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import replace
 from pathlib import Path
 
 from fmnist import data
@@ -101,9 +100,7 @@ def make(paths: list, out_dir, calibrated: bool = True, dataset=None) -> dict:
     # --test-subset, the ensemble's figure is comparable to theirs only on the same first images.
     subsets = [c.get("train_config", {}).get("test_subset") for _, c in members]
     ckpt["train_config"]["test_subset"] = min(subsets) if all(subsets) else None
-    if all(subsets):
-        n = min(subsets)
-        ds = replace(ds, test_images=ds.test_images[:n], test_labels=ds.test_labels[:n])
+    ds = ds.first_test(ckpt["train_config"]["test_subset"])
     test_logits = predict_logits(model, ds.test_images, tta_flip=tta, tta_shift=shift)
     out.mkdir(parents=True, exist_ok=True)
     checkpoint.save(ckpt, path)
