@@ -111,9 +111,9 @@ def shared_dir(tmp_path_factory, name: str, make) -> Path:
 
 
 def run_cli(*argv) -> SimpleNamespace:
-    """`fmnist ARGV` in this process, its stdout and stderr captured (for session fixtures, which
-    cannot use the `cli` fixture): the command's whole code path without a new interpreter's
-    ~4.5 CPU-seconds of imports. torch's thread count is restored after it."""
+    """`fmnist ARGV` in this process, without a new interpreter's ~4.5 CPU-seconds of imports ->
+    (returncode, stdout, stderr) as subprocess.run would give; an uncaught exception fails the
+    test. torch's thread count is restored after it (--threads sets it)."""
     import contextlib
     import io
 
@@ -124,13 +124,37 @@ def run_cli(*argv) -> SimpleNamespace:
     out, err, threads = io.StringIO(), io.StringIO(), torch.get_num_threads()
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            rc = main([str(a) for a in argv])
+            try:
+                rc = main([str(a) for a in argv])
+            except SystemExit as e:  # argparse's usage errors
+                rc = e.code
     finally:
         torch.set_num_threads(threads)
         logger = logging.getLogger("fmnist")
         for h in [h for h in logger.handlers if getattr(h, "fmnist_cli", False)]:
             logger.removeHandler(h)
     return SimpleNamespace(returncode=rc, stdout=out.getvalue(), stderr=err.getvalue())
+
+
+def run_script(monkeypatch, script: Path, *argv) -> SimpleNamespace:
+    """`python scripts/SCRIPT ARGV` in this process (torch and the package are imported already)
+    -> (returncode, stdout, stderr), a SystemExit's message on stderr as the interpreter prints it."""
+    import contextlib
+    import io
+    import runpy
+
+    monkeypatch.setattr(sys, "argv", [str(script), *map(str, argv)])
+    monkeypatch.syspath_prepend(str(Path(script).parent))
+    out, err, code = io.StringIO(), io.StringIO(), 0
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            runpy.run_path(str(script), run_name="__main__")
+        except SystemExit as e:
+            code = e.code
+    if isinstance(code, str):
+        err.write(code)
+        code = 1
+    return SimpleNamespace(returncode=code or 0, stdout=out.getvalue(), stderr=err.getvalue())
 
 
 @pytest.fixture(scope="session")
@@ -181,20 +205,9 @@ def fast_run(tmp_path_factory, dataset):
 
 
 @pytest.fixture
-def cli(capsys):
-    """`fmnist ARGV` in this process, without a new interpreter's second of start-up: returns
-    (returncode, stdout, stderr) as subprocess.run would. An uncaught exception fails the test."""
-    from fmnist.cli import main
-
-    def run(*argv):
-        capsys.readouterr()
-        try:
-            rc = main([str(a) for a in argv])
-        except SystemExit as e:  # argparse's usage errors
-            rc = e.code
-        out, err = capsys.readouterr()
-        return SimpleNamespace(returncode=rc, stdout=out, stderr=err)
-    return run
+def cli():
+    """run_cli, as a fixture."""
+    return run_cli
 
 
 @pytest.fixture(autouse=True)

@@ -7,9 +7,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+from conftest import run_script
+
 ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "results.md"
 TABLES = ROOT / "scripts" / "results_tables.py"
+PHOTO_CV = ROOT / "scripts" / "photo_cv.py"
 # Records kept in bench/ for a tool rather than for a figure in docs/results.md: photo_cv.py's
 # baseline (the shipped recipe's seeds), which a change to photo training is compared against.
 # Records quoted in prose rather than rendered as a table (each figure names its file).
@@ -55,36 +58,14 @@ def test_readme_results_are_in_the_results_page():
     assert len(figures) >= 6 and not [f for f in figures if f not in doc]
 
 
-def photo_cv(monkeypatch, *argv):
-    """`python scripts/photo_cv.py ARGV` in this process (the package is imported already) ->
-    (exit status, stdout, stderr), a SystemExit's message on stderr as the interpreter prints it."""
-    import contextlib
-    import io
-    import runpy
-
-    script = ROOT / "scripts" / "photo_cv.py"
-    monkeypatch.setattr(sys, "argv", [str(script), *map(str, argv)])
-    monkeypatch.syspath_prepend(str(ROOT / "scripts"))
-    out, err, code = io.StringIO(), io.StringIO(), 0
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            runpy.run_path(str(script), run_name="__main__")
-        except SystemExit as e:
-            code = e.code
-    if isinstance(code, str):
-        err.write(code)
-        code = 1
-    return code or 0, out.getvalue(), err.getvalue()
-
-
 def test_photo_cv_refuses_a_conversion_change_for_models_it_trains(tmp_path, monkeypatch):
     """Models photo_cv trains convert their training photos with the default conversion, so
     --conversion (a test-time change) applies only to kept runs (--score) or --ensemble."""
-    code, _, err = photo_cv(monkeypatch, "--out", tmp_path / "cv.json", "--conversion", "seed_k=0.6")
-    assert code != 0 and "--conversion needs --score or --ensemble" in err
+    r = run_script(monkeypatch, PHOTO_CV, "--out", tmp_path / "cv.json", "--conversion", "seed_k=0.6")
+    assert r.returncode != 0 and "--conversion needs --score or --ensemble" in r.stderr
     assert not (tmp_path / "cv.json").exists()
 
 
 def test_photo_cv_renders_its_record(monkeypatch):
-    code, out, err = photo_cv(monkeypatch, "--table", "--out", ROOT / "bench" / "cpu" / "photos" / "photo_cv.json")
-    assert code == 0 and out.count("\n| ") >= 30, err
+    r = run_script(monkeypatch, PHOTO_CV, "--table", "--out", ROOT / "bench" / "cpu" / "photos" / "photo_cv.json")
+    assert r.returncode == 0 and r.stdout.count("\n| ") >= 30, r.stderr

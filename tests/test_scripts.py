@@ -2,14 +2,11 @@
 writes the shipped model does so from a real run (into a temporary folder), and the one that
 scores several models on the photo sets scores a real one."""
 
-import contextlib
-import io
 import json
-import runpy
-import sys
 from pathlib import Path
 
 import pytest
+import conftest
 from conftest import photo_dir
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -17,17 +14,10 @@ SCRIPTS = sorted(p for p in (ROOT / "scripts").glob("*.py") if not p.name.starts
 
 
 def run_script(monkeypatch, script: Path, *argv) -> str:
-    """`python scripts/SCRIPT ARGV` in this process (torch is imported already: no second of
-    start-up per script) -> what it printed."""
-    monkeypatch.setattr(sys, "argv", [str(script), *map(str, argv)])
-    monkeypatch.syspath_prepend(str(ROOT / "scripts"))
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        try:
-            runpy.run_path(str(script), run_name="__main__")
-        except SystemExit as e:
-            assert e.code in (0, None), out.getvalue()
-    return out.getvalue()
+    """conftest.run_script, which must succeed -> what the script printed."""
+    r = conftest.run_script(monkeypatch, script, *argv)
+    assert r.returncode == 0, r.stdout + r.stderr
+    return r.stdout
 
 
 @pytest.mark.parametrize("script", SCRIPTS, ids=[p.name for p in SCRIPTS])
