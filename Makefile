@@ -16,13 +16,16 @@ unexport PYTHONDONTWRITEBYTECODE
 # in parallel, 12 s here where pip took 28 s, which is most of what `make test` spends before
 # the first test. constraints.txt pins torch to the CPU build on this project's machines' disk
 # (pip's find-links, read below, since uv does not read pip's settings): without it, the
-# package's torch range resolves to a multi-GB CUDA build.
+# package's torch range resolves to a multi-GB CUDA build. The venv is made without pip and
+# the system's pip puts uv in it (pip >= 22.3: --python), 0.1 s where venv's own pip set-up took
+# 3.8 s here; uv then installs pip with the project, so the venv has pip like any other.
 FIND_LINKS ?= $(or $(PIP_FIND_LINKS),$(shell $(PYTHON) -m pip config get global.find-links 2>/dev/null))
 $(STAMP): pyproject.toml constraints.txt
-	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet uv
+	$(PYTHON) -m venv --without-pip $(VENV)
+	$(PYTHON) -m pip --python $(BIN)/python install --quiet uv \
+		|| { $(BIN)/python -m ensurepip --default-pip && $(BIN)/python -m pip install --quiet uv; }
 	$(BIN)/uv pip install --python $(BIN)/python --quiet $(foreach d,$(FIND_LINKS),--find-links $(d)) \
-		-c constraints.txt -e '.[dev]'
+		-c constraints.txt -e '.[dev]' pip
 	touch $(STAMP)
 
 # Debian packages, in one apt call per target (each call reads the package lists again):
@@ -57,13 +60,14 @@ export FMNIST_PHOTOS ?= $(SHARED_PHOTOS)
 endif
 
 # FMNIST_REQUIRE_BROWSER: the browser test fails instead of skipping if chromium is missing.
-# -n 2: two pytest-xdist workers (DEVELOPERS.md, Tests). --dist loadfile keeps each test file on one worker,
+# -n 3: three pytest-xdist workers on this project's 2 cores (DEVELOPERS.md, Tests): a test that waits on
+# a server's timeout or a socket leaves its core to another; 171 s against 184 s with two. --dist loadfile keeps each test file on one worker,
 # so a module's fixtures (servers, exported models, an ensemble) are built once, not once per worker;
 # --no-loadscope-reorder hands out files heaviest first (tests/conftest.py, HEAVY_FIRST).
 # The venv (uv) and the Debian packages (apt) are set up side by side (-j2): neither needs the other.
 test:
 	@$(MAKE) --no-print-directory -j2 $(STAMP) test-deps
-	FMNIST_REQUIRE_BROWSER=1 $(BIN)/python -m pytest -n 2 --dist loadfile --no-loadscope-reorder --durations=15
+	FMNIST_REQUIRE_BROWSER=1 $(BIN)/python -m pytest -n 3 --dist loadfile --no-loadscope-reorder --durations=15
 
 bench: setup wrk
 	$(BIN)/fmnist bench
