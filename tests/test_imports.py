@@ -81,12 +81,12 @@ def test_every_module_says_its_concern():
 def test_inference_path_loads_no_training_code_nor_search_engines():
     """Also: faiss, usearch and pymilvus (with Milvus Lite) are optional (pip install
     'fmnist[search]'): predicting, and serving without --index, never import them, so none needs
-    them installed."""
+    them installed. Nor does evaluating import scikit-learn (a test-only dependency)."""
     code = ("import sys, fmnist, fmnist.inference.predict, fmnist.serving.app, fmnist.inference.export, "
-            "fmnist.inference.onnx_backend; fmnist.Predictor; "
+            "fmnist.inference.onnx_backend, fmnist.evaluation.evaluate; fmnist.Predictor; "
             "from fmnist.serving.app import create_app; create_app(); "
             "print(sorted(m for m in sys.modules if m.startswith(('fmnist.training', 'fmnist.bench')) "
-            "or m.split('.')[0] in ('faiss', 'usearch', 'pymilvus', 'milvus_lite', 'grpc')))")
+            "or m.split('.')[0] in ('faiss', 'usearch', 'pymilvus', 'milvus_lite', 'grpc', 'sklearn')))")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "[]", f"importing the inference path loaded {r.stdout.strip()}"

@@ -21,7 +21,7 @@ _API = {
     "TrainConfig": ("fmnist.training.config", "TrainConfig"),
     "preset": ("fmnist.training.config", "preset"),
     "train": ("fmnist.training.train", "train"),
-    "evaluate": ("fmnist.evaluation", "evaluate"),
+    "evaluate": ("fmnist.evaluation.evaluate", "evaluate"),
     "Predictor": ("fmnist.inference.predict", "Predictor"),
     "build_index": ("fmnist.search", "build_index"),
     "similar": ("fmnist.search", "similar"),
