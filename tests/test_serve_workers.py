@@ -123,18 +123,18 @@ def test_workers_elsewhere_than_linux_say_why(cli, monkeypatch):
 
 
 def test_a_worker_that_cannot_load_the_model_says_why(tmp_path, capsys):
-    """What a worker process runs (serve._worker), here in the test's process: one error line,
+    """What a worker process runs (workers.run_worker), here in the test's process: one error line,
     exit code 1, which the parent then reports (test above)."""
-    from fmnist.serving import app as serve
+    from fmnist.serving import workers
     from fmnist.cli import build_parser
 
     bad = tmp_path / "model.pt"
     bad.write_bytes(b"not a checkpoint")
     args = build_parser().parse_args(["serve", "--workers", "2", "--checkpoint", str(bad)])
-    sigint = signal.getsignal(signal.SIGINT)   # _worker ignores Ctrl-C, as a worker should; this process not
+    sigint = signal.getsignal(signal.SIGINT)   # run_worker ignores Ctrl-C, as a worker should; this process not
     try:
         with pytest.raises(SystemExit) as e:
-            serve._worker(args, loadtest.free_port(), logging.INFO)
+            workers.run_worker(args, loadtest.free_port(), logging.INFO)
     finally:
         signal.signal(signal.SIGINT, sigint)
     err = capsys.readouterr().err

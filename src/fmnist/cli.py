@@ -455,6 +455,11 @@ def cmd_serve(args) -> int:
         from fmnist.serving.httpserver import listen_socket
 
         sock = listen_socket(args.host, args.port, reuse_port=False)
+    else:
+        # The supervisor imports neither torch nor the app: each worker process does.
+        from fmnist.serving.workers import supervise
+
+        return supervise(args)
     from fmnist.serving.app import main as serve_main
 
     return serve_main(args, sock)
