@@ -41,6 +41,16 @@ def pytest_collection_modifyitems(session, config, items):
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))   # stable: each file's own order stays
 
 
+def needs(*modules: str):
+    """A mark that skips a test module whose optional packages are missing, found without
+    importing them: pytest.importorskip at module level would import pymilvus (0.35 s) in every
+    xdist worker at collection, whether or not that worker runs the module."""
+    import importlib.util
+
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    return pytest.mark.skipif(bool(missing), reason=f"not installed: {', '.join(missing)} (make test installs them)")
+
+
 def photo_dir(name: str) -> Path:
     """The folder of photo set `name`, or skip: photos are data kept outside the tree, found in
     $FMNIST_PHOTOS (`make test` points it at ../shared/photos) or the cache."""

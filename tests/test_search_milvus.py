@@ -14,13 +14,11 @@ import httpx
 import numpy as np
 import pytest
 
-from conftest import CATALOGUE_ITEMS
+from conftest import CATALOGUE_ITEMS, needs
 from test_search import photo_of, png_file
 from test_serve import free_port, png, start_server
 
-pytest.importorskip("faiss")
-pytest.importorskip("pymilvus")
-pytest.importorskip("milvus_lite")
+pytestmark = needs("faiss", "pymilvus", "milvus_lite")
 
 
 def start_milvus(data_dir) -> tuple[subprocess.Popen, str]:
