@@ -3,8 +3,6 @@ import logging
 import os
 import shutil
 import struct
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -204,11 +202,12 @@ FAST_RUN_ARGS = ["--preset", "fast", "--ema", "0.9", "--erase", "0.25", "--photo
 
 @pytest.fixture(scope="session")
 def fast_run(tmp_path_factory, dataset):
-    """That run, by `fmnist train` in its own process, shared by the tests that need it:
-    .run (the run directory), .args (the train flags), .steps (optimizer steps in all)."""
+    """That run, by `fmnist train` in the test process (run_cli), shared by the tests that need it:
+    .run (the run directory), .args (the train flags), .steps (optimizer steps in all). The runs
+    compared with it bit for bit start in processes of their own (test_resume_ddp)."""
     def make(d: Path):
-        subprocess.run([sys.executable, "-m", "fmnist", "train", *FAST_RUN_ARGS, "--out-dir", str(d)],
-                       check=True, timeout=300)
+        r = run_cli("train", *FAST_RUN_ARGS, "--out-dir", d)
+        assert r.returncode == 0, r.stderr
 
     (run,) = [p for p in shared_dir(tmp_path_factory, "fast-run", make).iterdir() if p.is_dir()]
     return SimpleNamespace(run=run, args=FAST_RUN_ARGS, steps=2 * (1000 // 64 + 1))

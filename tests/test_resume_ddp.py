@@ -33,7 +33,8 @@ def history(run: Path) -> list[dict]:
 
 def test_kill_mid_epoch_then_resume_matches_uninterrupted(tmp_path, fast_run, cli):
     """The shared fast-style run (conftest.FAST_RUN_ARGS: augmentation stream, one-cycle, EMA,
-    BatchNorm) again, killed during epoch 2 and resumed, must end bit-identical to it."""
+    BatchNorm) again in a process of its own, killed during epoch 2 and resumed here, must end
+    bit-identical to it."""
     reference = fast_run.run
     ref = checkpoint.load(reference / "last.pt")
     crash_out = tmp_path / "crash"
@@ -51,8 +52,8 @@ def test_kill_mid_epoch_then_resume_matches_uninterrupted(tmp_path, fast_run, cl
     assert checkpoint.load(run / "last.pt")["epoch"] == 1, "the kill should land during epoch 2"
     # checkpoint.load above read last.pt whole: the kill left the previous complete file, not half a new one.
 
-    # The resume runs in this process (the reference ran in one of its own): the same result says
-    # nothing a process carries over from before (imports, torch settings) changes the numbers.
+    # Epoch 1 came from the killed process, epoch 2 from this one: the same result as the reference
+    # says nothing a process carries over (imports, torch settings, earlier tests) changes the numbers.
     r = cli("train", "--resume", run, "--quiet")
     assert r.returncode == 0, r.stderr
     got = checkpoint.load(run / "last.pt")
