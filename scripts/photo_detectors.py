@@ -38,7 +38,7 @@ from fmnist.classes import CLASS_NAMES
 from fmnist.inference import notclothing as nc
 from fmnist.inference.forward import predict_logits
 from fmnist.inference.predict import Predictor, default_checkpoint
-from fmnist.photos import realphotos, sets
+from fmnist.photos import realphotos
 from fmnist.utils.atomic import read_record, write_json
 from fmnist.utils.runinfo import environment
 

@@ -23,7 +23,6 @@ import torch
 
 from fmnist import data
 from fmnist.models import checkpoint
-from fmnist.training import config
 from fmnist.utils.atomic import write_json
 from fmnist.inference.forward import to_input
 from fmnist.models.networks import SHIFTS, shifted

@@ -3,6 +3,7 @@ import logging
 import os
 import shutil
 import struct
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 

@@ -1,7 +1,6 @@
 """The test-set report is scikit-learn's classification report and confusion matrix, computed
 with NumPy (fmnist.evaluation.evaluate): checked against scikit-learn itself."""
 
-import numpy as np
 import pytest
 import torch
 

@@ -38,7 +38,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fmnist.utils.atomic import write_json
 
 log = logging.getLogger(__name__)
 

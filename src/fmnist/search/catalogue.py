@@ -13,10 +13,8 @@ from __future__ import annotations
 
 import csv
 import logging
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 
