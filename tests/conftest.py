@@ -12,9 +12,9 @@ import pytest
 
 
 def pytest_configure(config):
-    """Under pytest-xdist (`make test` runs 2 workers) each worker, and every process it starts,
-    gets one torch/OpenMP thread: two workers of 2 threads each on 2 cores would oversubscribe
-    them, and OpenMP threads spin while they wait."""
+    """Under pytest-xdist (`make test` runs 3 workers on 2 cores) each worker, and every process it
+    starts, gets one torch/OpenMP thread: workers of 2 threads each would oversubscribe the cores,
+    and OpenMP threads spin while they wait."""
     if os.environ.get("PYTEST_XDIST_WORKER"):
         os.environ["OMP_NUM_THREADS"] = "1"
         import torch
@@ -23,12 +23,11 @@ def pytest_configure(config):
 
 
 # The test files that cost the most CPU-seconds (measured on the 2-core machine), in the order
-# `make test` hands them to its two workers (--dist loadfile --no-loadscope-reorder: collection
-# order; each worker starts with two files). Heaviest first, so that both cores stay busy to the
-# end: xdist's own order (most tests first) left the few-test, long files (the notebook, gpu_bench,
-# DDP) to one worker at the end. The first two files build the shared runs the others need, one
-# each and at once (test_resume_ddp: fast_run; test_checkpoint: tiny_train), so that no worker
-# starts by waiting for the other's.
+# `make test` hands them to its workers (--dist loadfile --no-loadscope-reorder: collection
+# order). Heaviest first, so that the cores stay busy to the end: xdist's own order (most tests
+# first) left the few-test, long files (the notebook, gpu_bench, DDP) to one worker at the end.
+# test_resume_ddp and test_checkpoint build the shared runs the others need (fast_run, tiny_train),
+# each on its own worker at once, so that no worker starts by waiting for another's.
 HEAVY_FIRST = ("test_resume_ddp.py", "test_checkpoint.py", "test_bench.py", "test_ensemble.py", "test_export.py",
                "test_train.py", "test_serve_workers.py", "test_tta_shift.py", "test_predict.py", "test_cli.py",
                "test_notebook.py", "test_serve_hostile.py", "test_serve.py", "test_gpu_presets.py",
