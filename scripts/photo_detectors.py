@@ -96,7 +96,9 @@ def prepare(predictor: Predictor, ps: list) -> tuple[np.ndarray, np.ndarray]:
     return np.stack([q.image for q in pre]), np.array([q.item_found for q in pre])
 
 
-def accuracy(pred: np.ndarray, ps: list, sources: list[str]) -> dict:
+def accuracy(pred: np.ndarray, ps: list, sources: list[str], found: np.ndarray) -> dict:
+    """Right answers in all, per kind, set and class; and among the photos in which the conversion
+    found no item (where the errors come from: the conversion or the model)."""
     y = np.array([CLASS_NAMES.index(p.label) for p in ps])
     right = pred == y
 
@@ -108,7 +110,8 @@ def accuracy(pred: np.ndarray, ps: list, sources: list[str]) -> dict:
     return {**part(np.ones(len(ps), bool)),
             "per_kind": {k: part(kinds == k) for k in sorted(set(kinds))},
             "per_set": {s: part(src == s) for s in sorted(set(sources))},
-            "per_class": {c: part(y == i) for i, c in enumerate(CLASS_NAMES) if (y == i).any()}}
+            "per_class": {c: part(y == i) for i, c in enumerate(CLASS_NAMES) if (y == i).any()},
+            "no_item_found": {**part(~found), "per_kind": {k: part(~found & (kinds == k)) for k in sorted(set(kinds))}}}
 
 
 def main() -> None:
@@ -209,7 +212,7 @@ def main() -> None:
         "trained_on_ref": args.trained_on, "kept": KEPT, "fit": f"{len(got['fit']['photos'])} train-split photos + "
                                                                   f"{args.fit_images} Fashion-MNIST training images",
         "counts": {g: len(v["photos"]) for g, v in got.items()},
-        "accuracy": {**accuracy(pred, hcg["photos"], hcg["sources"]),
+        "accuracy": {**accuracy(pred, hcg["photos"], hcg["sources"], hcg["found"]),
                      "acc_when_sure": float((pred == [CLASS_NAMES.index(p.label) for p in hcg["photos"]])[sure].mean())
                      if sure.any() else None},
         "in_use": {"threshold": predictor.threshold, **in_use},

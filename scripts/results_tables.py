@@ -261,6 +261,12 @@ def detectors(doc: dict, name: str) -> str:
     out += [f"| {k} | {_cell(v)} |" for k, v in a["per_kind"].items()]
     out += [f"| from set `{k}` | {_cell(v)} |" for k, v in a["per_set"].items()]
     out += [f"| {k} | {_cell(v)} |" for k, v in a["per_class"].items()]
+    if "no_item_found" in a:   # entries measured before it was recorded have no such count
+        nf, wrong = a["no_item_found"], a["n"] - a["correct"]
+        out += ["", f"Where the {wrong} wrong answers come from: the conversion found no item in {nf['n']} of the "
+                    f"{a['n']} photos (" + ", ".join(f"{v['n']} {k}" for k, v in nf["per_kind"].items())
+                + f"), {nf['correct']} of them answered right anyway; the other {wrong - (nf['n'] - nf['correct'])} "
+                  f"wrong answers are on photos in which an item was found."]
     u = e["in_use"]
     out += ["", f"In use today (no item found, or calibrated top probability under {u['threshold']:.0%}): "
                 f"{u['heldout_clothing']['unsure']}/{u['heldout_clothing']['n']} held-out clothing photos unsure "
