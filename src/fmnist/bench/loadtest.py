@@ -308,7 +308,8 @@ def bench_setting(label: str, extra, loads: list[Payload], levels, seconds: floa
     rows, out = [], {"args": list(extra)}
     try:
         for p in loads:
-            measure(port, p, max(levels), warmup, tool)  # warm-up: threads, allocator, batch sizes
+            if warmup > 0:   # warm-up: threads, allocator, batch sizes (a dry run has none: wrk runs >= 1 s)
+                measure(port, p, max(levels), warmup, tool)
             for c in levels:
                 r = measure(port, p, c, seconds, tool, proc.pid)
                 rows.append(r)

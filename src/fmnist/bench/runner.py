@@ -429,7 +429,7 @@ DRY_RUN = {
     "photos_real": dict(limit=6, test_n=200),
     "conversion_speed": dict(n=2, reps=1),
     "onnx": dict(batch=8, test_n=200, reps=2, latency_n=10, calib_n=64),
-    "serve": dict(levels=(2,), seconds=0.3, warmup=0.1, soak=(2, 0.3), onnx=False, workers=1),
+    "serve": dict(levels=(2,), seconds=0.3, warmup=0, soak=(2, 0.3), onnx=False, workers=1),
 }
 
 
