@@ -448,18 +448,17 @@ def cmd_serve(args) -> int:
     need_extra("serve", "fmnist serve", *SERVE_MODULES)
     if args.index:
         need_extra("search", "fmnist serve --index", "faiss")
-    sock = None
-    if args.workers <= 1:
-        # Bound before the app, torch and the model are imported (seconds): a port in use or a
-        # bad --host is reported at once. Worker processes bind their own (SO_REUSEPORT).
-        from fmnist.serving.httpserver import listen_socket
-
-        sock = listen_socket(args.host, args.port, reuse_port=False)
-    else:
-        # The supervisor imports neither torch nor the app: each worker process does.
+    if args.workers > 1:
+        # The supervisor imports neither torch nor the app: each worker process does, and binds
+        # its own socket (SO_REUSEPORT).
         from fmnist.serving.workers import supervise
 
         return supervise(args)
+    # Bound before the app, torch and the model are imported (seconds): a port in use or a bad
+    # --host is reported at once.
+    from fmnist.serving.httpserver import listen_socket
+
+    sock = listen_socket(args.host, args.port, reuse_port=False)
     from fmnist.serving.app import main as serve_main
 
     return serve_main(args, sock)
