@@ -73,10 +73,17 @@ def extract(args):
     self_h = set_hashes("train")
     rng = random.Random(args.seed)
     rng.shuffle(rows)
+    per_label = {k: int(v) for k, v in (x.split("=") for x in args.per_label.split(",") if "=" in x)}
+    cap = (lambda lab: per_label.get(lab, 0)) if per_label else (lambda lab: int(args.per_label))
     taken: dict[str, int] = {}
     cands = []
     for r in rows:
-        if r["label"] not in labels or r["image"] in used or taken.get(r["label"], 0) >= args.per_label:
+        if r["label"] not in labels or r["image"] in used or taken.get(r["label"], 0) >= cap(r["label"]):
+            continue
+        if sets.heldout_contributor(f"clothing-dataset/{r['sender_id']}", 0):
+            # A held-out contributor's photo would join the held-out split, and more photos could move
+            # a contributor over the size limit and their held-out photos into training: training
+            # candidates come only from contributors the rule never holds out.
             continue
         blob = subprocess.run(["git", "--git-dir", args.repo, "show", f"{COMMIT}:images/{r['image']}.jpg"],
                               capture_output=True, check=False).stdout
@@ -144,7 +151,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repo", help="bare git clone of alexeygrigorev/clothing-dataset")
     ap.add_argument("--labels", default="T-Shirt,Pants,Longsleeve,Dress,Outwear,Shirt")
-    ap.add_argument("--per-label", type=int, default=100)
+    ap.add_argument("--per-label", default="100",
+                    help="candidates per clothing-dataset label, or LABEL=N,... per label (default: 100)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", required=True, help="folder for candidates and contact sheets")
     ap.add_argument("--accept", help="decisions CSV (cand,label,kind[,slug]) to copy into --dest")
