@@ -261,8 +261,8 @@ def _relative(gray: np.ndarray, bg: float, negated: bool) -> np.ndarray:
     return (gray - bg) * 255.0 / max(255.0 - bg, 1.0)     # light item on dark ground
 
 
-def convert(rgb: np.ndarray, opt: RobustOptions | None = None) -> Conversion:
-    """(H, W, 3) uint8 RGB, longest side ~WORK -> Conversion."""
+def segment(rgb: np.ndarray, opt: RobustOptions | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(H, W, 3) uint8 RGB -> (the working copy, longest side <= WORK; its item mask), steps 1-4."""
     opt = opt or RobustOptions()
     rgb = _resize_longest(np.ascontiguousarray(rgb), WORK)
     h, w = rgb.shape[:2]
@@ -271,6 +271,13 @@ def convert(rgb: np.ndarray, opt: RobustOptions | None = None) -> Conversion:
     mask = cv2.resize(m_small.astype(np.uint8), (w, h), interpolation=cv2.INTER_NEAREST).astype(bool)
     if mask.any():
         mask = refine_edges(mask, rgb, centres, thr, band=int(np.ceil(max(h, w) / SEG)) + 1)
+    return rgb, mask
+
+
+def convert(rgb: np.ndarray, opt: RobustOptions | None = None) -> Conversion:
+    """(H, W, 3) uint8 RGB, longest side ~WORK -> Conversion."""
+    opt = opt or RobustOptions()
+    rgb, mask = segment(rgb, opt)
 
     item_found, note = True, ""
     frac = float(mask.mean())

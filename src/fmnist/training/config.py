@@ -94,6 +94,9 @@ class TrainConfig:
                                     "conversion's seed threshold at 1.0, 0.6, 2.0 times the border's spread, "
                                     "up to 3), each shown real_repeat/N times, so the model sees how the "
                                     "conversion itself varies")
+    real_composites: int = flag(0, "with --real-photos: also put each clothing photo's item on the grounds of "
+                                   "this many other contributors' photos and convert those as predict does; "
+                                   "the photo's repeats are shared with them; 0 = off")
     real_balance: bool = flag(False, "with --real-photos: scale each photo's repeats by its class's rarity "
                                      "among the real photos (at most 4x), so every class's photos are shown "
                                      "about equally often in all; photos labelled 'none' keep theirs")
@@ -259,6 +262,7 @@ def validate(cfg: TrainConfig) -> None:
         (bool(DEVICE_RE.fullmatch(cfg.device)), f"--device must be auto, cpu, cuda, cuda:N or mps, got {cfg.device!r}"),
         (cfg.eval_batch_size >= 0, f"eval_batch_size must be >= 0, got {cfg.eval_batch_size}"),
         (cfg.real_repeat >= 1, f"--real-repeat must be >= 1, got {cfg.real_repeat}"),
+        (0 <= cfg.real_composites <= 8, f"--real-composites must be 0 to 8, got {cfg.real_composites}"),
         (math.isfinite(cfg.outlier_weight) and cfg.outlier_weight >= 0,
          f"--outlier-weight must be a finite number >= 0, got {cfg.outlier_weight}"),
         (0 <= cfg.distill_weight <= 1, f"--distill-weight is a share: it must be in [0, 1], got {cfg.distill_weight}"),

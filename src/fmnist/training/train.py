@@ -249,6 +249,22 @@ def real_training_images(roots: str, conversions: int = 1) -> tuple[torch.Tensor
     return x, y.repeat(conversions)
 
 
+def real_composite_images(roots: str, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`n` composites (fmnist.training.composites) of each dev- or train-split clothing photo of
+    `roots`, on the grounds of the others: (M, 28, 28) uint8 and their labels."""
+    from fmnist.classes import CLASS_NAMES
+    from fmnist.photos import realphotos
+    from fmnist.photos.preprocess import load_rgb
+    from fmnist.photos.robust import WORK
+    from fmnist.training import composites
+
+    photos = [p for p in realphotos.read_manifests(roots) if p.split in TRAIN_SPLITS and p.label in CLASS_NAMES]
+    rgb = [np.asarray(load_rgb(p.path, work=WORK)) for p in photos]
+    x, src = composites.make(rgb, [p.contributor or str(p.path) for p in photos], n, seed)
+    y = torch.tensor([CLASS_NAMES.index(photos[i].label) for i in src], dtype=torch.long)
+    return torch.from_numpy(x), y
+
+
 BALANCE_CAP = 4.0  # a class of a handful of photos is not repeated past this many times its share
 
 
@@ -264,6 +280,16 @@ def balanced_repeats(labels: torch.Tensor, repeat: int) -> torch.Tensor:
         target = counts[counts > 0].mean()
         weight[clothing] = (target / counts[labels[clothing]]).clamp(max=BALANCE_CAP)
     return (weight * repeat).round().clamp(min=1).long()
+
+
+def shared_with_composites(labels: torch.Tensor, reps: torch.Tensor, n_composites: int, repeat: int,
+                           per_photo: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(repeats of the photos, repeats of their composites) for --real-composites: a clothing photo's
+    repeats are shared with its `per_photo` composites, so they do not raise the real photos' share of
+    an epoch; photos of no clothing (OUTLIER) keep theirs."""
+    share = 1 + per_photo
+    photos = torch.where(labels >= 0, (reps / share).round().clamp(min=1).long(), reps)
+    return photos, torch.full((n_composites,), max(1, round(repeat / share)), dtype=torch.long)
 
 
 # ---------------------------------------------------------------------------- run directory
@@ -348,11 +374,19 @@ def _splits(cfg: TrainConfig, ds, device: torch.device, dist: DistInfo) -> dict:
     tr_x, tr_y = ds.train_images[train_idx].to(device), ds.train_labels[train_idx].to(device)
     if cfg.real_photos:
         rx, ry = real_training_images(cfg.real_photos, cfg.real_conversions)
+        n_photos, n_none = len(rx) // cfg.real_conversions, int((ry == OUTLIER).sum()) // cfg.real_conversions
         # Each conversion real_repeat/N times (at least once), so more conversions do not raise
         # the real photos' share of an epoch.
         repeat = max(1, round(cfg.real_repeat / cfg.real_conversions))
-        if cfg.real_balance:
-            reps = balanced_repeats(ry, repeat).to(device)
+        if cfg.real_balance or cfg.real_composites:
+            reps = balanced_repeats(ry, repeat) if cfg.real_balance else torch.full((len(ry),), repeat)
+            if cfg.real_composites:
+                cx, cy = real_composite_images(cfg.real_photos, cfg.real_composites, cfg.seed)
+                reps = torch.cat(shared_with_composites(ry, reps, len(cy), repeat, cfg.real_composites))
+                rx, ry = torch.cat([rx, cx]), torch.cat([ry, cy])
+                if dist.is_main:
+                    log.info("with %d composites of the clothing photos on other contributors' grounds", len(cx))
+            reps = reps.to(device)
             tr_x = torch.cat([tr_x, rx.to(device).repeat_interleave(reps, dim=0)])
             tr_y = torch.cat([tr_y, ry.to(device).repeat_interleave(reps)])
         else:
@@ -360,9 +394,9 @@ def _splits(cfg: TrainConfig, ds, device: torch.device, dist: DistInfo) -> dict:
             tr_y = torch.cat([tr_y, ry.to(device).repeat(repeat)])
         if dist.is_main:
             log.info("training with %d real photos (dev/train splits of %s; %d of no clothing) x %d conversion(s)"
-                     " x %d%s", len(rx) // cfg.real_conversions, cfg.real_photos,
-                     int((ry == OUTLIER).sum()) // cfg.real_conversions, cfg.real_conversions, repeat,
-                     " scaled by class rarity (--real-balance)" if cfg.real_balance else "")
+                     " x %d%s%s", n_photos, cfg.real_photos, n_none, cfg.real_conversions, repeat,
+                     " scaled by class rarity (--real-balance)" if cfg.real_balance else "",
+                     f", shared with {cfg.real_composites} composite(s) each" if cfg.real_composites else "")
     test = (ds.test_images.to(device), ds.test_labels.to(device)) if cfg.report_test else (None, None)
     return {"train": (tr_x, tr_y), "val": (ds.train_images[val_idx].to(device), ds.train_labels[val_idx].to(device)),
             "test": test, "val_idx": val_idx}
