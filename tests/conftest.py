@@ -61,6 +61,20 @@ def photo_dir(name: str) -> Path:
                     f"(or `fmnist photos fetch --from DIR` with a local copy, or set FMNIST_PHOTOS)")
 
 
+def real_dev_folder(folder: Path, n: int = 4) -> list[str]:
+    """The first `n` dev rows of the `real` set copied into `folder` with their own manifest.csv (a
+    small photo set for tests that convert, for time); -> those manifest lines. Skips without `real`."""
+    from fmnist.photos import sets
+
+    real = photo_dir("real")
+    lines = (sets.MANIFESTS / "real" / "manifest.csv").read_text().splitlines()
+    rows = [line for line in lines[1:] if ",dev," in line][:n]
+    (folder / "manifest.csv").write_text("\n".join([lines[0], *rows]) + "\n")
+    for line in rows:
+        shutil.copy(real / line.split(",")[0], folder)
+    return rows
+
+
 def idx_bytes(arr: np.ndarray, kind: str) -> bytes:
     """Encode uint8 images (N, 28, 28) or labels (N,) as an IDX file."""
     magic = 0x803 if kind == "images" else 0x801

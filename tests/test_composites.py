@@ -51,21 +51,13 @@ def test_composites_are_the_same_for_the_same_seed():
 def test_composite_training_images_of_real_photos_and_their_share_of_an_epoch(tmp_path):
     """--real-composites 2 on four dev photos of `real`: labels follow the photo each composite was
     made from, and a clothing photo's 20 repeats are shared three ways; photos of no clothing keep 20."""
-    import shutil
-
     import torch
-    from conftest import photo_dir
+    from conftest import real_dev_folder
 
     from fmnist.classes import CLASS_NAMES
-    from fmnist.photos import sets
     from fmnist.training.train import OUTLIER, real_composite_images, shared_with_composites
 
-    real = photo_dir("real")
-    lines = (sets.MANIFESTS / "real" / "manifest.csv").read_text().splitlines()
-    rows = [line for line in lines[1:] if ",dev," in line][:4]
-    (tmp_path / "manifest.csv").write_text("\n".join([lines[0], *rows]) + "\n")
-    for line in rows:
-        shutil.copy(real / line.split(",")[0], tmp_path)
+    rows = real_dev_folder(tmp_path)
     x, y = real_composite_images(str(tmp_path), 2, seed=0)
     assert x.dtype == torch.uint8 and x.shape[1:] == (28, 28) and 0 < len(x) <= 8
     assert set(y.tolist()) <= {CLASS_NAMES.index(line.split(",")[1]) for line in rows}

@@ -161,19 +161,11 @@ def test_real_training_images_are_the_dev_split_only():
 def test_real_training_images_under_three_conversions(tmp_path):
     """--real-conversions 3: the default conversion's block first (what predict sees), then the
     looser and the stricter seed threshold's, labels repeated (four dev photos, for time)."""
-    import shutil
-
+    from conftest import real_dev_folder
     from fmnist.photos.robust import RobustOptions
     from fmnist.training.train import REAL_SEED_K, real_training_images
 
-    from fmnist.photos import sets
-
-    real = photo_dir("real")
-    lines = (sets.MANIFESTS / "real" / "manifest.csv").read_text().splitlines()
-    rows = [line for line in lines[1:] if ",dev," in line][:4]
-    (tmp_path / "manifest.csv").write_text("\n".join([lines[0], *rows]) + "\n")
-    for line in rows:
-        shutil.copy(real / line.split(",")[0], tmp_path)
+    rows = real_dev_folder(tmp_path)
     x1, y1 = real_training_images(str(tmp_path))
     x3, y3 = real_training_images(str(tmp_path), conversions=3)
     assert x3.shape == (12, 28, 28) and y3.tolist() == y1.tolist() * 3 and REAL_SEED_K[0] == RobustOptions().seed_k
